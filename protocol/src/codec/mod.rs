@@ -1,0 +1,5 @@
+//! Codec configuration: what a player needs to set up a decoder, and the conversions between
+//! the bytestream forms that ingest and tests meet.
+
+pub mod aac;
+pub mod avc;

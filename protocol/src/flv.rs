@@ -1,0 +1,382 @@
+//! FLV audio and video tag headers, as RTMP delivers them (the tag body, without the 11-byte
+//! FLV tag header), including the Enhanced RTMP ex-header (veovera enhanced-rtmp v2).
+//!
+//! Written by hand rather than with `flv-rs`: that crate (0.1) only reads whole FLV files, has
+//! about 70 `unwrap`s and panics on malformed script tags. RTMP already hands us the tag body, so
+//! all that is needed is a few bytes of header parsing that must never panic on network input.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlvError {
+    #[error("{0} tag is empty")]
+    Empty(&'static str),
+    #[error("{kind} tag truncated: header needs {needed} bytes, got {got}")]
+    Truncated {
+        kind: &'static str,
+        needed: usize,
+        got: usize,
+    },
+    #[error("unsupported video codec: {0}")]
+    UnsupportedVideoCodec(String),
+    #[error("unsupported audio codec: {0}")]
+    UnsupportedAudioCodec(String),
+    #[error("unsupported {kind} packet type {packet_type}")]
+    UnsupportedPacketType { kind: &'static str, packet_type: u8 },
+}
+
+/// Video codecs we carry end to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VideoCodec {
+    /// H.264, either legacy codec id 7 or Enhanced RTMP `avc1`.
+    Avc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VideoTag<'a> {
+    /// `AVCDecoderConfigurationRecord`.
+    SequenceHeader { codec: VideoCodec, config: &'a [u8] },
+    /// One access unit of length-prefixed NAL units.
+    Frame {
+        codec: VideoCodec,
+        keyframe: bool,
+        /// Composition time offset in milliseconds (SI24).
+        cts: i32,
+        data: &'a [u8],
+    },
+    EndOfSequence,
+    /// Video info/command frames and Enhanced RTMP metadata: nothing to deliver.
+    Ignored,
+}
+
+const FRAME_TYPE_KEY: u8 = 1;
+const FRAME_TYPE_COMMAND: u8 = 5;
+
+fn legacy_video_codec_name(id: u8) -> String {
+    match id {
+        2 => "Sorenson H.263".into(),
+        3 => "Screen video".into(),
+        4 => "On2 VP6".into(),
+        5 => "On2 VP6 with alpha".into(),
+        6 => "Screen video v2".into(),
+        12 => "HEVC (legacy codec id 12)".into(),
+        other => format!("legacy codec id {other}"),
+    }
+}
+
+fn fourcc_name(f: &[u8]) -> String {
+    if f.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("'{}'", String::from_utf8_lossy(f))
+    } else {
+        format!("fourcc {f:02x?}")
+    }
+}
+
+fn si24(b: &[u8]) -> i32 {
+    // Sign-extend a big-endian 24-bit value.
+    (i32::from_be_bytes([b[0], b[1], b[2], 0])) >> 8
+}
+
+fn need(kind: &'static str, data: &[u8], n: usize) -> Result<(), FlvError> {
+    if data.len() < n {
+        Err(FlvError::Truncated {
+            kind,
+            needed: n,
+            got: data.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses a video tag body.
+pub fn parse_video(data: &[u8]) -> Result<VideoTag<'_>, FlvError> {
+    let &b0 = data.first().ok_or(FlvError::Empty("video"))?;
+    if b0 & 0x80 != 0 {
+        return parse_video_ex(data);
+    }
+    let frame_type = b0 >> 4;
+    let codec_id = b0 & 0x0f;
+    if frame_type == FRAME_TYPE_COMMAND {
+        return Ok(VideoTag::Ignored);
+    }
+    if codec_id != 7 {
+        return Err(FlvError::UnsupportedVideoCodec(legacy_video_codec_name(
+            codec_id,
+        )));
+    }
+    need("video", data, 5)?;
+    let codec = VideoCodec::Avc;
+    match data[1] {
+        0 => Ok(VideoTag::SequenceHeader {
+            codec,
+            config: &data[5..],
+        }),
+        1 => Ok(VideoTag::Frame {
+            codec,
+            keyframe: frame_type == FRAME_TYPE_KEY,
+            cts: si24(&data[2..5]),
+            data: &data[5..],
+        }),
+        2 => Ok(VideoTag::EndOfSequence),
+        t => Err(FlvError::UnsupportedPacketType {
+            kind: "AVC",
+            packet_type: t,
+        }),
+    }
+}
+
+/// Enhanced RTMP: `[1 isExHeader][3 frameType][4 packetType][fourcc]...`
+fn parse_video_ex(data: &[u8]) -> Result<VideoTag<'_>, FlvError> {
+    need("enhanced video", data, 5)?;
+    let frame_type = (data[0] >> 4) & 0x07;
+    let packet_type = data[0] & 0x0f;
+    let fourcc = &data[1..5];
+    // Multitrack (6) and ModEx (7) wrap other packets; we do not carry them yet.
+    if packet_type == 6 || packet_type == 7 {
+        return Err(FlvError::UnsupportedPacketType {
+            kind: "enhanced video",
+            packet_type,
+        });
+    }
+    if frame_type == FRAME_TYPE_COMMAND || packet_type == 4 {
+        // Command frame, or packetType Metadata (HDR colour info).
+        return Ok(VideoTag::Ignored);
+    }
+    if fourcc != b"avc1" {
+        return Err(FlvError::UnsupportedVideoCodec(format!(
+            "{} (Enhanced RTMP)",
+            fourcc_name(fourcc)
+        )));
+    }
+    let codec = VideoCodec::Avc;
+    let keyframe = frame_type == FRAME_TYPE_KEY;
+    match packet_type {
+        0 => Ok(VideoTag::SequenceHeader {
+            codec,
+            config: &data[5..],
+        }),
+        1 => {
+            need("enhanced video", data, 8)?;
+            Ok(VideoTag::Frame {
+                codec,
+                keyframe,
+                cts: si24(&data[5..8]),
+                data: &data[8..],
+            })
+        }
+        2 => Ok(VideoTag::EndOfSequence),
+        3 => Ok(VideoTag::Frame {
+            codec,
+            keyframe,
+            cts: 0,
+            data: &data[5..],
+        }),
+        t => Err(FlvError::UnsupportedPacketType {
+            kind: "enhanced video",
+            packet_type: t,
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AudioCodec {
+    Aac,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudioTag<'a> {
+    /// `AudioSpecificConfig`.
+    SequenceHeader { codec: AudioCodec, config: &'a [u8] },
+    /// One raw AAC frame.
+    Frame { codec: AudioCodec, data: &'a [u8] },
+    Ignored,
+}
+
+fn legacy_audio_codec_name(format: u8) -> String {
+    match format {
+        0 | 3 => "Linear PCM".into(),
+        1 => "ADPCM".into(),
+        2 | 14 => "MP3".into(),
+        4..=6 => "Nellymoser".into(),
+        7 => "G.711 A-law".into(),
+        8 => "G.711 mu-law".into(),
+        11 => "Speex".into(),
+        15 => "device-specific sound".into(),
+        other => format!("sound format {other}"),
+    }
+}
+
+/// Parses an audio tag body.
+pub fn parse_audio(data: &[u8]) -> Result<AudioTag<'_>, FlvError> {
+    let &b0 = data.first().ok_or(FlvError::Empty("audio"))?;
+    let format = b0 >> 4;
+    match format {
+        10 => {
+            need("AAC audio", data, 2)?;
+            let codec = AudioCodec::Aac;
+            match data[1] {
+                0 => Ok(AudioTag::SequenceHeader {
+                    codec,
+                    config: &data[2..],
+                }),
+                1 => Ok(AudioTag::Frame {
+                    codec,
+                    data: &data[2..],
+                }),
+                t => Err(FlvError::UnsupportedPacketType {
+                    kind: "AAC",
+                    packet_type: t,
+                }),
+            }
+        }
+        // Enhanced RTMP audio: `[4 soundFormat=9][4 packetType][fourcc]...`
+        9 => {
+            need("enhanced audio", data, 5)?;
+            let packet_type = b0 & 0x0f;
+            let fourcc = &data[1..5];
+            if packet_type == 5 || packet_type == 7 {
+                return Err(FlvError::UnsupportedPacketType {
+                    kind: "enhanced audio",
+                    packet_type,
+                });
+            }
+            if fourcc != b"mp4a" {
+                return Err(FlvError::UnsupportedAudioCodec(format!(
+                    "{} (Enhanced RTMP)",
+                    fourcc_name(fourcc)
+                )));
+            }
+            let codec = AudioCodec::Aac;
+            match packet_type {
+                0 => Ok(AudioTag::SequenceHeader {
+                    codec,
+                    config: &data[5..],
+                }),
+                1 => Ok(AudioTag::Frame {
+                    codec,
+                    data: &data[5..],
+                }),
+                // SequenceEnd, MultichannelConfig: nothing to deliver.
+                2 | 4 => Ok(AudioTag::Ignored),
+                t => Err(FlvError::UnsupportedPacketType {
+                    kind: "enhanced audio",
+                    packet_type: t,
+                }),
+            }
+        }
+        other => Err(FlvError::UnsupportedAudioCodec(legacy_audio_codec_name(
+            other,
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_avc() {
+        let seq = [0x17, 0, 0, 0, 0, 1, 0x64];
+        assert_eq!(
+            parse_video(&seq),
+            Ok(VideoTag::SequenceHeader {
+                codec: VideoCodec::Avc,
+                config: &[1, 0x64]
+            })
+        );
+        let nalu = [0x27, 1, 0xff, 0xff, 0xfe, 0, 0, 0, 1, 0x41];
+        assert_eq!(
+            parse_video(&nalu),
+            Ok(VideoTag::Frame {
+                codec: VideoCodec::Avc,
+                keyframe: false,
+                cts: -2,
+                data: &[0, 0, 0, 1, 0x41]
+            })
+        );
+        let key = [0x17, 1, 0, 0, 0x50, 9];
+        assert!(matches!(
+            parse_video(&key),
+            Ok(VideoTag::Frame {
+                keyframe: true,
+                cts: 80,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn enhanced_rtmp_avc1_and_refused_codecs() {
+        let mut seq = vec![0x80 | 0x10];
+        seq.extend_from_slice(b"avc1");
+        seq.push(1);
+        assert!(matches!(
+            parse_video(&seq),
+            Ok(VideoTag::SequenceHeader { .. })
+        ));
+        let mut framex = vec![0x80 | 0x20 | 3];
+        framex.extend_from_slice(b"avc1");
+        framex.push(7);
+        assert_eq!(
+            parse_video(&framex),
+            Ok(VideoTag::Frame {
+                codec: VideoCodec::Avc,
+                keyframe: false,
+                cts: 0,
+                data: &[7]
+            })
+        );
+        let mut hevc = vec![0x80 | 0x10 | 1];
+        hevc.extend_from_slice(b"hvc1");
+        hevc.extend_from_slice(&[0, 0, 0]);
+        assert_eq!(
+            parse_video(&hevc),
+            Err(FlvError::UnsupportedVideoCodec("'hvc1' (Enhanced RTMP)".into()))
+        );
+        assert_eq!(
+            parse_video(&[0x12, 0]),
+            Err(FlvError::UnsupportedVideoCodec("Sorenson H.263".into()))
+        );
+    }
+
+    #[test]
+    fn audio() {
+        assert_eq!(
+            parse_audio(&[0xaf, 0, 0x12, 0x10]),
+            Ok(AudioTag::SequenceHeader {
+                codec: AudioCodec::Aac,
+                config: &[0x12, 0x10]
+            })
+        );
+        assert_eq!(
+            parse_audio(&[0xaf, 1, 5]),
+            Ok(AudioTag::Frame {
+                codec: AudioCodec::Aac,
+                data: &[5]
+            })
+        );
+        assert_eq!(
+            parse_audio(&[0x2f, 0xff]),
+            Err(FlvError::UnsupportedAudioCodec("MP3".into()))
+        );
+        let mut opus = vec![0x91];
+        opus.extend_from_slice(b"Opus");
+        assert_eq!(
+            parse_audio(&opus),
+            Err(FlvError::UnsupportedAudioCodec("'Opus' (Enhanced RTMP)".into()))
+        );
+    }
+
+    #[test]
+    fn short_tags_are_errors() {
+        for n in 0..5 {
+            let v = [0x17u8, 1, 0, 0, 0];
+            assert!(parse_video(&v[..n]).is_err());
+        }
+        assert!(parse_audio(&[]).is_err());
+        assert!(parse_audio(&[0xaf]).is_err());
+        assert!(parse_video(&[0x90, b'a', b'v']).is_err());
+    }
+}

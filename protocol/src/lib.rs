@@ -1,0 +1,10 @@
+//! onair's formats, with no I/O: the server and the Wasm player drive the same code,
+//! and tests drive it in memory.
+//!
+//! - [`wire`]: the WebSocket protocol between server and player (docs/protocol.md).
+//! - [`flv`]: FLV audio/video tag headers as RTMP hands them over, including Enhanced RTMP.
+//! - [`codec`]: H.264 (avcC, SPS, Annex B <-> AVCC) and AAC (AudioSpecificConfig, ADTS).
+
+pub mod codec;
+pub mod flv;
+pub mod wire;
