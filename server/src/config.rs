@@ -1,0 +1,249 @@
+//! One configuration, three sources: command line, `ONAIR_*` environment variables and a TOML
+//! file, in that order of precedence, over built-in defaults. The same key names work everywhere
+//! (`--max-lag-ms`, `ONAIR_MAX_LAG_MS`, `max_lag_ms = …`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+use serde::Deserialize;
+
+/// Every key, as given on the command line, in the environment or in the file. `None` means
+/// "not set here"; [`Config::resolve`] applies precedence and defaults.
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(
+    name = "onair",
+    version,
+    about = "onair: low-latency live video. Publish RTMP to rtmp://HOST:1935/live/STREAM, \
+             watch at http://HOST:8080/watch/STREAM or ws://HOST:8080/ws/STREAM.",
+    after_help = "Every option can also be set as an ONAIR_* environment variable (shown per \
+                  option) or as a key of the same name, with underscores, in the TOML file given \
+                  by --config. Precedence: command line, environment, file, default. Unknown keys \
+                  and ONAIR_* variables are an error."
+)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of the keys below.
+    #[arg(long, env = "ONAIR_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// RTMP listen address (publishers). [default: 0.0.0.0:1935, the standard RTMP port]
+    #[arg(long, env = "ONAIR_RTMP", value_name = "ADDR")]
+    pub rtmp: Option<SocketAddr>,
+
+    /// HTTP/WebSocket listen address (viewers, API, pages). [default: 0.0.0.0:8080]
+    #[arg(long, env = "ONAIR_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// RTMP application name publishers must use, as in rtmp://HOST/APP/STREAM. [default: live]
+    #[arg(long, env = "ONAIR_RTMP_APP", value_name = "NAME")]
+    pub rtmp_app: Option<String>,
+
+    /// Bytes of media kept per rendition: the GOP cache plus the room a slow viewer may fall
+    /// behind before it skips to the next keyframe. [default: 16777216, 16 MiB: ~20 s of a
+    /// 6 Mbps stream, so a 10 s GOP still fits]
+    #[arg(long, env = "ONAIR_MAX_BACKLOG_BYTES", value_name = "BYTES")]
+    pub max_backlog_bytes: Option<u64>,
+
+    /// A viewer that has not caught up with the live edge for this long skips to the next
+    /// keyframe. [default: 3000: past that, late frames are worth less than a fresh keyframe]
+    #[arg(long, env = "ONAIR_MAX_LAG_MS", value_name = "MS")]
+    pub max_lag_ms: Option<u64>,
+
+    /// A viewer whose socket accepts no bytes for this long is disconnected. [default: 10000:
+    /// long enough for a mobile network hiccup]
+    #[arg(long, env = "ONAIR_STALL_TIMEOUT_MS", value_name = "MS")]
+    pub stall_timeout_ms: Option<u64>,
+
+    /// Time an RTMP client has from connecting to starting to publish. [default: 10000]
+    #[arg(long, env = "ONAIR_RTMP_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
+    pub rtmp_handshake_timeout_ms: Option<u64>,
+
+    /// A publisher that sends nothing for this long is disconnected. [default: 15000]
+    #[arg(long, env = "ONAIR_RTMP_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub rtmp_idle_timeout_ms: Option<u64>,
+
+    /// Largest RTMP chunk size a publisher may set. [default: 16777215, the largest RTMP message;
+    /// OBS and ffmpeg use 4096]
+    #[arg(long, env = "ONAIR_RTMP_MAX_CHUNK_SIZE", value_name = "BYTES")]
+    pub rtmp_max_chunk_size: Option<u32>,
+
+    /// Origins allowed to open WebSockets, comma-separated (e.g. https://example.com). Empty
+    /// allows any origin, as a public player embedded anywhere needs. [default: empty]
+    #[arg(long, env = "ONAIR_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Log filter, in tracing's EnvFilter syntax. [default: info]
+    #[arg(long, env = "ONAIR_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub rtmp: SocketAddr,
+    pub http: SocketAddr,
+    pub rtmp_app: String,
+    pub max_backlog_bytes: u64,
+    pub max_lag: Duration,
+    pub stall_timeout: Duration,
+    pub rtmp_handshake_timeout: Duration,
+    pub rtmp_idle_timeout: Duration,
+    pub rtmp_max_chunk_size: u32,
+    pub allowed_origins: Vec<String>,
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("unknown environment variable {0}; see `onair --help` for the ONAIR_* variables")]
+    UnknownEnv(String),
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Parses the command line and environment, reads the file if one is named, and resolves.
+    /// Clap prints its own errors (bad values on the command line or in ONAIR_* variables) and
+    /// exits; everything else is a [`ConfigError`].
+    pub fn load() -> Result<Config, ConfigError> {
+        check_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
+        let cli = Settings::parse();
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => Settings::default(),
+        };
+        Config::resolve(cli, file)
+    }
+
+    pub fn resolve(cli: Settings, file: Settings) -> Result<Config, ConfigError> {
+        macro_rules! pick {
+            ($k:ident, $default:expr) => {
+                cli.$k.or(file.$k).unwrap_or_else(|| $default)
+            };
+        }
+        let cfg = Config {
+            rtmp: pick!(rtmp, SocketAddr::from(([0, 0, 0, 0], 1935))),
+            http: pick!(http, SocketAddr::from(([0, 0, 0, 0], 8080))),
+            rtmp_app: pick!(rtmp_app, "live".to_string()),
+            max_backlog_bytes: pick!(max_backlog_bytes, 16 << 20),
+            max_lag: Duration::from_millis(pick!(max_lag_ms, 3000)),
+            stall_timeout: Duration::from_millis(pick!(stall_timeout_ms, 10_000)),
+            rtmp_handshake_timeout: Duration::from_millis(pick!(rtmp_handshake_timeout_ms, 10_000)),
+            rtmp_idle_timeout: Duration::from_millis(pick!(rtmp_idle_timeout_ms, 15_000)),
+            rtmp_max_chunk_size: pick!(rtmp_max_chunk_size, 0xff_ffff),
+            allowed_origins: pick!(allowed_origins, Vec::new()),
+            log: pick!(log, "info".to_string()),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.rtmp_app.is_empty() || self.rtmp_app.contains('/') {
+            return invalid("rtmp_app", "must be a non-empty name without '/'");
+        }
+        if self.max_backlog_bytes < 64 << 10 {
+            return invalid("max_backlog_bytes", "must be at least 65536");
+        }
+        if self.max_lag.is_zero() {
+            return invalid("max_lag_ms", "must be greater than 0");
+        }
+        if self.stall_timeout.is_zero() {
+            return invalid("stall_timeout_ms", "must be greater than 0");
+        }
+        if self.rtmp_handshake_timeout.is_zero() || self.rtmp_idle_timeout.is_zero() {
+            return invalid("rtmp_*_timeout_ms", "must be greater than 0");
+        }
+        if !(128..=0xff_ffff).contains(&self.rtmp_max_chunk_size) {
+            return invalid("rtmp_max_chunk_size", "must be between 128 and 16777215");
+        }
+        if self.rtmp == self.http {
+            return invalid("http", "must differ from the rtmp address");
+        }
+        for o in &self.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) {
+                return invalid("allowed_origins", &format!("{o:?} is not an http(s) origin"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            return invalid("log", &e.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &PathBuf) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.clone(),
+        source: Box::new(source),
+    })
+}
+
+/// Rejects `ONAIR_*` variables that name no key: a typo must not silently fall back to a default.
+fn check_env(names: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    let cmd = Settings::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env().and_then(|e| e.to_str()).map(str::to_string))
+        .collect();
+    for name in names {
+        if name.starts_with("ONAIR_") && !known.contains(&name) {
+            return Err(ConfigError::UnknownEnv(name));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_precedence() {
+        let cfg = Config::resolve(Settings::default(), Settings::default()).unwrap();
+        assert_eq!(cfg.rtmp.to_string(), "0.0.0.0:1935");
+        assert_eq!(cfg.http.to_string(), "0.0.0.0:8080");
+        let file: Settings = toml::from_str("http = \"127.0.0.1:9000\"\nmax_lag_ms = 500").unwrap();
+        let cli = Settings::try_parse_from(["onair", "--http", "127.0.0.1:9001"]).unwrap();
+        let cfg = Config::resolve(cli, file).unwrap();
+        assert_eq!(cfg.http.to_string(), "127.0.0.1:9001");
+        assert_eq!(cfg.max_lag, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<Settings>("htp = \"127.0.0.1:1\"").is_err());
+        assert!(toml::from_str::<Settings>("http = \"not an address\"").is_err());
+        assert!(Settings::try_parse_from(["onair", "--rtmp", "nope"]).is_err());
+        let file: Settings = toml::from_str("rtmp_max_chunk_size = 1").unwrap();
+        assert!(Config::resolve(Settings::default(), file).is_err());
+        assert!(check_env(["ONAIR_HTTP".to_string(), "PATH".to_string()].into_iter()).is_ok());
+        assert!(matches!(
+            check_env(["ONAIR_HTTTP".to_string()].into_iter()),
+            Err(ConfigError::UnknownEnv(_))
+        ));
+    }
+}

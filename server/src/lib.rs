@@ -1,0 +1,4 @@
+//! onair server: ingest (RTMP) → hub (renditions, GOP cache, fan-out) → delivery (WebSocket, API).
+
+pub mod config;
+pub mod hub;
