@@ -2,3 +2,5 @@
 
 pub mod config;
 pub mod hub;
+pub mod ingest;
+pub mod delivery;

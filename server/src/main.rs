@@ -1,1 +1,114 @@
-fn main() {}
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use onair_server::config::Config;
+use onair_server::delivery::http::{self, App};
+use onair_server::hub::{Hub, Limits};
+use onair_server::ingest::rtmp;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+fn main() -> ExitCode {
+    let cfg = match Config::load() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("onair: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("onair: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("onair: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))
+}
+
+async fn run(cfg: Config) -> Result<(), String> {
+    let rtmp_listener = bind("RTMP", cfg.rtmp).await?;
+    let http_listener = bind("HTTP", cfg.http).await?;
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // Tests and scripts read the bound addresses from this line (ports may be 0 in config).
+    tracing::info!(
+        "onair ready rtmp={} http={}",
+        local(&rtmp_listener),
+        local(&http_listener)
+    );
+
+    let cfg = Arc::new(cfg);
+    let hub = Hub::new(Limits {
+        max_backlog_bytes: cfg.max_backlog_bytes,
+        max_lag: cfg.max_lag,
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let app = App {
+        hub: hub.clone(),
+        cfg: cfg.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(rtmp::serve(
+        rtmp_listener,
+        hub.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(http::serve(http_listener, app));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: closing viewers and publishers");
+    hub.begin_shutdown();
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within 5 s");
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

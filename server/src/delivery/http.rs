@@ -1,0 +1,106 @@
+//! The HTTP side: one listener for WebSocket play, the JSON API and (later) pages and HLS.
+//!
+//! We run hyper's HTTP/1 connection loop ourselves rather than `axum::serve`: it lets upgraded
+//! WebSocket connections be taken back as the plain `TcpStream` (for vectored writes of pre-framed
+//! messages), and lets shutdown close connections gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::hub::{Hub, StreamSummary};
+
+#[derive(Clone)]
+pub struct App {
+    pub hub: Arc<Hub>,
+    pub cfg: Arc<Config>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/ws/{stream}", get(super::ws::play))
+        .route("/api/streams", get(list_streams))
+        .route("/api/streams/{stream}", get(get_stream))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+async fn list_streams(State(app): State<App>) -> impl IntoResponse {
+    axum::Json(app.hub.summaries())
+}
+
+async fn get_stream(State(app): State<App>, Path(name): Path<String>) -> Response {
+    match app.hub.stream(&name) {
+        Some(s) => axum::Json(StreamSummary::of(&s)).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("no stream named {name:?}\n")).into_response(),
+    }
+}
+
+async fn not_found(uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "404: nothing at {}. WebSocket play is at /ws/STREAM, the API at /api/streams\n",
+            uri.path()
+        ),
+    )
+        .into_response()
+}
+
+/// Serves HTTP connections until `shutdown`, then lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, app: App) {
+    let router = router(app.clone());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = app.shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let shutdown = app.shutdown.clone();
+        app.tracker.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "http connection error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// The remote address of an HTTP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);

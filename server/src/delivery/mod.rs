@@ -1,0 +1,5 @@
+//! Delivery: everything that reads from the hub. HTTP server and routes in [`http`], WebSocket
+//! viewers in [`ws`].
+
+pub mod http;
+pub mod ws;

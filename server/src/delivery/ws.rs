@@ -1,0 +1,337 @@
+//! WebSocket play: `ws://HOST:8080/ws/STREAM`.
+//!
+//! Media starts right after the upgrade. Each viewer is one task that writes pre-framed messages
+//! from its rendition's shared log with vectored writes (no per-viewer copies), plus a small
+//! reader task for what the viewer sends (time sync, stats, control, pings, close).
+
+use std::io::IoSlice;
+use std::time::Duration;
+
+use axum::extract::{Extension, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use fastwebsockets::{OpCode, Role, WebSocketError};
+use hyper_util::rt::TokioIo;
+use onair_protocol::wire::{self, Hello, Message, TimeSyncResponse};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::http::{App, Peer};
+use crate::hub::{self, Rendition, frame, now_us, valid_stream_name};
+
+/// Messages per vectored write. Linux takes up to 1024 iovecs; 64 covers a GOP burst in a few
+/// calls and keeps the slice array on the stack.
+const MAX_IOV: usize = 64;
+/// Bytes per write batch: enough to fill a socket buffer in one call.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Largest message a viewer may send us. Ours are tens of bytes; this bounds the read buffer.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+/// Close codes (RFC 6455 7.4.1 and the private range).
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL: u16 = 1002;
+
+pub async fn play(
+    State(app): State<App>,
+    Path(stream): Path<String>,
+    Extension(Peer(peer)): Extension<Peer>,
+    mut req: Request,
+) -> Response {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, "websocket")],
+            "this is a WebSocket endpoint: connect with ws://\n",
+        )
+            .into_response();
+    }
+    if !valid_stream_name(&stream) {
+        return (StatusCode::BAD_REQUEST, format!("invalid stream name {stream:?}\n")).into_response();
+    }
+    if let Err(origin) = check_origin(req.headers(), &app.cfg.allowed_origins) {
+        tracing::info!(%peer, %origin, "websocket refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, format!("origin {origin} is not allowed\n")).into_response();
+    }
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad WebSocket upgrade: {e}\n")).into_response(),
+    };
+    let viewer = app.hub.subscribe(&stream);
+    let span = tracing::info_span!("viewer", stream = %stream, id = viewer.id, %peer);
+    let shutdown = app.shutdown.clone();
+    let cfg = app.cfg.clone();
+    app.tracker.spawn(
+        async move {
+            let ws = match upgrade.await {
+                Ok(ws) => ws,
+                Err(e) => {
+                    tracing::info!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            // We serve HTTP/1 on plain TCP ourselves, so the upgraded I/O is our TcpStream.
+            let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    tracing::error!("upgraded connection is not a TcpStream");
+                    return;
+                }
+            };
+            tracing::info!(user_agent, "viewer connected");
+            let reason = run(viewer, parts.io.into_inner(), parts.read_buf, &cfg, shutdown).await;
+            tracing::info!(%reason, "viewer disconnected");
+        }
+        .instrument(span),
+    );
+    response.into_response()
+}
+
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    // Non-browser clients send no Origin; the check protects browser users, so let them through.
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("<non-ascii>");
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(origin.to_string())
+    }
+}
+
+/// Why a viewer connection ended.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ClientGone(String),
+    Stalled(Duration),
+    Protocol(String),
+    Shutdown,
+    WriteError(std::io::Error),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => write!(f, "client closed"),
+            End::ClientGone(e) => write!(f, "client gone: {e}"),
+            End::Stalled(d) => write!(f, "stalled: socket accepted nothing for {} ms", d.as_millis()),
+            End::Protocol(e) => write!(f, "protocol error: {e}"),
+            End::Shutdown => write!(f, "server shutting down"),
+            End::WriteError(e) => write!(f, "write failed: {e}"),
+        }
+    }
+}
+
+/// Events from the reader task to the writer.
+enum FromReader {
+    /// A frame to send as is (pong, close echo, time sync response).
+    Send(Bytes),
+    Closed(End),
+}
+
+async fn run(
+    viewer: hub::Viewer,
+    tcp: TcpStream,
+    read_buf: Bytes,
+    cfg: &crate::config::Config,
+    shutdown: CancellationToken,
+) -> End {
+    let Some(rendition) = viewer.stream.rendition(0).cloned() else {
+        return End::Protocol("stream has no rendition".into());
+    };
+    let (rd, mut wr) = tcp.into_split();
+    let (tx, mut rx) = mpsc::channel(32);
+    let reader_stop = CancellationToken::new();
+    let reader = tokio::spawn(
+        read_loop(std::io::Cursor::new(read_buf).chain(rd), tx, reader_stop.clone())
+            .in_current_span(),
+    );
+    let end = write_loop(&viewer, &rendition, &mut wr, &mut rx, cfg, &shutdown).await;
+    reader_stop.cancel();
+    let _ = reader.await;
+    let close = match &end {
+        End::Shutdown => Some(frame::close(CLOSE_GOING_AWAY, "server shutting down")),
+        End::Protocol(e) => Some(frame::close(CLOSE_PROTOCOL, e)),
+        End::ClientClosed => None, // the echo was already sent
+        _ => None,
+    };
+    if let Some(close) = close {
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&close)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    end
+}
+
+async fn write_loop(
+    viewer: &hub::Viewer,
+    rendition: &Rendition,
+    wr: &mut (impl AsyncWrite + Unpin),
+    rx: &mut mpsc::Receiver<FromReader>,
+    cfg: &crate::config::Config,
+    shutdown: &CancellationToken,
+) -> End {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
+    let hello = frame::message(&Message::Hello(Hello {
+        version: wire::VERSION,
+        viewer_id: viewer.id,
+        server_time_us: now_us(),
+        stream: &viewer.stream.name,
+    }));
+    match hello {
+        Ok(h) => batch.push(h),
+        Err(e) => return End::Protocol(e.to_string()),
+    }
+    let mut cursor = rendition.join(&mut batch);
+    let mut reported_skips = 0;
+    loop {
+        let notified = rendition.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let room = MAX_IOV.saturating_sub(batch.len());
+        let read = rendition.read(&mut cursor, &mut batch, room, MAX_BATCH_BYTES);
+        if read.skipped {
+            tracing::debug!(skips = cursor.skips, "viewer fell behind; skipped to the next keyframe");
+        }
+        while batch.len() < MAX_IOV {
+            match rx.try_recv() {
+                Ok(FromReader::Send(b)) => batch.push(b),
+                Ok(FromReader::Closed(end)) => return end,
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                _ = &mut notified => {}
+                m = rx.recv() => match m {
+                    Some(FromReader::Send(b)) => batch.push(b),
+                    Some(FromReader::Closed(end)) => return end,
+                    None => return End::ClientGone("reader ended".into()),
+                },
+                _ = shutdown.cancelled() => return End::Shutdown,
+            }
+            continue;
+        }
+        tokio::select! {
+            r = write_all(wr, &batch, cfg.stall_timeout) => if let Err(end) = r { return end },
+            _ = shutdown.cancelled() => return End::Shutdown,
+        }
+        batch.clear();
+        if cursor.skips != reported_skips {
+            tracing::info!(skips = cursor.skips, "viewer skipped to a keyframe to catch up");
+            reported_skips = cursor.skips;
+        }
+    }
+}
+
+/// Writes every frame of `batch` with vectored writes. A write that makes no progress for
+/// `stall` ends the connection: the viewer stopped reading.
+async fn write_all(
+    wr: &mut (impl AsyncWrite + Unpin),
+    batch: &[Bytes],
+    stall: Duration,
+) -> Result<(), End> {
+    let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+    let n = batch.len().min(MAX_IOV);
+    for (slot, b) in iov.iter_mut().zip(batch) {
+        *slot = IoSlice::new(b);
+    }
+    let mut slices = &mut iov[..n];
+    while !slices.is_empty() {
+        let written = match tokio::time::timeout(stall, wr.write_vectored(slices)).await {
+            Err(_) => return Err(End::Stalled(stall)),
+            Ok(Err(e)) => return Err(End::WriteError(e)),
+            Ok(Ok(0)) => return Err(End::ClientGone("socket closed".into())),
+            Ok(Ok(w)) => w,
+        };
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
+}
+
+async fn read_loop(
+    rd: impl AsyncRead + Unpin,
+    tx: mpsc::Sender<FromReader>,
+    stop: CancellationToken,
+) {
+    // Writes go through our own pre-framed path; obligated replies (pong, close echo) come back
+    // through `read_frame`'s callback, so the split's write half is never used.
+    let (mut ws, _) = fastwebsockets::after_handshake_split(rd, tokio::io::sink(), Role::Server);
+    ws.set_max_message_size(MAX_CLIENT_MESSAGE);
+    let obligated_tx = tx.clone();
+    let mut send_obligated = move |f| {
+        let tx = obligated_tx.clone();
+        let bytes = frame::control(f);
+        async move { tx.send(FromReader::Send(bytes)).await.map_err(|_| "writer gone") }
+    };
+    let end = loop {
+        let frame = tokio::select! {
+            f = ws.read_frame(&mut send_obligated) => f,
+            _ = stop.cancelled() => return,
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(WebSocketError::ConnectionClosed | WebSocketError::UnexpectedEOF) => {
+                break End::ClientGone("connection closed without a close frame".into());
+            }
+            Err(e) => break End::Protocol(e.to_string()),
+        };
+        match frame.opcode {
+            OpCode::Close => break End::ClientClosed,
+            OpCode::Binary => {
+                if let Some(reply) = handle_client_message(&frame.payload) {
+                    if tx.send(FromReader::Send(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            OpCode::Text => break End::Protocol("text frames are not part of the protocol".into()),
+            _ => {}
+        }
+    };
+    let _ = tx.send(FromReader::Closed(end)).await;
+}
+
+/// Handles one message from a viewer; returns a reply to send, if any.
+fn handle_client_message(buf: &[u8]) -> Option<Bytes> {
+    let t1 = now_us();
+    match Message::decode(buf) {
+        Ok(Message::TimeSyncRequest(req)) => frame::message(&Message::TimeSyncResponse(TimeSyncResponse {
+            t0: req.t0,
+            t1,
+            t2: now_us(),
+        }))
+        .ok(),
+        Ok(Message::ViewerStats(stats)) => {
+            tracing::trace!(?stats, "viewer stats");
+            None
+        }
+        Ok(Message::Control(c)) => {
+            tracing::debug!(?c, "viewer control");
+            None
+        }
+        Ok(other) => {
+            tracing::debug!(kind = other.kind_name(), "ignoring unexpected message from viewer");
+            None
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "undecodable message from viewer");
+            None
+        }
+    }
+}
+

@@ -1,0 +1,287 @@
+//! Ingest: every input becomes track configs and frames for the hub.
+//!
+//! [`MediaIngest`] is the part every input shares: it keeps the codec configuration, decides when
+//! an init is due, normalises timestamps and hands frames to the hub with their ingest time.
+
+pub mod rtmp;
+
+use bytes::Bytes;
+use onair_protocol::codec::aac::{AacError, AudioSpecificConfig};
+use onair_protocol::codec::avc::{AvcError, AvcInfo};
+use onair_protocol::flv::FlvError;
+use onair_protocol::wire::{self, Init, MediaHeader, TrackInit, TrackParams};
+
+use crate::hub::{AudioInfo, MediaInfo, Publisher, VideoInfo, now_us};
+
+pub const VIDEO_TRACK: u8 = 0;
+pub const AUDIO_TRACK: u8 = 1;
+/// RTMP timestamps are milliseconds; we keep them.
+pub const TIMESCALE: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Flv(#[from] FlvError),
+    #[error("bad AVC sequence header: {0}")]
+    Avc(#[from] AvcError),
+    #[error("bad AAC sequence header: {0}")]
+    Aac(#[from] AacError),
+    #[error("composition offset {0} ms is out of range")]
+    Cts(i32),
+    #[error("init: {0}")]
+    Wire(#[from] wire::WireError),
+}
+
+impl IngestError {
+    /// Whether the publisher sent something we cannot carry at all (as opposed to bad data).
+    pub fn is_unsupported_codec(&self) -> bool {
+        matches!(
+            self,
+            IngestError::Flv(
+                FlvError::UnsupportedVideoCodec(_)
+                    | FlvError::UnsupportedAudioCodec(_)
+                    | FlvError::UnsupportedPacketType { .. }
+            ) | IngestError::Aac(AacError::UnsupportedObjectType(_) | AacError::Channels(_))
+        )
+    }
+}
+
+/// Extends 32-bit millisecond timestamps (which wrap after ~49 days) to 64 bits.
+#[derive(Debug, Default)]
+struct Unwrap {
+    last: Option<u32>,
+    epoch: u64,
+}
+
+impl Unwrap {
+    fn extend(&mut self, ts: u32) -> u64 {
+        if let Some(last) = self.last
+            && ts < last
+            && last - ts > u32::MAX / 2
+        {
+            self.epoch += 1 << 32;
+        }
+        self.last = Some(ts);
+        self.epoch + ts as u64
+    }
+}
+
+struct Video {
+    config: Bytes,
+    info: AvcInfo,
+}
+
+struct Audio {
+    config: Bytes,
+    asc: AudioSpecificConfig,
+}
+
+/// Counts of what ingest dropped, for logs and stats.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Dropped {
+    /// Frames before their track's sequence header.
+    pub before_config: u64,
+}
+
+pub struct MediaIngest {
+    publisher: Publisher,
+    video: Option<Video>,
+    audio: Option<Audio>,
+    /// From metadata: whether the publisher announced a video track.
+    expect_video: bool,
+    init_sent: bool,
+    video_ts: Unwrap,
+    audio_ts: Unwrap,
+    pub dropped: Dropped,
+}
+
+impl MediaIngest {
+    pub fn new(publisher: Publisher) -> Self {
+        Self {
+            publisher,
+            video: None,
+            audio: None,
+            expect_video: false,
+            init_sent: false,
+            video_ts: Unwrap::default(),
+            audio_ts: Unwrap::default(),
+            dropped: Dropped::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.publisher.name()
+    }
+
+    /// Metadata said a video track is coming: hold the init (and audio) until its config.
+    pub fn expect_video(&mut self) {
+        self.expect_video = true;
+    }
+
+    pub fn video_config(&mut self, config: Bytes) -> Result<(), IngestError> {
+        if self.video.as_ref().is_some_and(|v| v.config == config) {
+            return Ok(()); // encoders repeat sequence headers; same config, nothing to do
+        }
+        let info = AvcInfo::parse(&config)?;
+        tracing::info!(
+            stream = self.name(),
+            codec = %info.codec,
+            width = info.width,
+            height = info.height,
+            fps = ?info.fps,
+            "video config"
+        );
+        self.video = Some(Video { config, info });
+        if self.init_sent {
+            self.send_init()?;
+        }
+        Ok(())
+    }
+
+    pub fn audio_config(&mut self, config: Bytes) -> Result<(), IngestError> {
+        if self.audio.as_ref().is_some_and(|a| a.config == config) {
+            return Ok(());
+        }
+        let asc = AudioSpecificConfig::parse(&config)?;
+        tracing::info!(
+            stream = self.name(),
+            codec = %asc.codec(),
+            sample_rate = asc.sampling_frequency,
+            channels = asc.channels(),
+            "audio config"
+        );
+        self.audio = Some(Audio { config, asc });
+        if self.init_sent {
+            self.send_init()?;
+        }
+        Ok(())
+    }
+
+    fn send_init(&mut self) -> Result<(), IngestError> {
+        let mut tracks = Vec::new();
+        let mut media = MediaInfo::default();
+        let audio_codec = self.audio.as_ref().map(|a| a.asc.codec());
+        if let Some(v) = &self.video {
+            tracks.push(TrackInit {
+                id: VIDEO_TRACK,
+                timescale: TIMESCALE,
+                codec: &v.info.codec,
+                params: TrackParams::Video {
+                    width: v.info.width as u16,
+                    height: v.info.height as u16,
+                    fps_milli: v.info.fps.map_or(0, |f| (f * 1000.0).round() as u32),
+                },
+                config: &v.config,
+            });
+            media.video = Some(VideoInfo {
+                codec: v.info.codec.clone(),
+                width: v.info.width,
+                height: v.info.height,
+                fps: v.info.fps,
+            });
+        }
+        if let Some(a) = &self.audio {
+            tracks.push(TrackInit {
+                id: AUDIO_TRACK,
+                timescale: TIMESCALE,
+                codec: audio_codec.as_deref().unwrap_or_default(),
+                params: TrackParams::Audio {
+                    sample_rate: a.asc.sampling_frequency,
+                    channels: a.asc.channels(),
+                },
+                config: &a.config,
+            });
+            media.audio = Some(AudioInfo {
+                codec: a.asc.codec(),
+                sample_rate: a.asc.sampling_frequency,
+                channels: a.asc.channels(),
+            });
+        }
+        self.publisher.set_init(
+            &Init {
+                rendition: 0,
+                tracks,
+            },
+            media,
+        )?;
+        self.init_sent = true;
+        Ok(())
+    }
+
+    /// One access unit of AVCC NAL units. `dts` in ms as published (32-bit, may wrap).
+    pub fn video_frame(
+        &mut self,
+        dts: u32,
+        cts: i32,
+        keyframe: bool,
+        data: &[u8],
+    ) -> Result<(), IngestError> {
+        if self.video.is_none() {
+            self.dropped.before_config += 1;
+            return Ok(());
+        }
+        if !self.init_sent {
+            self.send_init()?;
+        }
+        let cts = i16::try_from(cts).map_err(|_| IngestError::Cts(cts))?;
+        let dts = self.video_ts.extend(dts);
+        self.publisher.push_media(
+            &MediaHeader {
+                track: VIDEO_TRACK,
+                keyframe,
+                dts,
+                cts,
+                ingest_us: now_us(),
+            },
+            data,
+            keyframe,
+        );
+        Ok(())
+    }
+
+    /// One raw AAC frame.
+    pub fn audio_frame(&mut self, dts: u32, data: &[u8]) -> Result<(), IngestError> {
+        if self.audio.is_none() {
+            self.dropped.before_config += 1;
+            return Ok(());
+        }
+        let has_video = self.video.is_some() || self.expect_video;
+        if !self.init_sent {
+            if has_video {
+                // The init waits for the video config; audio before it precedes any keyframe
+                // and no viewer could start there anyway.
+                self.dropped.before_config += 1;
+                return Ok(());
+            }
+            self.send_init()?;
+        }
+        let dts = self.audio_ts.extend(dts);
+        self.publisher.push_media(
+            &MediaHeader {
+                track: AUDIO_TRACK,
+                keyframe: true,
+                dts,
+                cts: 0,
+                ingest_us: now_us(),
+            },
+            data,
+            // In an audio-only stream every AAC frame is a place to start.
+            !has_video,
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unwrap;
+
+    #[test]
+    fn timestamps_unwrap_past_32_bits() {
+        let mut u = Unwrap::default();
+        assert_eq!(u.extend(u32::MAX - 10), (u32::MAX - 10) as u64);
+        assert_eq!(u.extend(5), (1u64 << 32) + 5);
+        // A small step back (B-frame reorder, audio/video interleave) is not a wrap.
+        assert_eq!(u.extend(3), (1u64 << 32) + 3);
+    }
+}

@@ -1,0 +1,391 @@
+//! RTMP ingest, on rml_rtmp's sans-IO handshake and server session.
+//!
+//! rml_rtmp is dormant and knows nothing of Enhanced RTMP, so it stays behind this module: it
+//! does the handshake, chunking and commands, and hands us FLV tag bodies, which
+//! `onair_protocol::flv` parses (ex-header included).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rml_rtmp::chunk_io::ChunkSerializer;
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use rml_rtmp::messages::RtmpMessage;
+use rml_rtmp::rml_amf0::Amf0Value;
+use rml_rtmp::sessions::{
+    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
+};
+use rml_rtmp::time::RtmpTimestamp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::{IngestError, MediaIngest};
+use crate::config::Config;
+use crate::hub::{Hub, PublishError, PublisherInfo};
+use onair_protocol::flv::{self, AudioTag, VideoTag};
+
+/// Our outbound chunk size. Larger chunks mean fewer headers; OBS and ffmpeg use 4096 too.
+const OUT_CHUNK_SIZE: u32 = 4096;
+/// rml_rtmp numbers message streams from 1 and OBS/ffmpeg create exactly one to publish on.
+const PUBLISH_STREAM_ID: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RtmpError {
+    #[error("not an RTMP client (handshake failed: {0})")]
+    Handshake(String),
+    #[error("connection closed during the handshake after {0} bytes")]
+    TruncatedHandshake(usize),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("RTMP protocol error: {0}")]
+    Session(String),
+    #[error("chunk size {size} refused: must be 1..={max}")]
+    ChunkSize { size: u32, max: u32 },
+    #[error("unknown RTMP app {0:?}")]
+    UnknownApp(String),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("RTMP playback is not offered; watch over WebSocket or HLS")]
+    Play,
+    #[error("{0}")]
+    Ingest(#[from] IngestError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl RtmpError {
+    /// The onStatus (code, description) to send the client before closing, if any.
+    fn status(&self, app: &str) -> Option<(&'static str, String)> {
+        Some(match self {
+            RtmpError::UnknownApp(a) => (
+                "NetConnection.Connect.Rejected",
+                format!("unknown app {a:?}: publish to rtmp://HOST/{app}/STREAM"),
+            ),
+            RtmpError::Publish(PublishError::AlreadyLive(_)) => {
+                ("NetStream.Publish.BadName", self.to_string())
+            }
+            RtmpError::Publish(_) => ("NetStream.Publish.Rejected", self.to_string()),
+            RtmpError::Play => ("NetStream.Play.Failed", self.to_string()),
+            RtmpError::Ingest(e) if e.is_unsupported_codec() => (
+                "NetStream.Publish.Rejected",
+                format!("{e}; onair carries H.264 video and AAC audio"),
+            ),
+            RtmpError::Ingest(e) => ("NetStream.Publish.Rejected", e.to_string()),
+            RtmpError::ChunkSize { .. } => ("NetConnection.Connect.Rejected", self.to_string()),
+            _ => return None,
+        })
+    }
+}
+
+/// Accepts RTMP connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    cfg: Arc<Config>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "rtmp accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let (hub, cfg, shutdown) = (hub.clone(), cfg.clone(), shutdown.clone());
+        let span = tracing::info_span!("publish", %peer, stream = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                match connection(tcp, peer, hub, &cfg, shutdown).await {
+                    Ok(()) => tracing::info!("rtmp connection closed"),
+                    Err(e) => tracing::warn!(error = %e, "rtmp connection refused or failed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn connection(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<(), RtmpError> {
+    let _ = tcp.set_nodelay(true);
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + cfg.rtmp_handshake_timeout;
+
+    let mut handshake = Handshake::new(PeerType::Server);
+    let mut received = 0;
+    let remaining = loop {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .map_err(|_| RtmpError::Timeout("waiting for the RTMP handshake"))??;
+        if n == 0 {
+            return Err(RtmpError::TruncatedHandshake(received));
+        }
+        received += n;
+        match handshake
+            .process_bytes(&buf[..n])
+            .map_err(|e| RtmpError::Handshake(format!("{:?}", e)))?
+        {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                tcp.write_all(&response_bytes).await?;
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                tcp.write_all(&response_bytes).await?;
+                break remaining_bytes;
+            }
+        }
+    };
+
+    let mut config = ServerSessionConfig::new();
+    config.chunk_size = OUT_CHUNK_SIZE;
+    let (session, initial) =
+        ServerSession::new(config).map_err(|e| RtmpError::Session(e.to_string()))?;
+    let mut conn = Conn {
+        session,
+        out: Vec::new(),
+        hub,
+        peer,
+        cfg,
+        ingest: None,
+    };
+    let mut result = conn.handle(initial);
+    if result.is_ok() {
+        result = conn.input(&remaining);
+    }
+    loop {
+        if let Err(e) = result {
+            if let Some((code, description)) = e.status(&cfg.rtmp_app) {
+                conn.out.extend(status_packet("error", code, &description));
+            }
+            // Best effort: the client may already be gone.
+            let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&conn.out)).await;
+            return Err(e);
+        }
+        if !conn.out.is_empty() {
+            tcp.write_all(&conn.out).await?;
+            conn.out.clear();
+        }
+        let wait = if conn.ingest.is_some() {
+            Instant::now() + cfg.rtmp_idle_timeout
+        } else {
+            deadline
+        };
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(wait, tcp.read(&mut buf)) => match r {
+                Ok(r) => r?,
+                Err(_) if conn.ingest.is_some() => return Err(RtmpError::Timeout("waiting for media from the publisher")),
+                Err(_) => return Err(RtmpError::Timeout("waiting for connect and publish")),
+            },
+            _ = shutdown.cancelled() => {
+                let bye = status_packet("status", "NetStream.Unpublish.Success", "server shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&bye)).await;
+                return Ok(());
+            }
+        };
+        if n == 0 {
+            if let Some(ingest) = &conn.ingest {
+                tracing::info!(stream = ingest.name(), "publisher disconnected");
+            }
+            return Ok(());
+        }
+        result = conn.input(&buf[..n]);
+    }
+}
+
+struct Conn<'a> {
+    session: ServerSession,
+    out: Vec<u8>,
+    hub: Arc<Hub>,
+    peer: SocketAddr,
+    cfg: &'a Config,
+    ingest: Option<MediaIngest>,
+}
+
+impl Conn<'_> {
+    fn input(&mut self, bytes: &[u8]) -> Result<(), RtmpError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let results = self
+            .session
+            .handle_input(bytes)
+            .map_err(|e| RtmpError::Session(e.to_string()))?;
+        self.handle(results)
+    }
+
+    fn handle(&mut self, results: Vec<ServerSessionResult>) -> Result<(), RtmpError> {
+        for r in results {
+            match r {
+                ServerSessionResult::OutboundResponse(p) => self.out.extend_from_slice(&p.bytes),
+                ServerSessionResult::RaisedEvent(e) => self.event(e)?,
+                ServerSessionResult::UnhandleableMessageReceived(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, request_id: u32) -> Result<(), RtmpError> {
+        let results = self
+            .session
+            .accept_request(request_id)
+            .map_err(|e| RtmpError::Session(e.to_string()))?;
+        self.handle(results)
+    }
+
+    fn event(&mut self, event: ServerSessionEvent) -> Result<(), RtmpError> {
+        match event {
+            ServerSessionEvent::ConnectionRequested {
+                request_id,
+                app_name,
+            } => {
+                if app_name != self.cfg.rtmp_app {
+                    return Err(RtmpError::UnknownApp(app_name));
+                }
+                self.accept(request_id)
+            }
+            ServerSessionEvent::PublishStreamRequested {
+                request_id,
+                stream_key,
+                ..
+            } => {
+                if self.ingest.is_some() {
+                    return Err(RtmpError::Session("second publish on one connection".into()));
+                }
+                // OBS may append query parameters to the key; they are not part of the name.
+                let name = stream_key.split('?').next().unwrap_or_default();
+                let publisher = self.hub.publish(
+                    name,
+                    PublisherInfo {
+                        protocol: "rtmp",
+                        peer: self.peer,
+                        since_ms: crate::hub::now_us() / 1000,
+                    },
+                )?;
+                tracing::Span::current().record("stream", name);
+                tracing::info!("publishing");
+                self.ingest = Some(MediaIngest::new(publisher));
+                self.accept(request_id)
+            }
+            ServerSessionEvent::PlayStreamRequested { .. } => Err(RtmpError::Play),
+            ServerSessionEvent::PublishStreamFinished { .. } => {
+                if let Some(ingest) = self.ingest.take() {
+                    tracing::info!(stream = ingest.name(), "publisher finished");
+                }
+                Ok(())
+            }
+            ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                if let Some(ingest) = &mut self.ingest {
+                    tracing::info!(
+                        encoder = metadata.encoder.as_deref().unwrap_or("?"),
+                        video_codec_id = ?metadata.video_codec_id,
+                        audio_codec_id = ?metadata.audio_codec_id,
+                        "metadata"
+                    );
+                    if metadata.video_codec_id.is_some() {
+                        ingest.expect_video();
+                    }
+                }
+                Ok(())
+            }
+            ServerSessionEvent::ClientChunkSizeChanged { new_chunk_size } => {
+                let max = self.cfg.rtmp_max_chunk_size;
+                if new_chunk_size == 0 || new_chunk_size > max {
+                    return Err(RtmpError::ChunkSize {
+                        size: new_chunk_size,
+                        max,
+                    });
+                }
+                Ok(())
+            }
+            ServerSessionEvent::VideoDataReceived {
+                data, timestamp, ..
+            } => self.video(data, timestamp),
+            ServerSessionEvent::AudioDataReceived {
+                data, timestamp, ..
+            } => self.audio(data, timestamp),
+            _ => Ok(()),
+        }
+    }
+
+    fn video(&mut self, data: Bytes, ts: RtmpTimestamp) -> Result<(), RtmpError> {
+        let Some(ingest) = &mut self.ingest else {
+            return Ok(()); // media before publish: rml_rtmp only raises it for publishing streams
+        };
+        match flv::parse_video(&data).map_err(IngestError::from)? {
+            VideoTag::SequenceHeader { config, .. } => {
+                ingest.video_config(data.slice_ref(config))?
+            }
+            VideoTag::Frame {
+                keyframe,
+                cts,
+                data: payload,
+                ..
+            } => ingest.video_frame(ts.value, cts, keyframe, payload)?,
+            VideoTag::EndOfSequence | VideoTag::Ignored => {}
+        }
+        Ok(())
+    }
+
+    fn audio(&mut self, data: Bytes, ts: RtmpTimestamp) -> Result<(), RtmpError> {
+        let Some(ingest) = &mut self.ingest else {
+            return Ok(());
+        };
+        match flv::parse_audio(&data).map_err(IngestError::from)? {
+            AudioTag::SequenceHeader { config, .. } => {
+                ingest.audio_config(data.slice_ref(config))?
+            }
+            AudioTag::Frame { data: payload, .. } => ingest.audio_frame(ts.value, payload)?,
+            AudioTag::Ignored => {}
+        }
+        Ok(())
+    }
+}
+
+/// An onStatus command on the publish stream, sent just before we close the connection.
+///
+/// rml_rtmp has no API for a status of our own after a publish was accepted, so this uses a
+/// separate serializer with an uncompressed (type 0) chunk header: the peer needs no earlier
+/// header to read it, and we send nothing after it.
+fn status_packet(level: &str, code: &str, description: &str) -> Vec<u8> {
+    let mut props = std::collections::HashMap::new();
+    props.insert("level".to_string(), Amf0Value::Utf8String(level.into()));
+    props.insert("code".to_string(), Amf0Value::Utf8String(code.into()));
+    props.insert(
+        "description".to_string(),
+        Amf0Value::Utf8String(description.into()),
+    );
+    let message = RtmpMessage::Amf0Command {
+        command_name: "onStatus".into(),
+        transaction_id: 0.0,
+        command_object: Amf0Value::Null,
+        additional_arguments: vec![Amf0Value::Object(props)],
+    };
+    let mut serializer = ChunkSerializer::new();
+    // The peer already knows our chunk size from the session; only our serializer needs it.
+    let _ = serializer.set_max_chunk_size(OUT_CHUNK_SIZE, RtmpTimestamp::new(0));
+    message
+        .into_message_payload(RtmpTimestamp::new(0), PUBLISH_STREAM_ID)
+        .ok()
+        .and_then(|p| serializer.serialize(&p, true, false).ok())
+        .map(|p| p.bytes)
+        .unwrap_or_default()
+}
