@@ -176,7 +176,7 @@ impl Config {
         if !(128..=0xff_ffff).contains(&self.rtmp_max_chunk_size) {
             return invalid("rtmp_max_chunk_size", "must be between 128 and 16777215");
         }
-        if self.rtmp == self.http {
+        if self.rtmp == self.http && self.http.port() != 0 {
             return invalid("http", "must differ from the rtmp address");
         }
         for o in &self.allowed_origins {

@@ -1,1 +1,535 @@
-//! Harness for the end-to-end tests: see tests/tests/.
+//! Harness for onair's end-to-end tests: the real `onair` binary, real ffmpeg publishing over
+//! RTMP, and a WebSocket viewer built on tokio-tungstenite (not the server's fastwebsockets).
+//!
+//! Missing peers are failures, never skips: `make test` installs them (scripts/setup.sh).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use onair_protocol::codec::aac::AudioSpecificConfig;
+use onair_protocol::codec::avc::{self, AvcInfo};
+use onair_protocol::wire::{Message, StatusCode, TrackParams};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Path of the onair binary under test: `$ONAIR_BIN`, or the workspace's debug build.
+pub fn onair_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ONAIR_BIN") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/onair");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p onair-server`; `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Asserts a real peer tool is installed. Tests fail, not skip, without it.
+pub fn require_tool(name: &str) {
+    let found = std::process::Command::new(name)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "{name} is not installed: run scripts/setup.sh (make test does)");
+}
+
+/// A running onair server on ephemeral loopback ports, killed on drop.
+pub struct Server {
+    child: Child,
+    pub rtmp: String,
+    pub http: String,
+    log: Arc<Mutex<Vec<String>>>,
+    log_changed: Arc<Notify>,
+}
+
+impl Server {
+    pub async fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(onair_bin())
+            .args(["--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(extra)
+            .env("ONAIR_LOG", "info,onair_server=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn onair");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_changed = Arc::new(Notify::new());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        {
+            let log = log.clone();
+            let log_changed = log_changed.clone();
+            tokio::spawn(async move {
+                let mut ready_tx = Some(ready_tx);
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("ONAIR_TEST_LOG").is_some() {
+                        eprintln!("[onair] {line}");
+                    }
+                    if let Some(i) = line.find("onair ready rtmp=") {
+                        let rest = &line[i + "onair ready rtmp=".len()..];
+                        let mut parts = rest.split(" http=");
+                        let rtmp = parts.next().unwrap_or_default().trim().to_string();
+                        let http = parts.next().unwrap_or_default().trim().to_string();
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send((rtmp, http));
+                        }
+                    }
+                    log.lock().expect("log lock").push(line);
+                    log_changed.notify_waiters();
+                }
+            });
+        }
+        let ready = tokio::time::timeout(Duration::from_secs(20), ready_rx).await;
+        let Ok(Ok((rtmp, http))) = ready else {
+            panic!(
+                "onair did not become ready: {ready:?}; its output:\n{}",
+                log.lock().expect("log lock").join("\n")
+            );
+        };
+        Server {
+            child,
+            rtmp,
+            http,
+            log,
+            log_changed,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("server running")
+    }
+
+    pub fn rtmp_url(&self, stream: &str) -> String {
+        format!("rtmp://{}/live/{stream}", self.rtmp)
+    }
+
+    pub fn ws_url(&self, stream: &str) -> String {
+        format!("ws://{}/ws/{stream}", self.http)
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().expect("log lock").iter().any(|l| l.contains(needle))
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.log_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self
+                .log
+                .lock()
+                .expect("log lock")
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, notified).await.is_err() {
+                panic!(
+                    "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+                    self.log.lock().expect("log lock").join("\n")
+                );
+            }
+        }
+    }
+
+    /// Resident set size of the server, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    pub async fn api(&self, path: &str) -> serde_json::Value {
+        let body = http_get(&self.http, path).await.expect("api request");
+        serde_json::from_str(&body.1).unwrap_or_else(|e| panic!("{path}: {e}: {}", body.1))
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("onair did not exit within 10 s of SIGTERM")
+            .expect("wait")
+    }
+
+    pub fn still_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// How ffmpeg encodes the test source.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// Keyframe interval in frames.
+    pub gop: u32,
+    /// `-tune zerolatency` (no B-frames); otherwise x264 defaults, with B-frames.
+    pub zerolatency: bool,
+    pub audio: bool,
+    /// Video bitrate in kbit/s, or x264's default rate control.
+    pub bitrate_kbps: Option<u32>,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            width: 640,
+            height: 360,
+            fps: 30,
+            gop: 30,
+            zerolatency: true,
+            audio: true,
+            bitrate_kbps: None,
+        }
+    }
+}
+
+/// A real ffmpeg publishing a synthetic stream over RTMP, killed on drop.
+pub struct Publisher {
+    pub child: Child,
+}
+
+impl Publisher {
+    pub fn start(url: &str, p: Profile) -> Publisher {
+        require_tool("ffmpeg");
+        let mut cmd = Command::new("ffmpeg");
+        cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"]);
+        cmd.args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc2=size={}x{}:rate={}", p.width, p.height, p.fps),
+        ]);
+        if p.audio {
+            cmd.args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]);
+        }
+        cmd.args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", &p.gop.to_string()]);
+        if p.zerolatency {
+            cmd.args(["-preset", "veryfast", "-tune", "zerolatency"]);
+        }
+        if let Some(kbps) = p.bitrate_kbps {
+            cmd.args(["-b:v", &format!("{kbps}k"), "-maxrate", &format!("{kbps}k"), "-bufsize", &format!("{}k", kbps / 2)]);
+        }
+        if p.audio {
+            cmd.args(["-c:a", "aac", "-b:a", "96k"]);
+        }
+        cmd.args(["-f", "flv", url]);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn ffmpeg");
+        Publisher { child }
+    }
+
+    /// Waits for ffmpeg to exit and returns (status, stderr).
+    pub async fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("ffmpeg did not exit in time")
+            .expect("wait ffmpeg");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = e.read_to_string(&mut err).await;
+        }
+        (status, err)
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// One received protocol message, owned, with its arrival time.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub bytes: Vec<u8>,
+    pub at: SystemTime,
+}
+
+impl Received {
+    pub fn msg(&self) -> Message<'_> {
+        Message::decode(&self.bytes).unwrap_or_else(|e| panic!("undecodable message from server: {e}"))
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket viewer built on tokio-tungstenite.
+pub struct Viewer {
+    ws: Ws,
+}
+
+/// What a viewer may see end a connection.
+#[derive(Debug)]
+pub enum Next {
+    Message(Received),
+    Closed(Option<(u16, String)>),
+}
+
+impl Viewer {
+    pub async fn connect(url: &str) -> Viewer {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Viewer { ws }
+    }
+
+    /// The next protocol message or the close, within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Next {
+        loop {
+            let m = tokio::time::timeout(timeout, self.ws.next())
+                .await
+                .expect("no message from the server in time");
+            match m {
+                Some(Ok(tungstenite::Message::Binary(b))) => {
+                    return Next::Message(Received {
+                        bytes: b.to_vec(),
+                        at: SystemTime::now(),
+                    });
+                }
+                Some(Ok(tungstenite::Message::Close(c))) => {
+                    return Next::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())));
+                }
+                Some(Ok(tungstenite::Message::Text(t))) => panic!("unexpected text frame {t}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("websocket error: {e}"),
+                None => return Next::Closed(None),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self, timeout: Duration) -> Received {
+        match self.next(timeout).await {
+            Next::Message(m) => m,
+            Next::Closed(c) => panic!("connection closed: {c:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, msg: &Message<'_>) {
+        use futures_util::SinkExt;
+        let bytes = msg.to_vec().expect("encode");
+        self.ws
+            .send(tungstenite::Message::Binary(bytes.into()))
+            .await
+            .expect("send");
+    }
+
+    /// Receives until a message satisfies `pred`; returns everything received, that one last.
+    pub async fn recv_until(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Message<'_>) -> bool,
+    ) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = self.recv(left.max(Duration::from_millis(1))).await;
+            let done = pred(&r.msg());
+            got.push(r);
+            if done {
+                return got;
+            }
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch of a SystemTime.
+pub fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A viewer's session, checked as it goes: what a player relies on.
+#[derive(Debug, Default)]
+pub struct Recording {
+    pub hello: bool,
+    pub statuses: Vec<StatusCode>,
+    pub inits: usize,
+    pub video: Option<AvcInfo>,
+    pub audio: Option<AudioSpecificConfig>,
+    pub video_track: Option<u8>,
+    pub audio_track: Option<u8>,
+    /// (dts, cts, keyframe, ingest_us, received) of every video frame.
+    pub video_frames: Vec<(u64, i16, bool, u64, SystemTime)>,
+    pub audio_frames: Vec<(u64, u64)>,
+    pub h264: Vec<u8>,
+    pub adts: Vec<u8>,
+    pub first_media_was_keyframe: Option<bool>,
+}
+
+impl Recording {
+    /// Checks ordering invariants and records one message.
+    pub fn push(&mut self, r: &Received) {
+        match r.msg() {
+            Message::Hello(h) => {
+                assert!(!self.hello, "second hello");
+                assert_eq!(h.version, onair_protocol::wire::VERSION);
+                self.hello = true;
+            }
+            Message::Status(s) => {
+                assert!(self.hello, "status before hello");
+                self.statuses.push(s.code);
+            }
+            Message::Init(init) => {
+                assert!(self.hello, "init before hello");
+                self.inits += 1;
+                self.video = None;
+                self.audio = None;
+                self.first_media_was_keyframe = None;
+                for t in &init.tracks {
+                    match t.params {
+                        TrackParams::Video { width, height, .. } => {
+                            let info = AvcInfo::parse(t.config).expect("init carries a valid avcC");
+                            assert_eq!((info.width, info.height), (width as u32, height as u32));
+                            assert_eq!(info.codec, t.codec);
+                            self.video = Some(info);
+                            self.video_track = Some(t.id);
+                        }
+                        TrackParams::Audio { sample_rate, .. } => {
+                            let asc = AudioSpecificConfig::parse(t.config).expect("valid ASC");
+                            assert_eq!(asc.sampling_frequency, sample_rate);
+                            self.audio = Some(asc);
+                            self.audio_track = Some(t.id);
+                        }
+                    }
+                }
+            }
+            Message::Media { header, payload } => {
+                assert!(self.hello && self.inits > 0, "media before hello and init");
+                if self.first_media_was_keyframe.is_none() {
+                    self.first_media_was_keyframe = Some(header.keyframe);
+                }
+                if Some(header.track) == self.video_track {
+                    let info = self.video.as_ref().expect("video init");
+                    let nals: Vec<&[u8]> = avc::nal_units(payload, info.length_size)
+                        .collect::<Result<_, _>>()
+                        .expect("well-formed AVCC payload");
+                    let has_idr = nals.iter().any(|n| avc::nal_type(n) == avc::NAL_IDR);
+                    assert_eq!(header.keyframe, has_idr, "keyframe flag matches IDR presence");
+                    avc::avcc_to_annexb(payload, info.length_size, header.keyframe.then_some(info), &mut self.h264)
+                        .expect("annex b");
+                    self.video_frames
+                        .push((header.dts, header.cts, header.keyframe, header.ingest_us, r.at));
+                } else if Some(header.track) == self.audio_track {
+                    let asc = self.audio.as_ref().expect("audio init");
+                    self.adts
+                        .extend_from_slice(&asc.adts_header(payload.len()).expect("adts"));
+                    self.adts.extend_from_slice(payload);
+                    self.audio_frames.push((header.dts, header.ingest_us));
+                } else {
+                    panic!("media on unknown track {}", header.track);
+                }
+            }
+            other => panic!("unexpected {} from server", other.kind_name()),
+        }
+    }
+
+    /// Video dts strictly increase and never step by more than `max_step` (no lost frames).
+    pub fn assert_video_continuous(&self, max_step: u64) {
+        for w in self.video_frames.windows(2) {
+            assert!(w[1].0 > w[0].0, "video dts must increase: {} then {}", w[0].0, w[1].0);
+            assert!(
+                w[1].0 - w[0].0 <= max_step,
+                "gap in video: dts {} then {}",
+                w[0].0,
+                w[1].0
+            );
+        }
+    }
+
+    pub fn assert_audio_continuous(&self, max_step: u64) {
+        for w in self.audio_frames.windows(2) {
+            assert!(w[1].0 > w[0].0, "audio dts must increase");
+            assert!(w[1].0 - w[0].0 <= max_step, "gap in audio: {} then {}", w[0].0, w[1].0);
+        }
+    }
+}
+
+/// Decodes a file with ffmpeg; returns ffmpeg's error output (empty when clean).
+pub async fn ffmpeg_decode_errors(format: &str, data: &[u8]) -> String {
+    require_tool("ffmpeg");
+    let mut f = tempfile(format);
+    f.1.write_all(data).expect("write temp");
+    drop(f.1);
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-f", format, "-i"])
+        .arg(&f.0)
+        .args(["-f", "null", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run ffmpeg");
+    let _ = std::fs::remove_file(&f.0);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() && err.is_empty() {
+        return format!("ffmpeg exited with {}", out.status);
+    }
+    err
+}
+
+fn tempfile(ext: &str) -> (PathBuf, std::fs::File) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("onair-test-{}-{n}.{ext}", std::process::id()));
+    let f = std::fs::File::create(&p).expect("create temp file");
+    (p, f)
+}
