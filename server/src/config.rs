@@ -65,11 +65,6 @@ pub struct Settings {
     #[arg(long, env = "ONAIR_RTMP_IDLE_TIMEOUT_MS", value_name = "MS")]
     pub rtmp_idle_timeout_ms: Option<u64>,
 
-    /// Largest RTMP chunk size a publisher may set. [default: 16777215, the largest RTMP message;
-    /// OBS and ffmpeg use 4096]
-    #[arg(long, env = "ONAIR_RTMP_MAX_CHUNK_SIZE", value_name = "BYTES")]
-    pub rtmp_max_chunk_size: Option<u32>,
-
     /// Origins allowed to open WebSockets, comma-separated (e.g. https://example.com). Empty
     /// allows any origin, as a public player embedded anywhere needs. [default: empty]
     #[arg(long, env = "ONAIR_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
@@ -91,7 +86,6 @@ pub struct Config {
     pub stall_timeout: Duration,
     pub rtmp_handshake_timeout: Duration,
     pub rtmp_idle_timeout: Duration,
-    pub rtmp_max_chunk_size: u32,
     pub allowed_origins: Vec<String>,
     pub log: String,
 }
@@ -143,7 +137,6 @@ impl Config {
             stall_timeout: Duration::from_millis(pick!(stall_timeout_ms, 10_000)),
             rtmp_handshake_timeout: Duration::from_millis(pick!(rtmp_handshake_timeout_ms, 10_000)),
             rtmp_idle_timeout: Duration::from_millis(pick!(rtmp_idle_timeout_ms, 15_000)),
-            rtmp_max_chunk_size: pick!(rtmp_max_chunk_size, 0xff_ffff),
             allowed_origins: pick!(allowed_origins, Vec::new()),
             log: pick!(log, "info".to_string()),
         };
@@ -172,9 +165,6 @@ impl Config {
         }
         if self.rtmp_handshake_timeout.is_zero() || self.rtmp_idle_timeout.is_zero() {
             return invalid("rtmp_*_timeout_ms", "must be greater than 0");
-        }
-        if !(128..=0xff_ffff).contains(&self.rtmp_max_chunk_size) {
-            return invalid("rtmp_max_chunk_size", "must be between 128 and 16777215");
         }
         if self.rtmp == self.http && self.http.port() != 0 {
             return invalid("http", "must differ from the rtmp address");
@@ -238,7 +228,7 @@ mod tests {
         assert!(toml::from_str::<Settings>("htp = \"127.0.0.1:1\"").is_err());
         assert!(toml::from_str::<Settings>("http = \"not an address\"").is_err());
         assert!(Settings::try_parse_from(["onair", "--rtmp", "nope"]).is_err());
-        let file: Settings = toml::from_str("rtmp_max_chunk_size = 1").unwrap();
+        let file: Settings = toml::from_str("max_backlog_bytes = 1").unwrap();
         assert!(Config::resolve(Settings::default(), file).is_err());
         assert!(check_env(["ONAIR_HTTP".to_string(), "PATH".to_string()].into_iter()).is_ok());
         assert!(matches!(

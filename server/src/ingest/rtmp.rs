@@ -3,13 +3,19 @@
 //! rml_rtmp is dormant and knows nothing of Enhanced RTMP, so it stays behind this module: it
 //! does the handshake, chunking and commands, and hands us FLV tag bodies, which
 //! `onair_protocol::flv` parses (ex-header included).
+//!
+//! rml_rtmp applies a peer's SetChunkSize itself without telling us, and refuses a bad one with
+//! an error that does not say what was wrong. So [`ChunkSizeWatch`] reads the same bytes with
+//! rml_rtmp's chunk deserializer to see SetChunkSize first and refuse bad sizes clearly. rml_rtmp
+//! also reserves a message's declared length (at most 16 MiB, the 24-bit RTMP maximum) up front,
+//! which bounds a publisher connection's buffers at about twice that.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rml_rtmp::chunk_io::ChunkSerializer;
+use rml_rtmp::chunk_io::{ChunkDeserializer, ChunkSerializer};
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::messages::RtmpMessage;
 use rml_rtmp::rml_amf0::Amf0Value;
@@ -44,12 +50,12 @@ pub enum RtmpError {
     Timeout(&'static str),
     #[error("RTMP protocol error: {0}")]
     Session(String),
-    #[error("chunk size {size} refused: must be 1..={max}")]
-    ChunkSize { size: u32, max: u32 },
     #[error("unknown RTMP app {0:?}")]
     UnknownApp(String),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("chunk size {0} refused: must be 1..=16777215 (RTMP's largest message)")]
+    ChunkSize(u32),
     #[error("RTMP playback is not offered; watch over WebSocket or HLS")]
     Play,
     #[error("{0}")]
@@ -71,12 +77,12 @@ impl RtmpError {
             }
             RtmpError::Publish(_) => ("NetStream.Publish.Rejected", self.to_string()),
             RtmpError::Play => ("NetStream.Play.Failed", self.to_string()),
+            RtmpError::ChunkSize(_) => ("NetConnection.Connect.Rejected", self.to_string()),
             RtmpError::Ingest(e) if e.is_unsupported_codec() => (
                 "NetStream.Publish.Rejected",
                 format!("{e}; onair carries H.264 video and AAC audio"),
             ),
             RtmpError::Ingest(e) => ("NetStream.Publish.Rejected", e.to_string()),
-            RtmpError::ChunkSize { .. } => ("NetConnection.Connect.Rejected", self.to_string()),
             _ => return None,
         })
     }
@@ -166,6 +172,9 @@ async fn connection(
         peer,
         cfg,
         ingest: None,
+        chunk_watch: ChunkSizeWatch {
+            chunks: ChunkDeserializer::new(),
+        },
     };
     let mut result = conn.handle(initial);
     if result.is_ok() {
@@ -218,6 +227,7 @@ struct Conn<'a> {
     peer: SocketAddr,
     cfg: &'a Config,
     ingest: Option<MediaIngest>,
+    chunk_watch: ChunkSizeWatch,
 }
 
 impl Conn<'_> {
@@ -225,6 +235,7 @@ impl Conn<'_> {
         if bytes.is_empty() {
             return Ok(());
         }
+        self.chunk_watch.check(bytes)?;
         let results = self
             .session
             .handle_input(bytes)
@@ -306,16 +317,6 @@ impl Conn<'_> {
                 }
                 Ok(())
             }
-            ServerSessionEvent::ClientChunkSizeChanged { new_chunk_size } => {
-                let max = self.cfg.rtmp_max_chunk_size;
-                if new_chunk_size == 0 || new_chunk_size > max {
-                    return Err(RtmpError::ChunkSize {
-                        size: new_chunk_size,
-                        max,
-                    });
-                }
-                Ok(())
-            }
             ServerSessionEvent::VideoDataReceived {
                 data, timestamp, ..
             } => self.video(data, timestamp),
@@ -388,4 +389,37 @@ fn status_packet(level: &str, code: &str, description: &str) -> Vec<u8> {
         .and_then(|p| serializer.serialize(&p, true, false).ok())
         .map(|p| p.bytes)
         .unwrap_or_default()
+}
+
+/// Largest chunk size we accept: a chunk larger than RTMP's largest message (24-bit length)
+/// is pointless, and the spec forbids the top bit.
+const MAX_CHUNK_SIZE: u32 = 0xff_ffff;
+/// RTMP message type of SetChunkSize.
+const SET_CHUNK_SIZE: u8 = 1;
+
+/// Sees the publisher's SetChunkSize messages before rml_rtmp applies them.
+struct ChunkSizeWatch {
+    chunks: ChunkDeserializer,
+}
+
+impl ChunkSizeWatch {
+    fn check(&mut self, bytes: &[u8]) -> Result<(), RtmpError> {
+        let mut input = bytes;
+        // Errors in the chunk stream itself are left to the session, which reports them.
+        while let Ok(Some(message)) = self.chunks.get_next_message(input) {
+            input = &[];
+            if message.type_id != SET_CHUNK_SIZE {
+                continue;
+            }
+            let size = match message.data.get(..4) {
+                Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                None => return Err(RtmpError::Session("SetChunkSize without a size".into())),
+            };
+            if size == 0 || size > MAX_CHUNK_SIZE {
+                return Err(RtmpError::ChunkSize(size));
+            }
+            let _ = self.chunks.set_max_chunk_size(size as usize);
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,92 @@
+//! Configuration: `--help` documents every key; unknown keys and bad values stop start-up with
+//! a clear error; TOML and ONAIR_* variables work.
+
+use std::process::Command;
+
+use onair_tests::{Server, onair_bin};
+
+const KEYS: &[&str] = &[
+    "rtmp",
+    "http",
+    "rtmp_app",
+    "max_backlog_bytes",
+    "max_lag_ms",
+    "stall_timeout_ms",
+    "rtmp_handshake_timeout_ms",
+    "rtmp_idle_timeout_ms",
+    "allowed_origins",
+    "log",
+    "config",
+];
+
+fn onair(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(onair_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run onair");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn help_documents_every_key() {
+    let (code, help) = onair(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    for key in KEYS {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let env = format!("ONAIR_{}", key.to_uppercase());
+        assert!(help.contains(&flag), "--help lacks {flag}");
+        assert!(help.contains(&env), "--help lacks {env}");
+    }
+    assert!(help.contains("0.0.0.0:1935") && help.contains("0.0.0.0:8080"));
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("onair-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "http = \"127.0.0.1:0\"\nstal_timeout_ms = 5\n").expect("write");
+    let (code, out) = onair(&["--config", bad.to_str().expect("utf8")], &[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("unknown field `stal_timeout_ms`"), "{out}");
+
+    let (code, out) = onair(&[], &[("ONAIR_HTTP", "not-an-address")]);
+    assert_ne!(code, Some(0));
+    assert!(out.contains("invalid value 'not-an-address'") && out.contains("--http"), "{out}");
+
+    let (code, out) = onair(&[], &[("ONAIR_HTTTP", "127.0.0.1:1")]);
+    assert_eq!(code, Some(2));
+    assert!(out.contains("unknown environment variable ONAIR_HTTTP"), "{out}");
+
+    let (code, out) = onair(&["--max-backlog-bytes", "5"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(out.contains("invalid max_backlog_bytes: must be at least 65536"), "{out}");
+
+    let (code, out) = onair(&["--config", "/nonexistent/onair.toml"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(out.contains("cannot read config file /nonexistent/onair.toml"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn toml_file_and_env_configure_the_server() {
+    let dir = std::env::temp_dir().join(format!("onair-config-ok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("onair.toml");
+    std::fs::write(&file, "rtmp_app = \"studio\"\nmax_lag_ms = 1500\n").expect("write");
+    // Server::start adds --rtmp/--http on ephemeral ports; the file sets the app.
+    let server = Server::start(&["--config", file.to_str().expect("utf8")]).await;
+    // The app name from the file is the one publishers must use.
+    let publisher = onair_tests::Publisher::start(
+        &format!("rtmp://{}/live/x", server.rtmp),
+        onair_tests::Profile::default(),
+    );
+    let (status, _) = publisher.wait_exit(std::time::Duration::from_secs(10)).await;
+    assert!(!status.success());
+    server
+        .wait_log("unknown RTMP app \"live\"", std::time::Duration::from_secs(10))
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
