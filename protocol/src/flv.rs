@@ -36,7 +36,10 @@ pub enum VideoCodec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VideoTag<'a> {
     /// `AVCDecoderConfigurationRecord`.
-    SequenceHeader { codec: VideoCodec, config: &'a [u8] },
+    SequenceHeader {
+        codec: VideoCodec,
+        config: &'a [u8],
+    },
     /// One access unit of length-prefixed NAL units.
     Frame {
         codec: VideoCodec,
@@ -188,9 +191,15 @@ pub enum AudioCodec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AudioTag<'a> {
     /// `AudioSpecificConfig`.
-    SequenceHeader { codec: AudioCodec, config: &'a [u8] },
+    SequenceHeader {
+        codec: AudioCodec,
+        config: &'a [u8],
+    },
     /// One raw AAC frame.
-    Frame { codec: AudioCodec, data: &'a [u8] },
+    Frame {
+        codec: AudioCodec,
+        data: &'a [u8],
+    },
     Ignored,
 }
 
@@ -333,7 +342,9 @@ mod tests {
         hevc.extend_from_slice(&[0, 0, 0]);
         assert_eq!(
             parse_video(&hevc),
-            Err(FlvError::UnsupportedVideoCodec("'hvc1' (Enhanced RTMP)".into()))
+            Err(FlvError::UnsupportedVideoCodec(
+                "'hvc1' (Enhanced RTMP)".into()
+            ))
         );
         assert_eq!(
             parse_video(&[0x12, 0]),
@@ -365,7 +376,9 @@ mod tests {
         opus.extend_from_slice(b"Opus");
         assert_eq!(
             parse_audio(&opus),
-            Err(FlvError::UnsupportedAudioCodec("'Opus' (Enhanced RTMP)".into()))
+            Err(FlvError::UnsupportedAudioCodec(
+                "'Opus' (Enhanced RTMP)".into()
+            ))
         );
     }
 

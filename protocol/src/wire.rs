@@ -679,7 +679,11 @@ mod tests {
                 payload: &[],
             },
             Message::TimeSyncRequest(TimeSyncRequest { t0: u64::MAX }),
-            Message::TimeSyncResponse(TimeSyncResponse { t0: 1, t1: 2, t2: 3 }),
+            Message::TimeSyncResponse(TimeSyncResponse {
+                t0: 1,
+                t1: 2,
+                t2: 3,
+            }),
             Message::ViewerStats(ViewerStats {
                 latency_ms: 150,
                 buffer_ms: 120,
@@ -741,14 +745,20 @@ mod tests {
                 bytes.len()
             };
             for cut in 0..min {
-                assert!(Message::decode(&bytes[..cut]).is_err(), "{} cut at {cut}", m.kind_name());
+                assert!(
+                    Message::decode(&bytes[..cut]).is_err(),
+                    "{} cut at {cut}",
+                    m.kind_name()
+                );
             }
         }
     }
 
     #[test]
     fn trailing_bytes_and_unknown_kinds_are_rejected() {
-        let mut b = Message::TimeSyncRequest(TimeSyncRequest { t0: 1 }).to_vec().unwrap();
+        let mut b = Message::TimeSyncRequest(TimeSyncRequest { t0: 1 })
+            .to_vec()
+            .unwrap();
         b.push(0);
         assert_eq!(
             Message::decode(&b),

@@ -67,7 +67,12 @@ pub struct Settings {
 
     /// Origins allowed to open WebSockets, comma-separated (e.g. https://example.com). Empty
     /// allows any origin, as a public player embedded anywhere needs. [default: empty]
-    #[arg(long, env = "ONAIR_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "ONAIR_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Option<Vec<String>>,
 
     /// Log filter, in tracing's EnvFilter syntax. [default: info]
@@ -171,7 +176,10 @@ impl Config {
         }
         for o in &self.allowed_origins {
             if !(o.starts_with("http://") || o.starts_with("https://")) {
-                return invalid("allowed_origins", &format!("{o:?} is not an http(s) origin"));
+                return invalid(
+                    "allowed_origins",
+                    &format!("{o:?} is not an http(s) origin"),
+                );
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {

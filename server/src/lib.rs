@@ -1,6 +1,6 @@
 //! onair server: ingest (RTMP) → hub (renditions, GOP cache, fan-out) → delivery (WebSocket, API).
 
 pub mod config;
+pub mod delivery;
 pub mod hub;
 pub mod ingest;
-pub mod delivery;

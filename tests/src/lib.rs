@@ -45,7 +45,10 @@ pub fn require_tool(name: &str) {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(found, "{name} is not installed: run scripts/setup.sh (make test does)");
+    assert!(
+        found,
+        "{name} is not installed: run scripts/setup.sh (make test does)"
+    );
 }
 
 /// A running onair server on ephemeral loopback ports, killed on drop.
@@ -125,7 +128,11 @@ impl Server {
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log.lock().expect("log lock").iter().any(|l| l.contains(needle))
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     /// Waits for a log line containing `needle`; returns it.
@@ -194,8 +201,10 @@ impl Server {
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), BoxError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).to_string();
@@ -256,12 +265,26 @@ impl Publisher {
         if p.audio {
             cmd.args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]);
         }
-        cmd.args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", &p.gop.to_string()]);
+        cmd.args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            &p.gop.to_string(),
+        ]);
         if p.zerolatency {
             cmd.args(["-preset", "veryfast", "-tune", "zerolatency"]);
         }
         if let Some(kbps) = p.bitrate_kbps {
-            cmd.args(["-b:v", &format!("{kbps}k"), "-maxrate", &format!("{kbps}k"), "-bufsize", &format!("{}k", kbps / 2)]);
+            cmd.args([
+                "-b:v",
+                &format!("{kbps}k"),
+                "-maxrate",
+                &format!("{kbps}k"),
+                "-bufsize",
+                &format!("{}k", kbps / 2),
+            ]);
         }
         if p.audio {
             cmd.args(["-c:a", "aac", "-b:a", "96k"]);
@@ -305,11 +328,13 @@ pub struct Received {
 
 impl Received {
     pub fn msg(&self) -> Message<'_> {
-        Message::decode(&self.bytes).unwrap_or_else(|e| panic!("undecodable message from server: {e}"))
+        Message::decode(&self.bytes)
+            .unwrap_or_else(|e| panic!("undecodable message from server: {e}"))
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket viewer built on tokio-tungstenite.
 pub struct Viewer {
@@ -464,11 +489,24 @@ impl Recording {
                         .collect::<Result<_, _>>()
                         .expect("well-formed AVCC payload");
                     let has_idr = nals.iter().any(|n| avc::nal_type(n) == avc::NAL_IDR);
-                    assert_eq!(header.keyframe, has_idr, "keyframe flag matches IDR presence");
-                    avc::avcc_to_annexb(payload, info.length_size, header.keyframe.then_some(info), &mut self.h264)
-                        .expect("annex b");
-                    self.video_frames
-                        .push((header.dts, header.cts, header.keyframe, header.ingest_us, r.at));
+                    assert_eq!(
+                        header.keyframe, has_idr,
+                        "keyframe flag matches IDR presence"
+                    );
+                    avc::avcc_to_annexb(
+                        payload,
+                        info.length_size,
+                        header.keyframe.then_some(info),
+                        &mut self.h264,
+                    )
+                    .expect("annex b");
+                    self.video_frames.push((
+                        header.dts,
+                        header.cts,
+                        header.keyframe,
+                        header.ingest_us,
+                        r.at,
+                    ));
                 } else if Some(header.track) == self.audio_track {
                     let asc = self.audio.as_ref().expect("audio init");
                     self.adts
@@ -486,7 +524,12 @@ impl Recording {
     /// Video dts strictly increase and never step by more than `max_step` (no lost frames).
     pub fn assert_video_continuous(&self, max_step: u64) {
         for w in self.video_frames.windows(2) {
-            assert!(w[1].0 > w[0].0, "video dts must increase: {} then {}", w[0].0, w[1].0);
+            assert!(
+                w[1].0 > w[0].0,
+                "video dts must increase: {} then {}",
+                w[0].0,
+                w[1].0
+            );
             assert!(
                 w[1].0 - w[0].0 <= max_step,
                 "gap in video: dts {} then {}",
@@ -499,7 +542,12 @@ impl Recording {
     pub fn assert_audio_continuous(&self, max_step: u64) {
         for w in self.audio_frames.windows(2) {
             assert!(w[1].0 > w[0].0, "audio dts must increase");
-            assert!(w[1].0 - w[0].0 <= max_step, "gap in audio: {} then {}", w[0].0, w[1].0);
+            assert!(
+                w[1].0 - w[0].0 <= max_step,
+                "gap in audio: {} then {}",
+                w[0].0,
+                w[1].0
+            );
         }
     }
 }

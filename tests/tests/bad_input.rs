@@ -124,8 +124,12 @@ async fn bad_input_is_refused_and_the_live_stream_loses_nothing() {
     match tokio_tungstenite::connect_async(&url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 404);
-            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
-            assert!(body.contains("nothing at /nope/live1"), "clear error body: {body}");
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(
+                body.contains("nothing at /nope/live1"),
+                "clear error body: {body}"
+            );
         }
         other => panic!("expected a 404, got {other:?}"),
     }
@@ -141,10 +145,23 @@ async fn bad_input_is_refused_and_the_live_stream_loses_nothing() {
     // 6. A codec we cannot carry (Sorenson H.263).
     let url = server.rtmp_url("h263");
     let mut h263 = ffmpeg(&[
-        "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=15", "-t", "5", "-c:v", "flv1", "-f",
-        "flv", &url,
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=320x240:rate=15",
+        "-t",
+        "5",
+        "-c:v",
+        "flv1",
+        "-f",
+        "flv",
+        &url,
     ]);
-    let status = tokio::time::timeout(T, h263.wait()).await.expect("ffmpeg exits").expect("wait");
+    let status = tokio::time::timeout(T, h263.wait())
+        .await
+        .expect("ffmpeg exits")
+        .expect("wait");
     assert!(!status.success(), "unsupported codec was accepted");
     server
         .wait_log("unsupported video codec: Sorenson H.263", T)
@@ -156,7 +173,11 @@ async fn bad_input_is_refused_and_the_live_stream_loses_nothing() {
     assert_eq!(api["live"], true);
     stop_tx.send(()).expect("stop reader");
     let rec = reader.await.expect("reader");
-    assert!(rec.video_frames.len() > 30, "frames: {}", rec.video_frames.len());
+    assert!(
+        rec.video_frames.len() > 30,
+        "frames: {}",
+        rec.video_frames.len()
+    );
     rec.assert_video_continuous(35);
     rec.assert_audio_continuous(25);
 }

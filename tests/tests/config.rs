@@ -25,7 +25,8 @@ fn onair(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
         .envs(env.iter().copied())
         .output()
         .expect("run onair");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code(), text)
 }
 
@@ -54,19 +55,31 @@ fn unknown_keys_and_bad_values_are_clear_errors() {
 
     let (code, out) = onair(&[], &[("ONAIR_HTTP", "not-an-address")]);
     assert_ne!(code, Some(0));
-    assert!(out.contains("invalid value 'not-an-address'") && out.contains("--http"), "{out}");
+    assert!(
+        out.contains("invalid value 'not-an-address'") && out.contains("--http"),
+        "{out}"
+    );
 
     let (code, out) = onair(&[], &[("ONAIR_HTTTP", "127.0.0.1:1")]);
     assert_eq!(code, Some(2));
-    assert!(out.contains("unknown environment variable ONAIR_HTTTP"), "{out}");
+    assert!(
+        out.contains("unknown environment variable ONAIR_HTTTP"),
+        "{out}"
+    );
 
     let (code, out) = onair(&["--max-backlog-bytes", "5"], &[]);
     assert_eq!(code, Some(2));
-    assert!(out.contains("invalid max_backlog_bytes: must be at least 65536"), "{out}");
+    assert!(
+        out.contains("invalid max_backlog_bytes: must be at least 65536"),
+        "{out}"
+    );
 
     let (code, out) = onair(&["--config", "/nonexistent/onair.toml"], &[]);
     assert_eq!(code, Some(2));
-    assert!(out.contains("cannot read config file /nonexistent/onair.toml"), "{out}");
+    assert!(
+        out.contains("cannot read config file /nonexistent/onair.toml"),
+        "{out}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -83,10 +96,15 @@ async fn toml_file_and_env_configure_the_server() {
         &format!("rtmp://{}/live/x", server.rtmp),
         onair_tests::Profile::default(),
     );
-    let (status, _) = publisher.wait_exit(std::time::Duration::from_secs(10)).await;
+    let (status, _) = publisher
+        .wait_exit(std::time::Duration::from_secs(10))
+        .await;
     assert!(!status.success());
     server
-        .wait_log("unknown RTMP app \"live\"", std::time::Duration::from_secs(10))
+        .wait_log(
+            "unknown RTMP app \"live\"",
+            std::time::Duration::from_secs(10),
+        )
         .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

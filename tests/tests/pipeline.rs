@@ -3,7 +3,9 @@
 use std::time::{Duration, SystemTime};
 
 use onair_protocol::wire::{Message, StatusCode, TrackParams};
-use onair_tests::{Next, Profile, Publisher, Recording, Server, Viewer, ffmpeg_decode_errors, unix_us};
+use onair_tests::{
+    Next, Profile, Publisher, Recording, Server, Viewer, ffmpeg_decode_errors, unix_us,
+};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -17,7 +19,10 @@ async fn play_and_check(p: Profile) {
     // The viewer comes first: an unknown stream says "waiting" and keeps the viewer connected.
     let mut viewer = Viewer::connect(&server.ws_url("cam")).await;
     let mut rec = Recording::default();
-    for r in viewer.recv_until(T, |m| matches!(m, Message::Status(_))).await {
+    for r in viewer
+        .recv_until(T, |m| matches!(m, Message::Status(_)))
+        .await
+    {
         rec.push(&r);
     }
     assert_eq!(rec.statuses, vec![StatusCode::Waiting]);
@@ -29,7 +34,11 @@ async fn play_and_check(p: Profile) {
     }
     assert_eq!(rec.inits, 1);
     assert_eq!(rec.statuses, vec![StatusCode::Waiting, StatusCode::Live]);
-    assert_eq!(rec.first_media_was_keyframe, Some(true), "first media is a keyframe");
+    assert_eq!(
+        rec.first_media_was_keyframe,
+        Some(true),
+        "first media is a keyframe"
+    );
     let info = rec.video.as_ref().expect("video track");
     assert_eq!((info.width, info.height), (p.width, p.height));
     assert_eq!(rec.audio.is_some(), p.audio, "audio track iff published");
@@ -38,18 +47,31 @@ async fn play_and_check(p: Profile) {
     let frame_ms = 1000 / p.fps as u64;
     rec.assert_video_continuous(frame_ms + 2);
     if p.audio {
-        assert!(rec.audio_frames.len() > 50, "audio arrived: {}", rec.audio_frames.len());
+        assert!(
+            rec.audio_frames.len() > 50,
+            "audio arrived: {}",
+            rec.audio_frames.len()
+        );
         // 1024 samples at 44.1 kHz = 23.2 ms.
         rec.assert_audio_continuous(25);
     }
     let any_cts = rec.video_frames.iter().any(|f| f.1 != 0);
-    assert_eq!(any_cts, !p.zerolatency, "B-frames (cts != 0) iff x264 defaults");
+    assert_eq!(
+        any_cts, !p.zerolatency,
+        "B-frames (cts != 0) iff x264 defaults"
+    );
 
     let errors = ffmpeg_decode_errors("h264", &rec.h264).await;
-    assert!(errors.is_empty(), "H.264 as received does not decode cleanly:\n{errors}");
+    assert!(
+        errors.is_empty(),
+        "H.264 as received does not decode cleanly:\n{errors}"
+    );
     if p.audio {
         let errors = ffmpeg_decode_errors("aac", &rec.adts).await;
-        assert!(errors.is_empty(), "AAC as received does not decode cleanly:\n{errors}");
+        assert!(
+            errors.is_empty(),
+            "AAC as received does not decode cleanly:\n{errors}"
+        );
     }
 }
 
@@ -115,9 +137,17 @@ async fn fifty_viewers_join_and_start_on_a_keyframe() {
             for r in v.recv_until(T, is_media).await {
                 rec.push(&r);
             }
-            let first = rec.video_frames.first().copied().expect("first media is video");
+            let first = rec
+                .video_frames
+                .first()
+                .copied()
+                .expect("first media is video");
             let waited = first.4.duration_since(start).unwrap_or_default();
-            (rec.first_media_was_keyframe, waited, first.3 < unix_us(start))
+            (
+                rec.first_media_was_keyframe,
+                waited,
+                first.3 < unix_us(start),
+            )
         })
     });
     let results = futures_util::future::join_all(joins).await;
@@ -125,11 +155,19 @@ async fn fifty_viewers_join_and_start_on_a_keyframe() {
     for r in results {
         let (keyframe_first, waited, from_cache) = r.expect("viewer task");
         assert_eq!(keyframe_first, Some(true));
-        assert!(from_cache, "first frame came from the GOP cache, ingested before the join");
-        assert!(waited < Duration::from_secs(2), "time to first frame {waited:?}");
+        assert!(
+            from_cache,
+            "first frame came from the GOP cache, ingested before the join"
+        );
+        assert!(
+            waited < Duration::from_secs(2),
+            "time to first frame {waited:?}"
+        );
         worst = worst.max(waited);
     }
-    eprintln!("50 joins: all keyframe-first from the GOP cache; slowest connect-to-first-frame {worst:?}");
+    eprintln!(
+        "50 joins: all keyframe-first from the GOP cache; slowest connect-to-first-frame {worst:?}"
+    );
 }
 
 /// A viewer that stops reading must not hold back a fast one, and costs bounded memory.
@@ -195,7 +233,10 @@ async fn stalled_viewer_does_not_hold_back_others() {
         rss_before / 1024,
         rss_after / 1024
     );
-    assert!(growth < 16 << 20, "server RSS grew {growth} bytes while a viewer stalled");
+    assert!(
+        growth < 16 << 20,
+        "server RSS grew {growth} bytes while a viewer stalled"
+    );
     let line = server.wait_log("viewer disconnected", T).await;
     assert!(line.contains("stalled"), "disconnect reason given: {line}");
 }
@@ -233,11 +274,17 @@ async fn republish_at_a_new_resolution() {
     for r in viewer.recv_until(T, is_media).await {
         rec.push(&r);
     }
-    assert_eq!(rec.video.as_ref().map(|v| (v.width, v.height)), Some((640, 360)));
+    assert_eq!(
+        rec.video.as_ref().map(|v| (v.width, v.height)),
+        Some((640, 360))
+    );
     first.kill().await;
 
     let got = viewer
-        .recv_until(T, |m| matches!(m, Message::Status(s) if s.code == StatusCode::Waiting))
+        .recv_until(
+            T,
+            |m| matches!(m, Message::Status(s) if s.code == StatusCode::Waiting),
+        )
         .await;
     for r in &got {
         rec.push(r);
@@ -252,8 +299,11 @@ async fn republish_at_a_new_resolution() {
         },
     );
     let mut seq = Vec::new();
-    let mut second = Recording::default();
-    second.hello = true;
+    // The hello came before the first publisher; this recording covers the second one.
+    let mut second = Recording {
+        hello: true,
+        ..Recording::default()
+    };
     loop {
         let r = viewer.recv(T).await;
         match r.msg() {
@@ -277,7 +327,11 @@ async fn republish_at_a_new_resolution() {
     }
     assert_eq!(
         &seq[..3],
-        &["status Republished", "init Some((320, 240))", "media key=true"],
+        &[
+            "status Republished",
+            "init Some((320, 240))",
+            "media key=true"
+        ],
         "sequence after republish: {seq:?}"
     );
     second.assert_video_continuous(35);

@@ -121,7 +121,10 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert_eq!(AudioSpecificConfig::parse(&[0x12]), Err(AacError::Truncated(1)));
+        assert_eq!(
+            AudioSpecificConfig::parse(&[0x12]),
+            Err(AacError::Truncated(1))
+        );
         assert_eq!(
             AudioSpecificConfig::parse(&[0xf8, 0x10]),
             Err(AacError::UnsupportedObjectType(31))

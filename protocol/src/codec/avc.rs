@@ -71,7 +71,9 @@ impl AvcInfo {
         if width == 0 || height == 0 || width > u16::MAX as u32 || height > u16::MAX as u32 {
             return Err(AvcError::Dimensions { width, height });
         }
-        let fps = parsed.fps().filter(|f| f.is_finite() && *f > 0.0 && *f <= 1000.0);
+        let fps = parsed
+            .fps()
+            .filter(|f| f.is_finite() && *f > 0.0 && *f <= 1000.0);
         Ok(Self {
             codec: parsed.rfc6381().to_string(),
             width,
@@ -116,7 +118,9 @@ impl<'a> Iterator for NalUnits<'a> {
             self.offset = self.data.len();
             return Some(Err(AvcError::TruncatedLength { offset: at }));
         };
-        let len = prefix.iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = prefix
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         let start = at + self.length_size;
         let Some(nal) = self.data.get(start..start.saturating_add(len)) else {
             self.offset = self.data.len();

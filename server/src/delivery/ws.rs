@@ -50,11 +50,19 @@ pub async fn play(
             .into_response();
     }
     if !valid_stream_name(&stream) {
-        return (StatusCode::BAD_REQUEST, format!("invalid stream name {stream:?}\n")).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("invalid stream name {stream:?}\n"),
+        )
+            .into_response();
     }
     if let Err(origin) = check_origin(req.headers(), &app.cfg.allowed_origins) {
         tracing::info!(%peer, %origin, "websocket refused: origin not allowed");
-        return (StatusCode::FORBIDDEN, format!("origin {origin} is not allowed\n")).into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            format!("origin {origin} is not allowed\n"),
+        )
+            .into_response();
     }
     let user_agent = req
         .headers()
@@ -64,7 +72,13 @@ pub async fn play(
         .to_string();
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad WebSocket upgrade: {e}\n")).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("bad WebSocket upgrade: {e}\n"),
+            )
+                .into_response();
+        }
     };
     let viewer = app.hub.subscribe(&stream);
     let span = tracing::info_span!("viewer", stream = %stream, id = viewer.id, %peer);
@@ -80,7 +94,11 @@ pub async fn play(
                 }
             };
             // We serve HTTP/1 on plain TCP ourselves, so the upgraded I/O is our TcpStream.
-            let parts = match ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>() {
+            let parts = match ws
+                .into_inner()
+                .into_inner()
+                .downcast::<TokioIo<TcpStream>>()
+            {
                 Ok(parts) => parts,
                 Err(_) => {
                     tracing::error!("upgraded connection is not a TcpStream");
@@ -88,7 +106,14 @@ pub async fn play(
                 }
             };
             tracing::info!(user_agent, "viewer connected");
-            let reason = run(viewer, parts.io.into_inner(), parts.read_buf, &cfg, shutdown).await;
+            let reason = run(
+                viewer,
+                parts.io.into_inner(),
+                parts.read_buf,
+                &cfg,
+                shutdown,
+            )
+            .await;
             tracing::info!(%reason, "viewer disconnected");
         }
         .instrument(span),
@@ -128,7 +153,11 @@ impl std::fmt::Display for End {
         match self {
             End::ClientClosed => write!(f, "client closed"),
             End::ClientGone(e) => write!(f, "client gone: {e}"),
-            End::Stalled(d) => write!(f, "stalled: socket accepted nothing for {} ms", d.as_millis()),
+            End::Stalled(d) => write!(
+                f,
+                "stalled: socket accepted nothing for {} ms",
+                d.as_millis()
+            ),
             End::Protocol(e) => write!(f, "protocol error: {e}"),
             End::Shutdown => write!(f, "server shutting down"),
             End::WriteError(e) => write!(f, "write failed: {e}"),
@@ -157,8 +186,12 @@ async fn run(
     let (tx, mut rx) = mpsc::channel(32);
     let reader_stop = CancellationToken::new();
     let reader = tokio::spawn(
-        read_loop(std::io::Cursor::new(read_buf).chain(rd), tx, reader_stop.clone())
-            .in_current_span(),
+        read_loop(
+            std::io::Cursor::new(read_buf).chain(rd),
+            tx,
+            reader_stop.clone(),
+        )
+        .in_current_span(),
     );
     let end = write_loop(&viewer, &rendition, &mut wr, &mut rx, cfg, &shutdown).await;
     reader_stop.cancel();
@@ -205,7 +238,10 @@ async fn write_loop(
         let room = MAX_IOV.saturating_sub(batch.len());
         let read = rendition.read(&mut cursor, &mut batch, room, MAX_BATCH_BYTES);
         if read.skipped {
-            tracing::debug!(skips = cursor.skips, "viewer fell behind; skipped to the next keyframe");
+            tracing::debug!(
+                skips = cursor.skips,
+                "viewer fell behind; skipped to the next keyframe"
+            );
         }
         while batch.len() < MAX_IOV {
             match rx.try_recv() {
@@ -232,7 +268,10 @@ async fn write_loop(
         }
         batch.clear();
         if cursor.skips != reported_skips {
-            tracing::info!(skips = cursor.skips, "viewer skipped to a keyframe to catch up");
+            tracing::info!(
+                skips = cursor.skips,
+                "viewer skipped to a keyframe to catch up"
+            );
             reported_skips = cursor.skips;
         }
     }
@@ -276,7 +315,11 @@ async fn read_loop(
     let mut send_obligated = move |f| {
         let tx = obligated_tx.clone();
         let bytes = frame::control(f);
-        async move { tx.send(FromReader::Send(bytes)).await.map_err(|_| "writer gone") }
+        async move {
+            tx.send(FromReader::Send(bytes))
+                .await
+                .map_err(|_| "writer gone")
+        }
     };
     let end = loop {
         let frame = tokio::select! {
@@ -293,10 +336,10 @@ async fn read_loop(
         match frame.opcode {
             OpCode::Close => break End::ClientClosed,
             OpCode::Binary => {
-                if let Some(reply) = handle_client_message(&frame.payload) {
-                    if tx.send(FromReader::Send(reply)).await.is_err() {
-                        return;
-                    }
+                if let Some(reply) = handle_client_message(&frame.payload)
+                    && tx.send(FromReader::Send(reply)).await.is_err()
+                {
+                    return;
                 }
             }
             OpCode::Text => break End::Protocol("text frames are not part of the protocol".into()),
@@ -310,12 +353,14 @@ async fn read_loop(
 fn handle_client_message(buf: &[u8]) -> Option<Bytes> {
     let t1 = now_us();
     match Message::decode(buf) {
-        Ok(Message::TimeSyncRequest(req)) => frame::message(&Message::TimeSyncResponse(TimeSyncResponse {
-            t0: req.t0,
-            t1,
-            t2: now_us(),
-        }))
-        .ok(),
+        Ok(Message::TimeSyncRequest(req)) => {
+            frame::message(&Message::TimeSyncResponse(TimeSyncResponse {
+                t0: req.t0,
+                t1,
+                t2: now_us(),
+            }))
+            .ok()
+        }
         Ok(Message::ViewerStats(stats)) => {
             tracing::trace!(?stats, "viewer stats");
             None
@@ -325,7 +370,10 @@ fn handle_client_message(buf: &[u8]) -> Option<Bytes> {
             None
         }
         Ok(other) => {
-            tracing::debug!(kind = other.kind_name(), "ignoring unexpected message from viewer");
+            tracing::debug!(
+                kind = other.kind_name(),
+                "ignoring unexpected message from viewer"
+            );
             None
         }
         Err(e) => {
@@ -334,4 +382,3 @@ fn handle_client_message(buf: &[u8]) -> Option<Bytes> {
         }
     }
 }
-

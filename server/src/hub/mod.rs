@@ -107,8 +107,9 @@ pub struct Hub {
 }
 
 fn status(code: StatusCode, message: &str) -> Bytes {
-    frame::message(&Message::Status(Status { code, message }))
-        .unwrap_or_else(|_| frame::message(&Message::Status(Status { code, message: "" })).unwrap_or_default())
+    frame::message(&Message::Status(Status { code, message })).unwrap_or_else(|_| {
+        frame::message(&Message::Status(Status { code, message: "" })).unwrap_or_default()
+    })
 }
 
 impl Hub {
@@ -136,7 +137,11 @@ impl Hub {
     }
 
     /// Claims `name` for a publisher. A second publisher on a live name is refused.
-    pub fn publish(self: &Arc<Self>, name: &str, info: PublisherInfo) -> Result<Publisher, PublishError> {
+    pub fn publish(
+        self: &Arc<Self>,
+        name: &str,
+        info: PublisherInfo,
+    ) -> Result<Publisher, PublishError> {
         if !valid_stream_name(name) {
             return Err(PublishError::BadName(name.to_string()));
         }
@@ -252,7 +257,11 @@ impl Publisher {
     }
 
     /// Announces a (new) codec configuration for the source rendition.
-    pub fn set_init(&self, init: &Init<'_>, media: MediaInfo) -> Result<(), onair_protocol::wire::WireError> {
+    pub fn set_init(
+        &self,
+        init: &Init<'_>,
+        media: MediaInfo,
+    ) -> Result<(), onair_protocol::wire::WireError> {
         let framed = frame::message(&Message::Init(init.clone()))?;
         *self.stream.media.lock() = media;
         if let Some(r) = self.stream.rendition(0) {
@@ -322,11 +331,17 @@ mod tests {
     fn second_publisher_is_refused_and_name_frees_on_drop() {
         let hub = hub();
         let p = hub.publish("a", info()).unwrap();
-        assert!(matches!(hub.publish("a", info()), Err(PublishError::AlreadyLive(_))));
+        assert!(matches!(
+            hub.publish("a", info()),
+            Err(PublishError::AlreadyLive(_))
+        ));
         drop(p);
         assert!(hub.stream("a").is_none(), "idle stream removed");
         assert!(hub.publish("a", info()).is_ok());
-        assert!(matches!(hub.publish("../x", info()), Err(PublishError::BadName(_))));
+        assert!(matches!(
+            hub.publish("../x", info()),
+            Err(PublishError::BadName(_))
+        ));
     }
 
     #[test]

@@ -27,9 +27,15 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `sync`: a viewer may start here (a video keyframe, or any frame of an audio-only stream).
-    Media { sync: bool },
-    Init { generation: u64 },
-    Status { generation: u64 },
+    Media {
+        sync: bool,
+    },
+    Init {
+        generation: u64,
+    },
+    Status {
+        generation: u64,
+    },
 }
 
 struct Entry {
@@ -172,9 +178,7 @@ impl Rendition {
 
     fn trim(&self, log: &mut Log, now: Instant) {
         let limits = self.limits;
-        if log.retained > limits.max_backlog_bytes
-            && log.gop_start.is_some_and(|g| g <= log.base)
-        {
+        if log.retained > limits.max_backlog_bytes && log.gop_start.is_some_and(|g| g <= log.base) {
             // The current GOP alone exceeds the bound: stop caching it. New viewers wait for the
             // next keyframe instead of pinning unbounded memory.
             if !log.warned_gop_too_big {
@@ -376,10 +380,7 @@ mod tests {
         r.push_init(b("I2"));
         r.push_media(b("d"), false);
         r.push_media(b("K2"), true);
-        assert_eq!(
-            read_all(&r, &mut c),
-            vec![b("W"), b("R"), b("I2"), b("K2")]
-        );
+        assert_eq!(read_all(&r, &mut c), vec![b("W"), b("R"), b("I2"), b("K2")]);
         // A viewer joining while waiting gets the status only.
         r.push_status(b("W2"), true);
         let mut first = Vec::new();
@@ -439,6 +440,9 @@ mod tests {
         }
         assert!(r.retained_bytes() <= 64);
         let mut c = r.join(&mut Vec::new());
-        assert!(read_all(&r, &mut c).is_empty(), "waits for the next keyframe");
+        assert!(
+            read_all(&r, &mut c).is_empty(),
+            "waits for the next keyframe"
+        );
     }
 }

@@ -279,7 +279,9 @@ impl Conn<'_> {
                 ..
             } => {
                 if self.ingest.is_some() {
-                    return Err(RtmpError::Session("second publish on one connection".into()));
+                    return Err(RtmpError::Session(
+                        "second publish on one connection".into(),
+                    ));
                 }
                 // OBS may append query parameters to the key; they are not part of the name.
                 let name = stream_key.split('?').next().unwrap_or_default();

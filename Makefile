@@ -1,0 +1,35 @@
+# onair: `make run` builds everything and starts the server; `make test` runs every check.
+CARGO ?= cargo
+
+.PHONY: run build setup test fmt-check clippy wasm-check unit e2e
+
+run: build
+	$(CARGO) run --release -p onair-server --bin onair
+
+# Builds the whole workspace (server and player crates) in release mode.
+build:
+	$(CARGO) build --release --workspace
+
+setup:
+	./scripts/setup.sh
+
+test: setup fmt-check clippy wasm-check unit e2e
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# The protocol crate is shared with the Wasm player, so it must build for wasm32.
+wasm-check:
+	$(CARGO) build -p onair-protocol --target wasm32-unknown-unknown --locked
+
+unit:
+	$(CARGO) test --workspace --exclude onair-tests --locked
+
+# End-to-end tests run the real binary with real ffmpeg; one at a time, so that timing
+# assertions are not at the mercy of several encoders sharing two cores.
+e2e:
+	$(CARGO) build -p onair-server --bin onair --locked
+	$(CARGO) test -p onair-tests --tests --locked -- --test-threads=1

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what onair's build and tests need on a fresh Debian machine. Idempotent: it only
+# installs what is missing, so `make test` can run it every time.
+set -euo pipefail
+
+APT_PACKAGES=(ffmpeg)
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# clippy and rustfmt are part of `make test`; wasm32 is checked for the protocol crate.
+components=$(rustup component list --installed 2>/dev/null || true)
+for c in clippy rustfmt; do
+    grep -q "^$c" <<<"$components" || rustup component add "$c"
+done
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+
+command -v ffmpeg >/dev/null || { echo "setup: ffmpeg still missing" >&2; exit 1; }
