@@ -4,7 +4,7 @@ CARGO ?= cargo
 .PHONY: run build setup test fmt-check clippy wasm-check unit e2e
 
 run: build
-	$(CARGO) run --release -p onair-server --bin onair
+	./target/release/onair
 
 # Builds the whole workspace (server and player crates) in release mode.
 build:
