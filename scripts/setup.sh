@@ -3,7 +3,9 @@
 # installs what is missing, so `make test` can run it every time.
 set -euo pipefail
 
-APT_PACKAGES=(ffmpeg)
+# ffmpeg: the real publisher and decoder in tests. procps: `kill`, used to send SIGTERM.
+# gcc/libc6-dev: the linker rustc needs. make: the entry point itself.
+APT_PACKAGES=(ffmpeg procps gcc libc6-dev make)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

@@ -344,6 +344,12 @@ impl<'a> Message<'a> {
                 let mut tracks = Vec::with_capacity(n);
                 for _ in 0..n {
                     let id = r.u8()?;
+                    if id > 15 {
+                        return Err(WireError::InvalidField {
+                            field: "track id",
+                            value: id.into(),
+                        });
+                    }
                     let kind = r.u8()?;
                     let timescale = r.u32()?;
                     let codec = r.str8("codec")?;

@@ -20,9 +20,10 @@ use tokio_tungstenite::tungstenite;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Path of the onair binary under test: `$ONAIR_BIN`, or the workspace's debug build.
+/// Path of the onair binary under test: `$E2E_ONAIR_BIN`, or the workspace's debug build.
+/// (Not an `ONAIR_*` name: onair refuses unknown `ONAIR_*` variables.)
 pub fn onair_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ONAIR_BIN") {
+    if let Some(p) = std::env::var_os("E2E_ONAIR_BIN") {
         return p.into();
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -62,10 +63,23 @@ pub struct Server {
 
 impl Server {
     pub async fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(onair_bin())
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// Starts the server with `extra` arguments and `env` variables, and no other `ONAIR_*`
+    /// variables from the test's environment.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(onair_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ONAIR_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
             .args(["--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .args(extra)
             .env("ONAIR_LOG", "info,onair_server=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -82,7 +96,7 @@ impl Server {
                 let mut ready_tx = Some(ready_tx);
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if std::env::var_os("ONAIR_TEST_LOG").is_some() {
+                    if std::env::var_os("E2E_LOG").is_some() {
                         eprintln!("[onair] {line}");
                     }
                     if let Some(i) = line.find("onair ready rtmp=") {
@@ -438,6 +452,8 @@ pub struct Recording {
     pub audio_frames: Vec<(u64, u64)>,
     pub h264: Vec<u8>,
     pub adts: Vec<u8>,
+    /// Whether the first media after the latest init was a keyframe, and of the video track
+    /// when there is one (every AAC frame is flagged as a keyframe, so audio proves nothing).
     pub first_media_was_keyframe: Option<bool>,
 }
 
@@ -481,7 +497,9 @@ impl Recording {
             Message::Media { header, payload } => {
                 assert!(self.hello && self.inits > 0, "media before hello and init");
                 if self.first_media_was_keyframe.is_none() {
-                    self.first_media_was_keyframe = Some(header.keyframe);
+                    let right_track =
+                        self.video_track.is_none() || Some(header.track) == self.video_track;
+                    self.first_media_was_keyframe = Some(header.keyframe && right_track);
                 }
                 if Some(header.track) == self.video_track {
                     let info = self.video.as_ref().expect("video init");

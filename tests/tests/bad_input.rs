@@ -49,6 +49,19 @@ async fn rtmp_handshake(addr: &str) -> TcpStream {
     }
 }
 
+/// One RTMP message as chunks of the default 128 bytes: a type 0 header, then type 3 headers.
+fn chunked(csid: u8, type_id: u8, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut out = vec![csid, 0, 0, 0, len[1], len[2], len[3], type_id, 1, 0, 0, 0];
+    for (i, c) in payload.chunks(128).enumerate() {
+        if i > 0 {
+            out.push(0xc0 | csid);
+        }
+        out.extend_from_slice(c);
+    }
+    out
+}
+
 fn ffmpeg(args: &[&str]) -> tokio::process::Child {
     require_tool("ffmpeg");
     tokio::process::Command::new("ffmpeg")
@@ -92,6 +105,8 @@ async fn bad_input_is_refused_and_the_live_stream_loses_nothing() {
         rec
     });
 
+    let bad_input_start = onair_tests::unix_us(std::time::SystemTime::now());
+
     // 1. Garbage on the RTMP port.
     let mut s = TcpStream::connect(&server.rtmp).await.expect("connect");
     s.write_all(&[0x47u8; 3000]).await.expect("write garbage");
@@ -117,6 +132,30 @@ async fn bad_input_is_refused_and_the_live_stream_loses_nothing() {
     expect_closed(s).await;
     server
         .wait_log("chunk size 2147483648 refused: must be 1..=16777215", T)
+        .await;
+
+    // 3b. A message started on another chunk stream before the first one finished (rml_rtmp's
+    //     deserializer panics on this; the panic must stay a clear error for this connection).
+    let mut s = rtmp_handshake(&server.rtmp).await;
+    let mut bytes = chunked(3, 20, &[0x05; 300]);
+    bytes.truncate(12 + 128);
+    bytes.extend_from_slice(&chunked(4, 20, &[0x05; 10]));
+    s.write_all(&bytes).await.expect("write interleaved");
+    expect_closed(s).await;
+    server.wait_log("malformed RTMP chunk stream", T).await;
+
+    // 3c. An AMF0 command nested 5000 levels deep, which would overflow the stack of rml_amf0's
+    //     recursive decoder and take the whole process down.
+    let mut s = rtmp_handshake(&server.rtmp).await;
+    let nested: Vec<u8> = std::iter::repeat_n([0x0a, 0, 0, 0, 1], 5000)
+        .flatten()
+        .collect();
+    s.write_all(&chunked(3, 20, &nested))
+        .await
+        .expect("write nested amf");
+    expect_closed(s).await;
+    server
+        .wait_log("AMF message refused: too deeply nested", T)
         .await;
 
     // 4. A WebSocket upgrade on a path that does not exist.
@@ -169,14 +208,17 @@ async fn bad_input_is_refused_and_the_live_stream_loses_nothing() {
 
     // The server is up, and the live stream lost nothing.
     assert!(server.still_running());
+    let bad_input_end = onair_tests::unix_us(std::time::SystemTime::now());
     let api = server.api("/api/streams/live1").await;
     assert_eq!(api["live"], true);
     stop_tx.send(()).expect("stop reader");
     let rec = reader.await.expect("reader");
+    // Continuous frames from before the first bad input to after the last one: none lost.
+    let first = rec.video_frames.first().expect("frames").3;
+    let last = rec.video_frames.last().expect("frames").3;
     assert!(
-        rec.video_frames.len() > 30,
-        "frames: {}",
-        rec.video_frames.len()
+        first < bad_input_start && last > bad_input_end,
+        "frames cover the whole test"
     );
     rec.assert_video_continuous(35);
     rec.assert_audio_continuous(25);

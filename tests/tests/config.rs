@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use onair_tests::{Server, onair_bin};
+use onair_tests::{Profile, Publisher, Server, onair_bin};
 
 const KEYS: &[&str] = &[
     "rtmp",
@@ -89,22 +89,30 @@ async fn toml_file_and_env_configure_the_server() {
     std::fs::create_dir_all(&dir).expect("mkdir");
     let file = dir.join("onair.toml");
     std::fs::write(&file, "rtmp_app = \"studio\"\nmax_lag_ms = 1500\n").expect("write");
-    // Server::start adds --rtmp/--http on ephemeral ports; the file sets the app.
-    let server = Server::start(&["--config", file.to_str().expect("utf8")]).await;
-    // The app name from the file is the one publishers must use.
-    let publisher = onair_tests::Publisher::start(
+    let file = file.to_str().expect("utf8");
+    let t = std::time::Duration::from_secs(10);
+
+    // The file sets the RTMP app: publishing to the default "live" is refused.
+    let server = Server::start(&["--config", file]).await;
+    let publisher = Publisher::start(
         &format!("rtmp://{}/live/x", server.rtmp),
-        onair_tests::Profile::default(),
+        Profile::default(),
     );
-    let (status, _) = publisher
-        .wait_exit(std::time::Duration::from_secs(10))
-        .await;
+    let (status, _) = publisher.wait_exit(t).await;
     assert!(!status.success());
-    server
-        .wait_log(
-            "unknown RTMP app \"live\"",
-            std::time::Duration::from_secs(10),
-        )
-        .await;
+    server.wait_log("unknown RTMP app \"live\"", t).await;
+    drop(server);
+
+    // An ONAIR_* variable beats the file: now "studio" is refused and "tv" is served.
+    let server = Server::start_with_env(&["--config", file], &[("ONAIR_RTMP_APP", "tv")]).await;
+    let refused = Publisher::start(
+        &format!("rtmp://{}/studio/x", server.rtmp),
+        Profile::default(),
+    );
+    let (status, _) = refused.wait_exit(t).await;
+    assert!(!status.success());
+    server.wait_log("unknown RTMP app \"studio\"", t).await;
+    let _ok = Publisher::start(&format!("rtmp://{}/tv/x", server.rtmp), Profile::default());
+    server.wait_log("publishing", t).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -316,7 +316,10 @@ async fn republish_at_a_new_resolution() {
                 seq.push(format!("init {dims:?}"));
             }
             Message::Media { header, .. } => {
-                seq.push(format!("media key={}", header.keyframe));
+                seq.push(format!(
+                    "media track={} key={}",
+                    header.track, header.keyframe
+                ));
             }
             _ => {}
         }
@@ -330,7 +333,7 @@ async fn republish_at_a_new_resolution() {
         &[
             "status Republished",
             "init Some((320, 240))",
-            "media key=true"
+            "media track=0 key=true"
         ],
         "sequence after republish: {seq:?}"
     );

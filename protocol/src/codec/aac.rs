@@ -43,19 +43,22 @@ impl AudioSpecificConfig {
             return Err(AacError::UnsupportedObjectType(audio_object_type));
         }
         let sampling_frequency_index = ((b[0] & 0x07) << 1) | (b[1] >> 7);
-        let channel_configuration = (b[1] >> 3) & 0x0f;
-        let sampling_frequency = match SAMPLE_RATES.get(sampling_frequency_index as usize) {
-            Some(&f) => f,
-            // 15 means an explicit 24-bit frequency follows.
-            None if sampling_frequency_index == 15 => {
-                if b.len() < 5 {
-                    return Err(AacError::Truncated(b.len()));
+        let (sampling_frequency, channel_configuration) =
+            match SAMPLE_RATES.get(sampling_frequency_index as usize) {
+                Some(&f) => (f, (b[1] >> 3) & 0x0f),
+                // 15: an explicit 24-bit frequency follows, then the channel configuration.
+                None if sampling_frequency_index == 15 => {
+                    if b.len() < 5 {
+                        return Err(AacError::Truncated(b.len()));
+                    }
+                    let f = (u32::from(b[1] & 0x7f) << 17)
+                        | (u32::from(b[2]) << 9)
+                        | (u32::from(b[3]) << 1)
+                        | u32::from(b[4] >> 7);
+                    (f, (b[4] >> 3) & 0x0f)
                 }
-                let v = u32::from_be_bytes([0, b[1], b[2], b[3]]) << 1 | (b[4] as u32 >> 7);
-                v & 0x00ff_ffff
-            }
-            None => return Err(AacError::SamplingFrequency(sampling_frequency_index)),
-        };
+                None => return Err(AacError::SamplingFrequency(sampling_frequency_index)),
+            };
         if channel_configuration == 0 || channel_configuration > 7 {
             // 0 means a program config element, which MSE decoders do not support.
             return Err(AacError::Channels(channel_configuration));
@@ -86,9 +89,12 @@ impl AudioSpecificConfig {
         if frame_len > 0x1fff || self.sampling_frequency_index > 12 {
             return Err(AacError::FrameTooLong(payload_len));
         }
-        // ADTS has two bits for the profile: object type - 1, so only types 1..=4 fit.
-        // HE-AAC streams are signalled as AAC-LC with implicit SBR, as encoders do.
-        let profile = self.audio_object_type.min(4) - 1;
+        // ADTS has two bits for the profile, object type - 1, so only types 1..=4 fit.
+        // HE-AAC (5) and HE-AACv2 (29) are signalled as AAC-LC with implicit SBR, as encoders do.
+        let profile = match self.audio_object_type {
+            t @ 1..=4 => t - 1,
+            _ => 1,
+        };
         let ch = self.channel_configuration;
         Ok([
             0xff,
@@ -138,5 +144,22 @@ mod tests {
             Err(AacError::Channels(0))
         );
         assert!(AudioSpecificConfig::parse(&[0x17, 0x80, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn explicit_frequency_and_he_aac() {
+        // AAC-LC, index 15, 44100 Hz explicit, stereo: 00010 1111 <24-bit 44100> 0010 ...
+        let bits: u64 = (2u64 << 35) | (15 << 31) | (44100 << 7) | (2 << 3);
+        let b = bits.to_be_bytes();
+        let asc = AudioSpecificConfig::parse(&b[3..8]).unwrap();
+        assert_eq!(asc.sampling_frequency, 44100);
+        assert_eq!(asc.channel_configuration, 2);
+        let he = AudioSpecificConfig::parse(&[0x2b, 0x10]).unwrap(); // object type 5
+        assert_eq!(he.audio_object_type, 5);
+        assert_eq!(
+            he.adts_header(10).unwrap()[2] >> 6,
+            1,
+            "signalled as AAC-LC"
+        );
     }
 }

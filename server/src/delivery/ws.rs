@@ -145,6 +145,8 @@ enum End {
     Stalled(Duration),
     Protocol(String),
     Shutdown,
+    /// Shutdown interrupted a write: a close frame now would land inside a media frame.
+    ShutdownMidWrite,
     WriteError(std::io::Error),
 }
 
@@ -159,7 +161,7 @@ impl std::fmt::Display for End {
                 d.as_millis()
             ),
             End::Protocol(e) => write!(f, "protocol error: {e}"),
-            End::Shutdown => write!(f, "server shutting down"),
+            End::Shutdown | End::ShutdownMidWrite => write!(f, "server shutting down"),
             End::WriteError(e) => write!(f, "write failed: {e}"),
         }
     }
@@ -199,7 +201,7 @@ async fn run(
     let close = match &end {
         End::Shutdown => Some(frame::close(CLOSE_GOING_AWAY, "server shutting down")),
         End::Protocol(e) => Some(frame::close(CLOSE_PROTOCOL, e)),
-        End::ClientClosed => None, // the echo was already sent
+        // ClientClosed: the echo was already sent. The rest: the socket is gone or unusable.
         _ => None,
     };
     if let Some(close) = close {
@@ -243,28 +245,39 @@ async fn write_loop(
                 "viewer fell behind; skipped to the next keyframe"
             );
         }
+        let mut closed = None;
         while batch.len() < MAX_IOV {
             match rx.try_recv() {
                 Ok(FromReader::Send(b)) => batch.push(b),
-                Ok(FromReader::Closed(end)) => return end,
+                Ok(FromReader::Closed(end)) => {
+                    closed = Some(end);
+                    break;
+                }
                 Err(_) => break,
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && closed.is_none() {
             tokio::select! {
                 _ = &mut notified => {}
                 m = rx.recv() => match m {
                     Some(FromReader::Send(b)) => batch.push(b),
-                    Some(FromReader::Closed(end)) => return end,
+                    Some(FromReader::Closed(end)) => closed = Some(end),
                     None => return End::ClientGone("reader ended".into()),
                 },
                 _ = shutdown.cancelled() => return End::Shutdown,
             }
-            continue;
+            if closed.is_none() {
+                continue;
+            }
+        }
+        if let Some(end) = closed {
+            // Send what is queued, the close echo included, then stop.
+            let _ = write_all(wr, &batch, Duration::from_secs(1)).await;
+            return end;
         }
         tokio::select! {
             r = write_all(wr, &batch, cfg.stall_timeout) => if let Err(end) = r { return end },
-            _ = shutdown.cancelled() => return End::Shutdown,
+            _ = shutdown.cancelled() => return End::ShutdownMidWrite,
         }
         batch.clear();
         if cursor.skips != reported_skips {
@@ -277,27 +290,28 @@ async fn write_loop(
     }
 }
 
-/// Writes every frame of `batch` with vectored writes. A write that makes no progress for
-/// `stall` ends the connection: the viewer stopped reading.
+/// Writes every frame of `batch` with vectored writes, up to `MAX_IOV` frames per call. A write
+/// that makes no progress for `stall` ends the connection: the viewer stopped reading.
 async fn write_all(
     wr: &mut (impl AsyncWrite + Unpin),
     batch: &[Bytes],
     stall: Duration,
 ) -> Result<(), End> {
-    let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
-    let n = batch.len().min(MAX_IOV);
-    for (slot, b) in iov.iter_mut().zip(batch) {
-        *slot = IoSlice::new(b);
-    }
-    let mut slices = &mut iov[..n];
-    while !slices.is_empty() {
-        let written = match tokio::time::timeout(stall, wr.write_vectored(slices)).await {
-            Err(_) => return Err(End::Stalled(stall)),
-            Ok(Err(e)) => return Err(End::WriteError(e)),
-            Ok(Ok(0)) => return Err(End::ClientGone("socket closed".into())),
-            Ok(Ok(w)) => w,
-        };
-        IoSlice::advance_slices(&mut slices, written);
+    for group in batch.chunks(MAX_IOV) {
+        let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+        for (slot, b) in iov.iter_mut().zip(group) {
+            *slot = IoSlice::new(b);
+        }
+        let mut slices = &mut iov[..group.len()];
+        while !slices.is_empty() {
+            let written = match tokio::time::timeout(stall, wr.write_vectored(slices)).await {
+                Err(_) => return Err(End::Stalled(stall)),
+                Ok(Err(e)) => return Err(End::WriteError(e)),
+                Ok(Ok(0)) => return Err(End::ClientGone("socket closed".into())),
+                Ok(Ok(w)) => w,
+            };
+            IoSlice::advance_slices(&mut slices, written);
+        }
     }
     Ok(())
 }

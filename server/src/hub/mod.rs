@@ -124,9 +124,13 @@ impl Hub {
 
     fn new_stream(&self, name: &str) -> Arc<Stream> {
         let waiting = status(StatusCode::Waiting, "waiting for the publisher");
+        let skipped = status(
+            StatusCode::Skipped,
+            "fell behind: skipped to the next keyframe",
+        );
         Arc::new(Stream {
             name: name.to_string(),
-            renditions: vec![Arc::new(Rendition::new(0, self.limits, waiting))],
+            renditions: vec![Arc::new(Rendition::new(0, self.limits, waiting, skipped))],
             publisher: Mutex::new(None),
             media: Mutex::new(MediaInfo::default()),
             published_before: Mutex::new(false),
@@ -161,13 +165,14 @@ impl Hub {
             entry.value().clone()
         };
         let republished = std::mem::replace(&mut *stream.published_before.lock(), true);
-        let (code, msg) = if republished {
-            (StatusCode::Republished, "publisher is back")
+        let live = status(StatusCode::Live, "publisher connected");
+        let now = if republished {
+            status(StatusCode::Republished, "publisher is back")
         } else {
-            (StatusCode::Live, "publisher connected")
+            live.clone()
         };
         for r in &stream.renditions {
-            r.push_status(status(code, msg), false);
+            r.push_status(now.clone(), live.clone(), false);
         }
         Ok(Publisher {
             hub: self.clone(),
@@ -284,11 +289,13 @@ impl Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
+        let waiting = status(StatusCode::Waiting, "publisher disconnected");
         for r in &self.stream.renditions {
-            r.push_status(status(StatusCode::Waiting, "publisher disconnected"), true);
+            r.push_status(waiting.clone(), waiting.clone(), true);
         }
-        *self.stream.publisher.lock() = None;
+        // Reset before releasing the claim, so a new publisher's media info is never wiped.
         *self.stream.media.lock() = MediaInfo::default();
+        *self.stream.publisher.lock() = None;
         self.hub.cleanup(&self.stream.name);
     }
 }

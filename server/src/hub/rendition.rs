@@ -8,8 +8,9 @@
 //!   starts at once, on a keyframe;
 //! - beyond that it keeps at most `max_backlog_bytes` and `max_lag` of history for viewers that
 //!   are slightly behind;
-//! - a viewer whose cursor falls out of that window, or that has not caught up with the live
-//!   edge for `max_lag`, skips to the next keyframe, and the skip is counted.
+//! - a viewer whose cursor falls out of that window, or whose next frame waited longer than
+//!   `max_lag` (plus, until it first catches up, the age of the GOP it joined with), skips to the
+//!   next keyframe, and the skip is counted.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -57,6 +58,7 @@ struct Log {
     /// Sequence number of the newest sync point: where new viewers start.
     gop_start: Option<u64>,
     init: Option<(u64, Bytes)>,
+    /// The status a viewer joining now is given, with the generation of the last status entry.
     status: (u64, Bytes),
     generation: u64,
     warned_gop_too_big: bool,
@@ -81,7 +83,9 @@ pub struct Cursor {
     need_sync: bool,
     init_generation: u64,
     status_generation: u64,
-    behind_since: Option<Instant>,
+    /// Extra lag tolerated until the viewer first reaches the live edge: a new viewer starts a
+    /// GOP behind by design.
+    allowance: Duration,
     /// Times this viewer skipped ahead to catch up.
     pub skips: u64,
 }
@@ -100,13 +104,16 @@ pub struct Rendition {
     limits: Limits,
     log: Mutex<Log>,
     notify: Notify,
+    /// Sent to a viewer when it skips (a `skipped` status), framed once.
+    skip_notice: Bytes,
 }
 
 impl Rendition {
-    pub fn new(id: u8, limits: Limits, initial_status: Bytes) -> Self {
+    pub fn new(id: u8, limits: Limits, initial_status: Bytes, skip_notice: Bytes) -> Self {
         Self {
             id,
             limits,
+            skip_notice,
             log: Mutex::new(Log {
                 entries: VecDeque::new(),
                 base: 0,
@@ -138,13 +145,14 @@ impl Rendition {
         self.push_locked(&mut log, frame, Kind::Init { generation });
     }
 
-    /// Appends a status. `clears_init`: the configuration no longer holds (publisher gone), so
-    /// viewers joining from now on get no init until the next one.
-    pub fn push_status(&self, frame: Bytes, clears_init: bool) {
+    /// Appends a status for the viewers already here; viewers joining later are given
+    /// `for_joiners` instead (a joiner is told `live`, not `republished`). `clears_init`: the
+    /// configuration no longer holds (publisher gone), so joiners get no init until the next one.
+    pub fn push_status(&self, frame: Bytes, for_joiners: Bytes, clears_init: bool) {
         let mut log = self.log.lock();
         log.generation += 1;
         let generation = log.generation;
-        log.status = (generation, frame.clone());
+        log.status = (generation, for_joiners);
         if clears_init {
             log.init = None;
             log.gop_start = None;
@@ -214,7 +222,7 @@ impl Rendition {
             need_sync: true,
             init_generation: 0,
             status_generation: log.status.0,
-            behind_since: None,
+            allowance: Duration::ZERO,
             skips: 0,
         };
         if let Some((generation, init)) = &log.init {
@@ -223,13 +231,14 @@ impl Rendition {
             if let Some(g) = log.gop_start {
                 cursor.next = g;
                 cursor.need_sync = false;
+                cursor.allowance = log.entry(g).map_or(Duration::ZERO, |e| e.pushed.elapsed());
             }
         }
         cursor
     }
 
-    /// Moves up to `max_frames` messages / about `max_bytes` from the log into `out` (cheap
-    /// `Bytes` clones), advancing the cursor. Applies the viewer's backlog bounds first.
+    /// Adds up to `max_frames` messages / about `max_bytes` from the log to `out` (cheap `Bytes`
+    /// clones), advancing the cursor. Applies the viewer's backlog bounds first.
     pub fn read(
         &self,
         cursor: &mut Cursor,
@@ -242,9 +251,9 @@ impl Rendition {
         let head = log.head();
         let mut result = Read::default();
 
-        let lagging = cursor
-            .behind_since
-            .is_some_and(|t| now.duration_since(t) > self.limits.max_lag);
+        let lagging = log
+            .entry(cursor.next)
+            .is_some_and(|e| now.duration_since(e.pushed) > self.limits.max_lag + cursor.allowance);
         let backlog = log
             .entry(cursor.next)
             .map(|e| log.pushed - e.offset)
@@ -252,9 +261,10 @@ impl Rendition {
         if cursor.next < log.base || lagging || backlog > self.limits.max_backlog_bytes {
             cursor.next = head;
             cursor.need_sync = true;
-            cursor.behind_since = None;
+            cursor.allowance = Duration::ZERO;
             cursor.skips += 1;
             result.skipped = true;
+            out.push(self.skip_notice.clone());
             // What the viewer skipped may have changed its configuration: catch it up.
             if cursor.status_generation != log.status.0 {
                 out.push(log.status.1.clone());
@@ -269,7 +279,8 @@ impl Rendition {
         }
 
         let mut bytes = 0;
-        while cursor.next < head && out.len() < max_frames && bytes < max_bytes {
+        let limit = out.len() + max_frames;
+        while cursor.next < head && out.len() < limit && bytes < max_bytes {
             let Some(e) = log.entry(cursor.next) else {
                 break;
             };
@@ -292,13 +303,12 @@ impl Rendition {
         }
 
         if cursor.next < head {
-            cursor.behind_since.get_or_insert(now);
             result.backlog = log
                 .entry(cursor.next)
                 .map(|e| log.pushed - e.offset)
                 .unwrap_or(0);
         } else {
-            cursor.behind_since = None;
+            cursor.allowance = Duration::ZERO;
         }
         result
     }
@@ -327,6 +337,7 @@ mod tests {
                 max_lag: Duration::from_millis(max_lag_ms),
             },
             Bytes::from_static(b"S0"),
+            Bytes::from_static(b"SKIP"),
         )
     }
 
@@ -375,14 +386,18 @@ mod tests {
         r.push_media(b("K1"), true);
         let mut c = r.join(&mut Vec::new());
         assert_eq!(read_all(&r, &mut c), vec![b("K1")]);
-        r.push_status(b("W"), true);
-        r.push_status(b("R"), false);
+        r.push_status(b("W"), b("W"), true);
+        r.push_status(b("R"), b("L"), false);
         r.push_init(b("I2"));
         r.push_media(b("d"), false);
         r.push_media(b("K2"), true);
         assert_eq!(read_all(&r, &mut c), vec![b("W"), b("R"), b("I2"), b("K2")]);
+        // A viewer joining now is told "live", not "republished".
+        let mut first = Vec::new();
+        r.join(&mut first);
+        assert_eq!(first, vec![b("L"), b("I2")]);
         // A viewer joining while waiting gets the status only.
-        r.push_status(b("W2"), true);
+        r.push_status(b("W2"), b("W2"), true);
         let mut first = Vec::new();
         r.join(&mut first);
         assert_eq!(first, vec![b("W2")]);
@@ -407,7 +422,11 @@ mod tests {
         let read = r.read(&mut c, &mut out, 1000, usize::MAX);
         assert!(read.skipped);
         assert_eq!(c.skips, 1);
-        assert_eq!(out, vec![b("I2")], "only the config it missed");
+        assert_eq!(
+            out,
+            vec![b("SKIP"), b("I2")],
+            "told, and given the config it missed"
+        );
         r.push_media(b("dd"), false);
         r.push_media(b("KK"), true);
         assert_eq!(read_all(&r, &mut c), vec![b("KK")]);
@@ -415,7 +434,7 @@ mod tests {
 
     #[test]
     fn viewer_behind_for_longer_than_max_lag_skips() {
-        let r = r(1 << 20, 1);
+        let r = r(1 << 20, 20);
         r.push_init(b("I"));
         r.push_media(b("K"), true);
         let mut c = r.join(&mut Vec::new());
@@ -424,10 +443,27 @@ mod tests {
         let mut out = Vec::new();
         r.read(&mut c, &mut out, 1, usize::MAX); // reads one, stays behind
         assert_eq!(out, vec![b("K")]);
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(60));
         out.clear();
         assert!(r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
-        assert!(out.is_empty());
+        assert_eq!(out, vec![b("SKIP")]);
+    }
+
+    #[test]
+    fn joining_with_an_old_gop_is_not_lag() {
+        let r = r(1 << 20, 20);
+        r.push_init(b("I"));
+        r.push_media(b("K"), true);
+        r.push_media(b("a"), false);
+        std::thread::sleep(Duration::from_millis(60)); // the cached GOP is older than max_lag
+        let mut c = r.join(&mut Vec::new());
+        let mut out = Vec::new();
+        let read = r.read(&mut c, &mut out, 1, usize::MAX);
+        assert!(!read.skipped);
+        assert_eq!(out, vec![b("K")]);
+        out.clear();
+        assert!(!r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
+        assert_eq!(out, vec![b("a")]);
     }
 
     #[test]

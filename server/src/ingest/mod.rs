@@ -90,8 +90,8 @@ pub struct MediaIngest {
     /// From metadata: whether the publisher announced a video track.
     expect_video: bool,
     init_sent: bool,
-    video_ts: Unwrap,
-    audio_ts: Unwrap,
+    /// One timeline for both tracks, so that they unwrap together.
+    timeline: Unwrap,
     pub dropped: Dropped,
 }
 
@@ -103,8 +103,7 @@ impl MediaIngest {
             audio: None,
             expect_video: false,
             init_sent: false,
-            video_ts: Unwrap::default(),
-            audio_ts: Unwrap::default(),
+            timeline: Unwrap::default(),
             dropped: Dropped::default(),
         }
     }
@@ -224,7 +223,7 @@ impl MediaIngest {
             self.send_init()?;
         }
         let cts = i16::try_from(cts).map_err(|_| IngestError::Cts(cts))?;
-        let dts = self.video_ts.extend(dts);
+        let dts = self.timeline.extend(dts);
         self.publisher.push_media(
             &MediaHeader {
                 track: VIDEO_TRACK,
@@ -255,7 +254,7 @@ impl MediaIngest {
             }
             self.send_init()?;
         }
-        let dts = self.audio_ts.extend(dts);
+        let dts = self.timeline.extend(dts);
         self.publisher.push_media(
             &MediaHeader {
                 track: AUDIO_TRACK,

@@ -4,13 +4,22 @@
 //! does the handshake, chunking and commands, and hands us FLV tag bodies, which
 //! `onair_protocol::flv` parses (ex-header included).
 //!
-//! rml_rtmp applies a peer's SetChunkSize itself without telling us, and refuses a bad one with
-//! an error that does not say what was wrong. So [`ChunkSizeWatch`] reads the same bytes with
-//! rml_rtmp's chunk deserializer to see SetChunkSize first and refuse bad sizes clearly. rml_rtmp
-//! also reserves a message's declared length (at most 16 MiB, the 24-bit RTMP maximum) up front,
-//! which bounds a publisher connection's buffers at about twice that.
+//! Where rml_rtmp falls short on hostile input, [`ChunkGuard`] reads the same bytes first, with
+//! rml_rtmp's own chunk deserializer, and refuses the message before the session decodes it:
+//!
+//! - it applies a peer's SetChunkSize without telling us and refuses a bad one with an error that
+//!   does not say what was wrong: the guard refuses it clearly;
+//! - its AMF0 decoder (rml_amf0) recurses once per nesting level with no limit, so a small
+//!   command of nested arrays would overflow the stack and abort the process: the guard bounds
+//!   AMF message size and nesting;
+//! - its chunk deserializer panics (integer underflow) when a message starts on one chunk stream
+//!   while another is unfinished: that panic is caught and becomes this connection's error.
+//!
+//! rml_rtmp also reserves a message's declared length (at most 16 MiB, the 24-bit RTMP maximum)
+//! up front, which bounds a publisher connection's buffers at about twice that.
 
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +65,8 @@ pub enum RtmpError {
     Publish(#[from] PublishError),
     #[error("chunk size {0} refused: must be 1..=16777215 (RTMP's largest message)")]
     ChunkSize(u32),
+    #[error("AMF message refused: {0}")]
+    Amf(String),
     #[error("RTMP playback is not offered; watch over WebSocket or HLS")]
     Play,
     #[error("{0}")]
@@ -77,7 +88,9 @@ impl RtmpError {
             }
             RtmpError::Publish(_) => ("NetStream.Publish.Rejected", self.to_string()),
             RtmpError::Play => ("NetStream.Play.Failed", self.to_string()),
-            RtmpError::ChunkSize(_) => ("NetConnection.Connect.Rejected", self.to_string()),
+            RtmpError::ChunkSize(_) | RtmpError::Amf(_) => {
+                ("NetConnection.Connect.Rejected", self.to_string())
+            }
             RtmpError::Ingest(e) if e.is_unsupported_codec() => (
                 "NetStream.Publish.Rejected",
                 format!("{e}; onair carries H.264 video and AAC audio"),
@@ -172,9 +185,10 @@ async fn connection(
         peer,
         cfg,
         ingest: None,
-        chunk_watch: ChunkSizeWatch {
+        guard: ChunkGuard {
             chunks: ChunkDeserializer::new(),
         },
+        finished: false,
     };
     let mut result = conn.handle(initial);
     if result.is_ok() {
@@ -193,7 +207,7 @@ async fn connection(
             tcp.write_all(&conn.out).await?;
             conn.out.clear();
         }
-        let wait = if conn.ingest.is_some() {
+        let wait = if conn.ingest.is_some() || conn.finished {
             Instant::now() + cfg.rtmp_idle_timeout
         } else {
             deadline
@@ -227,7 +241,9 @@ struct Conn<'a> {
     peer: SocketAddr,
     cfg: &'a Config,
     ingest: Option<MediaIngest>,
-    chunk_watch: ChunkSizeWatch,
+    guard: ChunkGuard,
+    /// The publisher finished; the client is expected to close.
+    finished: bool,
 }
 
 impl Conn<'_> {
@@ -235,10 +251,9 @@ impl Conn<'_> {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.chunk_watch.check(bytes)?;
-        let results = self
-            .session
-            .handle_input(bytes)
+        self.guard.check(bytes)?;
+        let results = catch_unwind(AssertUnwindSafe(|| self.session.handle_input(bytes)))
+            .map_err(|_| RtmpError::Session(MALFORMED_CHUNKS.into()))?
             .map_err(|e| RtmpError::Session(e.to_string()))?;
         self.handle(results)
     }
@@ -302,6 +317,7 @@ impl Conn<'_> {
             ServerSessionEvent::PublishStreamFinished { .. } => {
                 if let Some(ingest) = self.ingest.take() {
                     tracing::info!(stream = ingest.name(), "publisher finished");
+                    self.finished = true;
                 }
                 Ok(())
             }
@@ -396,32 +412,67 @@ fn status_packet(level: &str, code: &str, description: &str) -> Vec<u8> {
 /// Largest chunk size we accept: a chunk larger than RTMP's largest message (24-bit length)
 /// is pointless, and the spec forbids the top bit.
 const MAX_CHUNK_SIZE: u32 = 0xff_ffff;
-/// RTMP message type of SetChunkSize.
+/// RTMP message types: SetChunkSize, and the AMF-encoded data, shared object and command
+/// messages (AMF3 variants included, as rml_rtmp decodes those as AMF0 too).
 const SET_CHUNK_SIZE: u8 = 1;
+const AMF_MESSAGES: [u8; 6] = [15, 16, 17, 18, 19, 20];
+/// OBS's and ffmpeg's connect commands and metadata are a few hundred bytes.
+const MAX_AMF_MESSAGE: usize = 64 * 1024;
+/// Bytes that could open a nested AMF0 value (object, ECMA array, strict array). Every nesting
+/// level needs one, so this bounds rml_amf0's recursion depth; real messages have a handful.
+const MAX_AMF_CONTAINER_MARKERS: usize = 256;
+const MALFORMED_CHUNKS: &str =
+    "malformed RTMP chunk stream (a message started before the previous one was complete)";
 
-/// Sees the publisher's SetChunkSize messages before rml_rtmp applies them.
-struct ChunkSizeWatch {
+/// Reads the publisher's bytes as RTMP messages before rml_rtmp's session does (see the module
+/// docs for why).
+struct ChunkGuard {
     chunks: ChunkDeserializer,
 }
 
-impl ChunkSizeWatch {
+impl ChunkGuard {
     fn check(&mut self, bytes: &[u8]) -> Result<(), RtmpError> {
         let mut input = bytes;
-        // Errors in the chunk stream itself are left to the session, which reports them.
-        while let Ok(Some(message)) = self.chunks.get_next_message(input) {
-            input = &[];
-            if message.type_id != SET_CHUNK_SIZE {
-                continue;
-            }
-            let size = match message.data.get(..4) {
-                Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-                None => return Err(RtmpError::Session("SetChunkSize without a size".into())),
+        loop {
+            let next = catch_unwind(AssertUnwindSafe(|| self.chunks.get_next_message(input)))
+                .map_err(|_| RtmpError::Session(MALFORMED_CHUNKS.into()))?;
+            // Other errors in the chunk stream are left to the session, which reports them.
+            let Ok(Some(message)) = next else {
+                return Ok(());
             };
-            if size == 0 || size > MAX_CHUNK_SIZE {
-                return Err(RtmpError::ChunkSize(size));
+            input = &[];
+            if message.type_id == SET_CHUNK_SIZE {
+                let size = match message.data.get(..4) {
+                    Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                    None => return Err(RtmpError::Session("SetChunkSize without a size".into())),
+                };
+                if size == 0 || size > MAX_CHUNK_SIZE {
+                    return Err(RtmpError::ChunkSize(size));
+                }
+                let _ = self.chunks.set_max_chunk_size(size as usize);
+            } else if AMF_MESSAGES.contains(&message.type_id) {
+                check_amf(&message.data)?;
             }
-            let _ = self.chunks.set_max_chunk_size(size as usize);
         }
-        Ok(())
     }
+}
+
+fn check_amf(data: &[u8]) -> Result<(), RtmpError> {
+    if data.len() > MAX_AMF_MESSAGE {
+        return Err(RtmpError::Amf(format!(
+            "{} bytes, the limit is {MAX_AMF_MESSAGE}",
+            data.len()
+        )));
+    }
+    let containers = data
+        .iter()
+        .filter(|&&b| matches!(b, 0x03 | 0x08 | 0x0a))
+        .count();
+    if containers > MAX_AMF_CONTAINER_MARKERS {
+        return Err(RtmpError::Amf(format!(
+            "too deeply nested or complex ({containers} possible container markers, the limit is \
+             {MAX_AMF_CONTAINER_MARKERS})"
+        )));
+    }
+    Ok(())
 }
