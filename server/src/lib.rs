@@ -4,3 +4,4 @@ pub mod config;
 pub mod delivery;
 pub mod hub;
 pub mod ingest;
+pub mod net;

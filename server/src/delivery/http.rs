@@ -66,17 +66,9 @@ pub async fn serve(listener: TcpListener, app: App) {
     let router = router(app.clone());
     loop {
         let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::net::accept(&listener, "http") => c,
             _ = app.shutdown.cancelled() => return,
         };
-        let _ = tcp.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
         let shutdown = app.shutdown.clone();
         app.tracker.spawn(async move {

@@ -111,15 +111,7 @@ pub async fn serve(
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "rtmp accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::net::accept(&listener, "rtmp") => c,
             _ = shutdown.cancelled() => return,
         };
         let (hub, cfg, shutdown) = (hub.clone(), cfg.clone(), shutdown.clone());
@@ -143,7 +135,6 @@ async fn connection(
     cfg: &Config,
     shutdown: CancellationToken,
 ) -> Result<(), RtmpError> {
-    let _ = tcp.set_nodelay(true);
     let mut buf = vec![0u8; 64 * 1024];
     let deadline = Instant::now() + cfg.rtmp_handshake_timeout;
 
