@@ -231,16 +231,14 @@ async fn write_loop(
         Err(e) => return End::Protocol(e.to_string()),
     }
     let mut cursor = rendition.join(&mut batch);
-    let mut reported_skips = 0;
     loop {
         let notified = rendition.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
 
         let room = MAX_IOV.saturating_sub(batch.len());
-        let read = rendition.read(&mut cursor, &mut batch, room, MAX_BATCH_BYTES);
-        if read.skipped {
-            tracing::debug!(
+        if rendition.read(&mut cursor, &mut batch, room, MAX_BATCH_BYTES) {
+            tracing::info!(
                 skips = cursor.skips,
                 "viewer fell behind; skipped to the next keyframe"
             );
@@ -280,13 +278,6 @@ async fn write_loop(
             _ = shutdown.cancelled() => return End::ShutdownMidWrite,
         }
         batch.clear();
-        if cursor.skips != reported_skips {
-            tracing::info!(
-                skips = cursor.skips,
-                "viewer skipped to a keyframe to catch up"
-            );
-            reported_skips = cursor.skips;
-        }
     }
 }
 

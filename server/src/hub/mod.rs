@@ -8,7 +8,7 @@ pub mod rendition;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use onair_protocol::wire::{Init, MediaHeader, Message, Status, StatusCode};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-pub use rendition::{Cursor, Limits, Read, Rendition};
+pub use rendition::{Cursor, Limits, Rendition};
 
 /// Stream names are path segments and stream keys: keep them to a safe alphabet.
 pub fn valid_stream_name(name: &str) -> bool {
@@ -82,7 +82,7 @@ pub struct Stream {
     renditions: Vec<Arc<Rendition>>,
     publisher: Mutex<Option<PublisherInfo>>,
     media: Mutex<MediaInfo>,
-    published_before: Mutex<bool>,
+    published_before: AtomicBool,
     viewers: AtomicU64,
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
@@ -103,13 +103,12 @@ pub struct Hub {
     streams: DashMap<String, Arc<Stream>>,
     limits: Limits,
     next_viewer_id: AtomicU64,
-    shutting_down: std::sync::atomic::AtomicBool,
+    shutting_down: AtomicBool,
 }
 
+/// A status message, framed. Ours are short constants, well within the 255-byte string limit.
 fn status(code: StatusCode, message: &str) -> Bytes {
-    frame::message(&Message::Status(Status { code, message })).unwrap_or_else(|_| {
-        frame::message(&Message::Status(Status { code, message: "" })).unwrap_or_default()
-    })
+    frame::message(&Message::Status(Status { code, message })).unwrap_or_default()
 }
 
 impl Hub {
@@ -133,7 +132,7 @@ impl Hub {
             renditions: vec![Arc::new(Rendition::new(0, self.limits, waiting, skipped))],
             publisher: Mutex::new(None),
             media: Mutex::new(MediaInfo::default()),
-            published_before: Mutex::new(false),
+            published_before: AtomicBool::new(false),
             viewers: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -164,7 +163,7 @@ impl Hub {
             *publisher = Some(info);
             entry.value().clone()
         };
-        let republished = std::mem::replace(&mut *stream.published_before.lock(), true);
+        let republished = stream.published_before.swap(true, Ordering::AcqRel);
         let live = status(StatusCode::Live, "publisher connected");
         let now = if republished {
             status(StatusCode::Republished, "publisher is back")

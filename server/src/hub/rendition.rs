@@ -90,15 +90,6 @@ pub struct Cursor {
     pub skips: u64,
 }
 
-/// What one [`Rendition::read`] did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Read {
-    /// The viewer was too far behind and skipped to the next keyframe.
-    pub skipped: bool,
-    /// Bytes still queued for this viewer after this read.
-    pub backlog: u64,
-}
-
 pub struct Rendition {
     pub id: u8,
     limits: Limits,
@@ -238,32 +229,29 @@ impl Rendition {
     }
 
     /// Adds up to `max_frames` messages / about `max_bytes` from the log to `out` (cheap `Bytes`
-    /// clones), advancing the cursor. Applies the viewer's backlog bounds first.
+    /// clones), advancing the cursor. Applies the viewer's backlog bounds first; returns whether
+    /// the viewer was too far behind and skipped to the next keyframe.
     pub fn read(
         &self,
         cursor: &mut Cursor,
         out: &mut Vec<Bytes>,
         max_frames: usize,
         max_bytes: usize,
-    ) -> Read {
+    ) -> bool {
         let now = Instant::now();
         let log = self.log.lock();
         let head = log.head();
-        let mut result = Read::default();
 
-        let lagging = log
-            .entry(cursor.next)
-            .is_some_and(|e| now.duration_since(e.pushed) > self.limits.max_lag + cursor.allowance);
-        let backlog = log
-            .entry(cursor.next)
-            .map(|e| log.pushed - e.offset)
-            .unwrap_or(0);
-        if cursor.next < log.base || lagging || backlog > self.limits.max_backlog_bytes {
+        let behind = log.entry(cursor.next).is_some_and(|e| {
+            now.duration_since(e.pushed) > self.limits.max_lag + cursor.allowance
+                || log.pushed - e.offset > self.limits.max_backlog_bytes
+        });
+        let skipped = cursor.next < log.base || behind;
+        if skipped {
             cursor.next = head;
             cursor.need_sync = true;
             cursor.allowance = Duration::ZERO;
             cursor.skips += 1;
-            result.skipped = true;
             out.push(self.skip_notice.clone());
             // What the viewer skipped may have changed its configuration: catch it up.
             if cursor.status_generation != log.status.0 {
@@ -302,15 +290,10 @@ impl Rendition {
             out.push(e.frame.clone());
         }
 
-        if cursor.next < head {
-            result.backlog = log
-                .entry(cursor.next)
-                .map(|e| log.pushed - e.offset)
-                .unwrap_or(0);
-        } else {
+        if cursor.next >= head {
             cursor.allowance = Duration::ZERO;
         }
-        result
+        skipped
     }
 
     /// Resolves when something is appended after this call. Create it before calling
@@ -419,8 +402,7 @@ mod tests {
         }
         assert!(r.retained_bytes() <= 64);
         let mut out = Vec::new();
-        let read = r.read(&mut c, &mut out, 1000, usize::MAX);
-        assert!(read.skipped);
+        assert!(r.read(&mut c, &mut out, 1000, usize::MAX));
         assert_eq!(c.skips, 1);
         assert_eq!(
             out,
@@ -445,7 +427,7 @@ mod tests {
         assert_eq!(out, vec![b("K")]);
         std::thread::sleep(Duration::from_millis(60));
         out.clear();
-        assert!(r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
+        assert!(r.read(&mut c, &mut out, 1000, usize::MAX));
         assert_eq!(out, vec![b("SKIP")]);
     }
 
@@ -458,11 +440,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60)); // the cached GOP is older than max_lag
         let mut c = r.join(&mut Vec::new());
         let mut out = Vec::new();
-        let read = r.read(&mut c, &mut out, 1, usize::MAX);
-        assert!(!read.skipped);
+        assert!(!r.read(&mut c, &mut out, 1, usize::MAX));
         assert_eq!(out, vec![b("K")]);
         out.clear();
-        assert!(!r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
+        assert!(!r.read(&mut c, &mut out, 1000, usize::MAX));
         assert_eq!(out, vec![b("a")]);
     }
 

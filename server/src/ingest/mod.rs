@@ -74,13 +74,8 @@ struct Video {
 struct Audio {
     config: Bytes,
     asc: AudioSpecificConfig,
-}
-
-/// Counts of what ingest dropped, for logs and stats.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Dropped {
-    /// Frames before their track's sequence header.
-    pub before_config: u64,
+    /// RFC 6381 codec string, derived from `asc` once.
+    codec: String,
 }
 
 pub struct MediaIngest {
@@ -92,7 +87,6 @@ pub struct MediaIngest {
     init_sent: bool,
     /// One timeline for both tracks, so that they unwrap together.
     timeline: Unwrap,
-    pub dropped: Dropped,
 }
 
 impl MediaIngest {
@@ -104,7 +98,6 @@ impl MediaIngest {
             expect_video: false,
             init_sent: false,
             timeline: Unwrap::default(),
-            dropped: Dropped::default(),
         }
     }
 
@@ -142,14 +135,15 @@ impl MediaIngest {
             return Ok(());
         }
         let asc = AudioSpecificConfig::parse(&config)?;
+        let codec = asc.codec();
         tracing::info!(
             stream = self.name(),
-            codec = %asc.codec(),
+            codec = %codec,
             sample_rate = asc.sampling_frequency,
             channels = asc.channels(),
             "audio config"
         );
-        self.audio = Some(Audio { config, asc });
+        self.audio = Some(Audio { config, asc, codec });
         if self.init_sent {
             self.send_init()?;
         }
@@ -159,7 +153,6 @@ impl MediaIngest {
     fn send_init(&mut self) -> Result<(), IngestError> {
         let mut tracks = Vec::new();
         let mut media = MediaInfo::default();
-        let audio_codec = self.audio.as_ref().map(|a| a.asc.codec());
         if let Some(v) = &self.video {
             tracks.push(TrackInit {
                 id: VIDEO_TRACK,
@@ -183,7 +176,7 @@ impl MediaIngest {
             tracks.push(TrackInit {
                 id: AUDIO_TRACK,
                 timescale: TIMESCALE,
-                codec: audio_codec.as_deref().unwrap_or_default(),
+                codec: &a.codec,
                 params: TrackParams::Audio {
                     sample_rate: a.asc.sampling_frequency,
                     channels: a.asc.channels(),
@@ -191,7 +184,7 @@ impl MediaIngest {
                 config: &a.config,
             });
             media.audio = Some(AudioInfo {
-                codec: a.asc.codec(),
+                codec: a.codec.clone(),
                 sample_rate: a.asc.sampling_frequency,
                 channels: a.asc.channels(),
             });
@@ -216,8 +209,7 @@ impl MediaIngest {
         data: &[u8],
     ) -> Result<(), IngestError> {
         if self.video.is_none() {
-            self.dropped.before_config += 1;
-            return Ok(());
+            return Ok(()); // before the sequence header: nothing can decode it
         }
         if !self.init_sent {
             self.send_init()?;
@@ -241,15 +233,13 @@ impl MediaIngest {
     /// One raw AAC frame.
     pub fn audio_frame(&mut self, dts: u32, data: &[u8]) -> Result<(), IngestError> {
         if self.audio.is_none() {
-            self.dropped.before_config += 1;
-            return Ok(());
+            return Ok(()); // before the sequence header: nothing can decode it
         }
         let has_video = self.video.is_some() || self.expect_video;
         if !self.init_sent {
             if has_video {
                 // The init waits for the video config; audio before it precedes any keyframe
                 // and no viewer could start there anyway.
-                self.dropped.before_config += 1;
                 return Ok(());
             }
             self.send_init()?;
