@@ -18,6 +18,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite;
 
+pub mod load;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Path of the onair binary under test: `$E2E_ONAIR_BIN`, or the workspace's debug build.
@@ -69,7 +71,12 @@ impl Server {
     /// Starts the server with `extra` arguments and `env` variables, and no other `ONAIR_*`
     /// variables from the test's environment.
     pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(onair_bin());
+        Self::start_bin(&onair_bin(), extra, env).await
+    }
+
+    /// Like [`Server::start_with_env`], with the given binary (the benchmark runs a release build).
+    pub async fn start_bin(bin: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(bin);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("ONAIR_") {
                 cmd.env_remove(k);
