@@ -1,10 +1,14 @@
 //! WebSocket play: `ws://HOST:8080/ws/STREAM`.
 //!
-//! Media starts right after the upgrade. Each viewer is one task that writes pre-framed messages
-//! from its rendition's shared log with vectored writes (no per-viewer copies), plus a small
-//! reader task for what the viewer sends (time sync, stats, control, pings, close).
+//! Media starts right after the upgrade. Each viewer has a task that writes pre-framed messages
+//! from its rendition's shared log with vectored writes (no per-viewer copies): the join burst
+//! from the GOP cache, catching up, control replies. Once at the live edge it hands its socket
+//! to the rendition's fan-out task, which writes new frames to every caught-up viewer directly
+//! (`hub::fanout`), and takes it back when the fan-out returns it or it has something to send.
+//! A small reader task handles what the viewer sends (time sync, stats, control, pings, close).
 
 use std::io::IoSlice;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Extension, Path, Request, State};
@@ -14,18 +18,17 @@ use bytes::Bytes;
 use fastwebsockets::{OpCode, Role, WebSocketError};
 use hyper_util::rt::TokioIo;
 use onair_protocol::wire::{self, Hello, Message, TimeSyncResponse};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::http::{App, Peer};
-use crate::hub::{self, Rendition, frame, now_us, valid_stream_name};
+use crate::hub::fanout::MAX_IOV;
+use crate::hub::{self, Rendition, Sink, frame, now_us, valid_stream_name};
 
-/// Messages per vectored write. Linux takes up to 1024 iovecs; 64 covers a GOP burst in a few
-/// calls and keeps the slice array on the stack.
-const MAX_IOV: usize = 64;
 /// Bytes per write batch: enough to fill a socket buffer in one call.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Largest message a viewer may send us. Ours are tens of bytes; this bounds the read buffer.
@@ -174,6 +177,12 @@ enum FromReader {
     Closed(End),
 }
 
+impl hub::SinkWrite for OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+}
+
 async fn run(
     viewer: hub::Viewer,
     tcp: TcpStream,
@@ -184,7 +193,8 @@ async fn run(
     let Some(rendition) = viewer.stream.rendition(0).cloned() else {
         return End::Protocol("stream has no rendition".into());
     };
-    let (rd, mut wr) = tcp.into_split();
+    let (rd, wr) = tcp.into_split();
+    let wr = Arc::new(wr);
     let (tx, mut rx) = mpsc::channel(32);
     let reader_stop = CancellationToken::new();
     let reader = tokio::spawn(
@@ -195,7 +205,9 @@ async fn run(
         )
         .in_current_span(),
     );
-    let end = write_loop(&viewer, &rendition, &mut wr, &mut rx, cfg, &shutdown).await;
+    let sink = rendition.add_sink(wr.clone());
+    let end = write_loop(&viewer, &rendition, &wr, &sink, &mut rx, cfg, &shutdown).await;
+    rendition.remove_sink(&sink);
     reader_stop.cancel();
     let _ = reader.await;
     let close = match &end {
@@ -205,16 +217,24 @@ async fn run(
         _ => None,
     };
     if let Some(close) = close {
-        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&close)).await;
+        let _ = write_all(&wr, &[close], Duration::from_secs(1)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    // Dropping the last handle on the write half shuts it down (FIN).
     end
+}
+
+/// Why a promoted viewer's task woke up.
+enum Wake {
+    Returned,
+    Reader(Option<FromReader>),
+    Shutdown,
 }
 
 async fn write_loop(
     viewer: &hub::Viewer,
     rendition: &Rendition,
-    wr: &mut (impl AsyncWrite + Unpin),
+    wr: &OwnedWriteHalf,
+    sink: &Sink,
     rx: &mut mpsc::Receiver<FromReader>,
     cfg: &crate::config::Config,
     shutdown: &CancellationToken,
@@ -255,17 +275,46 @@ async fn write_loop(
             }
         }
         if batch.is_empty() && closed.is_none() {
-            tokio::select! {
-                _ = &mut notified => {}
-                m = rx.recv() => match m {
-                    Some(FromReader::Send(b)) => batch.push(b),
-                    Some(FromReader::Closed(end)) => closed = Some(end),
-                    None => return End::ClientGone("reader ended".into()),
-                },
-                _ = shutdown.cancelled() => return End::Shutdown,
-            }
-            if closed.is_none() {
-                continue;
+            if rendition.promote(sink, &cursor) {
+                // At the live edge: the fan-out writes for us until it hands the socket back
+                // or we take it back.
+                let wake = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => Wake::Shutdown,
+                    m = rx.recv() => Wake::Reader(m),
+                    _ = sink.returned() => Wake::Returned,
+                };
+                let back = sink.reclaim();
+                cursor.resume(&back);
+                let mid_frame = back.partial.is_some();
+                batch.extend(back.partial);
+                if let Some(e) = back.error {
+                    return End::WriteError(e);
+                }
+                match wake {
+                    Wake::Returned => {}
+                    Wake::Reader(Some(FromReader::Send(b))) => batch.push(b),
+                    Wake::Reader(Some(FromReader::Closed(end))) => closed = Some(end),
+                    Wake::Reader(None) => return End::ClientGone("reader ended".into()),
+                    Wake::Shutdown if mid_frame => return End::ShutdownMidWrite,
+                    Wake::Shutdown => return End::Shutdown,
+                }
+                if closed.is_none() {
+                    continue;
+                }
+            } else {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    m = rx.recv() => match m {
+                        Some(FromReader::Send(b)) => batch.push(b),
+                        Some(FromReader::Closed(end)) => closed = Some(end),
+                        None => return End::ClientGone("reader ended".into()),
+                    },
+                    _ = shutdown.cancelled() => return End::Shutdown,
+                }
+                if closed.is_none() {
+                    continue;
+                }
             }
         }
         if let Some(end) = closed {
@@ -281,13 +330,9 @@ async fn write_loop(
     }
 }
 
-/// Writes every frame of `batch` with vectored writes, up to `MAX_IOV` frames per call. A write
-/// that makes no progress for `stall` ends the connection: the viewer stopped reading.
-async fn write_all(
-    wr: &mut (impl AsyncWrite + Unpin),
-    batch: &[Bytes],
-    stall: Duration,
-) -> Result<(), End> {
+/// Writes every frame of `batch` with vectored writes, up to `MAX_IOV` frames per call. A
+/// socket that accepts nothing for `stall` ends the connection: the viewer stopped reading.
+async fn write_all(wr: &OwnedWriteHalf, batch: &[Bytes], stall: Duration) -> Result<(), End> {
     for group in batch.chunks(MAX_IOV) {
         let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
         for (slot, b) in iov.iter_mut().zip(group) {
@@ -295,13 +340,18 @@ async fn write_all(
         }
         let mut slices = &mut iov[..group.len()];
         while !slices.is_empty() {
-            let written = match tokio::time::timeout(stall, wr.write_vectored(slices)).await {
-                Err(_) => return Err(End::Stalled(stall)),
-                Ok(Err(e)) => return Err(End::WriteError(e)),
-                Ok(Ok(0)) => return Err(End::ClientGone("socket closed".into())),
-                Ok(Ok(w)) => w,
-            };
-            IoSlice::advance_slices(&mut slices, written);
+            match wr.try_write_vectored(slices) {
+                Ok(0) => return Err(End::ClientGone("socket closed".into())),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    match tokio::time::timeout(stall, wr.writable()).await {
+                        Err(_) => return Err(End::Stalled(stall)),
+                        Ok(Err(e)) => return Err(End::WriteError(e)),
+                        Ok(Ok(())) => {}
+                    }
+                }
+                Err(e) => return Err(End::WriteError(e)),
+            }
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! It knows nothing of codecs beyond what ingest tells it: it stores pre-framed wire messages and
 //! hands the same bytes to every viewer of a rendition.
 
+pub mod fanout;
 pub mod frame;
 pub mod rendition;
 
@@ -17,6 +18,7 @@ use onair_protocol::wire::{Init, MediaHeader, Message, Status, StatusCode};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+pub use fanout::{Sink, SinkWrite};
 pub use rendition::{Cursor, Limits, Rendition};
 
 /// Stream names are path segments and stream keys: keep them to a safe alphabet.

@@ -11,13 +11,19 @@
 //! - a viewer whose cursor falls out of that window, or whose next frame waited longer than
 //!   `max_lag` (plus, until it first catches up, the age of the GOP it joined with), skips to the
 //!   next keyframe, and the skip is counted.
+//!
+//! Viewers at the live edge are written by the rendition's fan-out task instead of their own
+//! (see [`super::fanout`]); this module's cursor rules apply to the others.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+use super::fanout::{Fanout, Flush, FlushState, Returned, Sink, SinkWrite};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -97,6 +103,33 @@ pub struct Rendition {
     notify: Notify,
     /// Sent to a viewer when it skips (a `skipped` status), framed once.
     skip_notice: Bytes,
+    fanout: Fanout,
+}
+
+impl Cursor {
+    /// Continues where the fan-out left off.
+    pub fn resume(&mut self, r: &Returned) {
+        self.next = r.next;
+        self.allowance = Duration::ZERO;
+    }
+}
+
+impl Flush for Rendition {
+    fn fanout(&self) -> &Fanout {
+        &self.fanout
+    }
+
+    fn collect(&self, state: &mut FlushState) -> u64 {
+        let log = self.log.lock();
+        let lo = state.flushed.max(log.base);
+        for e in log.entries.range((lo - log.base) as usize..) {
+            state
+                .entries
+                .push((e.frame.clone(), matches!(e.kind, Kind::Media { .. })));
+        }
+        state.flushed = log.head();
+        lo
+    }
 }
 
 impl Rendition {
@@ -117,6 +150,7 @@ impl Rendition {
                 warned_gop_too_big: false,
             }),
             notify: Notify::new(),
+            fanout: Fanout::default(),
         }
     }
 
@@ -173,6 +207,7 @@ impl Rendition {
         log.retained += len;
         self.trim(log, now);
         self.notify.notify_waiters();
+        self.fanout.wake();
     }
 
     fn trim(&self, log: &mut Log, now: Instant) {
@@ -300,6 +335,28 @@ impl Rendition {
     /// [`Rendition::read`] (and `enable` it) so that no append in between is missed.
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
+    }
+
+    /// Registers a viewer's socket for the fast path; it is written by the fan-out task while
+    /// promoted. Remove it with [`Rendition::remove_sink`].
+    pub fn add_sink(self: &Arc<Self>, io: Arc<dyn SinkWrite>) -> Arc<Sink> {
+        self.fanout.add(self, io)
+    }
+
+    pub fn remove_sink(&self, sink: &Arc<Sink>) {
+        self.fanout.remove(sink);
+    }
+
+    /// Hands the viewer's socket to the fan-out if its cursor is at the live edge (and not
+    /// waiting for a keyframe); returns whether it did.
+    pub fn promote(&self, sink: &Sink, cursor: &Cursor) -> bool {
+        let log = self.log.lock();
+        let head = log.head();
+        if cursor.next != head || cursor.need_sync {
+            return false;
+        }
+        sink.promote(head);
+        true
     }
 
     /// Bytes retained in the log (GOP cache plus backlog window).

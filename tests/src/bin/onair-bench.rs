@@ -54,25 +54,73 @@ const ROWS: &[Row] = &[
     ("viewers failed", |r| Some(r.failed as f64), 0),
     ("stream bitrate, kbit/s", |r| Some(r.stream_kbps as f64), 0),
     ("delivered, Gbit/s", |r| Some(r.gbps()), 3),
-    ("server CPU, s per GB delivered", |r| Some(r.cpu_s_per_gb()), 3),
+    (
+        "server CPU, s per GB delivered",
+        |r| Some(r.cpu_s_per_gb()),
+        3,
+    ),
     ("Gbit/s per core", |r| Some(r.gbps_per_core()), 2),
-    ("server CPU, % of one core", |r| Some(100.0 * r.cpu_s / r.window_s), 1),
-    ("RSS idle (publishing), MB", |r| Some(r.rss_idle as f64 / 1e6), 1),
-    ("RSS per viewer over idle, KB", |r| Some(r.rss_per_viewer_kb()), 1),
-    ("RSS slope burst→full, KB/viewer", |r| Some(r.rss_slope_kb()), 1),
-    ("delivery latency p50, ms", |r| r.delivery_ms.map(|p| p.p50), 2),
-    ("delivery latency p99, ms", |r| r.delivery_ms.map(|p| p.p99), 2),
-    ("delivery latency max, ms", |r| r.delivery_ms.map(|p| p.max), 2),
+    (
+        "server CPU, % of one core",
+        |r| Some(100.0 * r.cpu_s / r.window_s),
+        1,
+    ),
+    (
+        "RSS idle (publishing), MB",
+        |r| Some(r.rss_idle as f64 / 1e6),
+        1,
+    ),
+    (
+        "RSS per viewer over idle, KB",
+        |r| Some(r.rss_per_viewer_kb()),
+        1,
+    ),
+    (
+        "RSS slope burst→full, KB/viewer",
+        |r| Some(r.rss_slope_kb()),
+        1,
+    ),
+    (
+        "delivery latency p50, ms",
+        |r| r.delivery_ms.map(|p| p.p50),
+        2,
+    ),
+    (
+        "delivery latency p99, ms",
+        |r| r.delivery_ms.map(|p| p.p99),
+        2,
+    ),
+    (
+        "delivery latency max, ms",
+        |r| r.delivery_ms.map(|p| p.max),
+        2,
+    ),
     ("end-to-end latency p50, ms", |r| Some(r.e2e_ms.p50), 2),
     ("end-to-end latency p99, ms", |r| Some(r.e2e_ms.p99), 2),
     ("end-to-end latency max, ms", |r| Some(r.e2e_ms.max), 2),
     ("join burst TTFF p50, ms", |r| Some(r.ttff_ms.p50), 2),
     ("join burst TTFF p99, ms", |r| Some(r.ttff_ms.p99), 2),
     ("join burst TTFF max, ms", |r| Some(r.ttff_ms.max), 2),
-    ("burst viewers starting on a keyframe, %", |r| Some(100.0 * r.burst_key_first), 1),
-    ("all viewers starting on a keyframe, %", |r| Some(100.0 * r.key_first), 1),
-    ("video frames published in window", |r| Some(r.frames_published as f64), 0),
-    ("fewest frames a viewer received", |r| Some(r.frames_min as f64), 0),
+    (
+        "burst viewers starting on a keyframe, %",
+        |r| Some(100.0 * r.burst_key_first),
+        1,
+    ),
+    (
+        "all viewers starting on a keyframe, %",
+        |r| Some(100.0 * r.key_first),
+        1,
+    ),
+    (
+        "video frames published in window",
+        |r| Some(r.frames_published as f64),
+        0,
+    ),
+    (
+        "fewest frames a viewer received",
+        |r| Some(r.frames_min as f64),
+        0,
+    ),
     ("frames lost, worst viewer", |r| Some(r.lost_max as f64), 0),
     ("frames lost, all viewers", |r| Some(r.lost_total as f64), 0),
     ("keyframe skips", |r| Some(r.skips as f64), 0),
@@ -121,13 +169,18 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 fn targets(onair: &[Report], peer: Option<&[Report]>) -> String {
-    let m = |f: fn(&Report) -> f64, rs: &[Report]| median(rs.iter().map(f).collect()).unwrap_or(f64::NAN);
+    let m = |f: fn(&Report) -> f64, rs: &[Report]| {
+        median(rs.iter().map(f).collect()).unwrap_or(f64::NAN)
+    };
     let mut lines = Vec::new();
     let mut check = |ok: bool, what: String| {
         lines.push(format!("- [{}] {what}", if ok { "x" } else { " " }));
     };
     let p99 = m(|r| r.delivery_ms.map_or(f64::NAN, |p| p.p99), onair);
-    check(p99 <= 20.0, format!("delivery latency p99 {p99:.2} ms ≤ 20 ms"));
+    check(
+        p99 <= 20.0,
+        format!("delivery latency p99 {p99:.2} ms ≤ 20 ms"),
+    );
     let rss = m(Report::rss_per_viewer_kb, onair);
     check(rss <= 30.0, format!("RSS {rss:.1} KB per viewer ≤ 30 KB"));
     let lost = m(|r| r.lost_total as f64, onair);
@@ -137,16 +190,25 @@ fn targets(onair: &[Report], peer: Option<&[Report]>) -> String {
         format!("every viewer received every frame (lost {lost}, failed viewers {failed})"),
     );
     let ttff = m(|r| r.ttff_ms.p99, onair);
-    check(ttff <= 10.0, format!("join burst TTFF p99 {ttff:.2} ms ≤ 10 ms"));
+    check(
+        ttff <= 10.0,
+        format!("join burst TTFF p99 {ttff:.2} ms ≤ 10 ms"),
+    );
     let key = m(|r| r.burst_key_first, onair);
-    check(key == 1.0, format!("burst viewers starting on a keyframe {:.1} %", key * 100.0));
+    check(
+        key == 1.0,
+        format!("burst viewers starting on a keyframe {:.1} %", key * 100.0),
+    );
     if let Some(peer) = peer {
         // Ratios from the same run, then the median over runs: runs are noisy, pairs less so.
         let ratio = |f: fn(&Report) -> f64| {
             median(onair.iter().zip(peer).map(|(a, b)| f(a) / f(b)).collect()).unwrap_or(f64::NAN)
         };
         let cpu = ratio(Report::cpu_s_per_gb);
-        check(cpu <= 1.0 / 3.0, format!("CPU per GB onair/peer {cpu:.3} ≤ 0.333"));
+        check(
+            cpu <= 1.0 / 3.0,
+            format!("CPU per GB onair/peer {cpu:.3} ≤ 0.333"),
+        );
         lines.push(format!(
             "- ratio onair/peer, RSS per viewer: {:.3}",
             ratio(Report::rss_per_viewer_kb)

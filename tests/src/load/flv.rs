@@ -139,6 +139,10 @@ mod tests {
             assert_eq!(got[0], (TAG_VIDEO, 0x0123_4567, b"abcde".to_vec()));
             assert_eq!(got[1], (TAG_AUDIO, 7, vec![9u8; 300]));
         }
-        assert!(Reader::default().feed(b"GIF89a-not-flv", |_, _, _| ()).is_err());
+        assert!(
+            Reader::default()
+                .feed(b"GIF89a-not-flv", |_, _, _| ())
+                .is_err()
+        );
     }
 }

@@ -270,7 +270,12 @@ async fn wait_started(shared: &Shared, n: usize, timeout: Duration) -> usize {
 }
 
 /// Runs `plan` against `target` once and reports.
-pub async fn run(target: Target, plan: &Plan, clip: Arc<Clip>, env: &Env) -> Result<Report, BoxError> {
+pub async fn run(
+    target: Target,
+    plan: &Plan,
+    clip: Arc<Clip>,
+    env: &Env,
+) -> Result<Report, BoxError> {
     let server = Running::start(target, env).await?;
     let result = measure(&server, plan, clip).await;
     server.stop().await;
@@ -337,15 +342,20 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
         stats.push(t.await?);
     }
     feed.stop().await;
-    Ok(summarize(server, plan, stats, Summary {
-        stream_kbps,
-        window_s,
-        cpu_s,
-        rss_idle,
-        rss_burst,
-        rss_full,
-        frames_published,
-    }))
+    Ok(summarize(
+        server,
+        plan,
+        stats,
+        Summary {
+            stream_kbps,
+            window_s,
+            cpu_s,
+            rss_idle,
+            rss_burst,
+            rss_full,
+            frames_published,
+        },
+    ))
 }
 
 struct Summary {

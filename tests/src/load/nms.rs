@@ -55,7 +55,9 @@ pub async fn install(dir: &Path) -> Result<PathBuf, BoxError> {
 }
 
 fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A running node-media-server, killed on drop.

@@ -77,16 +77,28 @@ impl Clip {
             let out = Command::new("ffmpeg")
                 .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
                 .args(["-f", "lavfi", "-i"])
-                .arg(format!("testsrc2=size={}x{}:rate={}", s.width, s.height, s.fps))
+                .arg(format!(
+                    "testsrc2=size={}x{}:rate={}",
+                    s.width, s.height, s.fps
+                ))
                 .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
                 .args(["-t", &s.seconds.to_string()])
-                .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "veryfast"])
+                .args([
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "veryfast",
+                ])
                 .args(["-tune", "zerolatency", "-g", &s.gop.to_string()])
                 .args(["-x264-params", "scenecut=0"])
                 .args(["-b:v", &format!("{}k", s.video_kbps)])
                 .args(["-maxrate", &format!("{}k", s.video_kbps)])
                 .args(["-bufsize", &format!("{}k", s.video_kbps)])
-                .args(["-c:a", "aac", "-b:a", &format!("{}k", s.audio_kbps), "-ac", "2"])
+                .args([
+                    "-c:a",
+                    "aac",
+                    "-b:a",
+                    &format!("{}k", s.audio_kbps),
+                    "-ac",
+                    "2",
+                ])
                 .args(["-f", "flv"])
                 .arg(&tmp)
                 .output()
@@ -126,10 +138,12 @@ impl Clip {
         let duration_ms = video_frames * 1000 / spec.fps;
         // Audio the encoder padded past the video's end would overlap the next loop.
         media.retain(|t| t.ts < duration_ms);
-        let first_is_key = media
-            .iter()
-            .find(|t| t.kind == TAG_VIDEO)
-            .is_some_and(|t| matches!(parse_video(&t.body), Ok(VideoTag::Frame { keyframe: true, .. })));
+        let first_is_key = media.iter().find(|t| t.kind == TAG_VIDEO).is_some_and(|t| {
+            matches!(
+                parse_video(&t.body),
+                Ok(VideoTag::Frame { keyframe: true, .. })
+            )
+        });
         if video_frames == 0 || !first_is_key {
             return Err("the clip must start with a video keyframe".into());
         }
@@ -244,11 +258,9 @@ impl Feed {
         let pacer = tokio::spawn(async move {
             let r = pace(&clip, &mut stdin, &counter).await;
             let mut err = String::new();
-            let _ = tokio::time::timeout(
-                Duration::from_millis(500),
-                stderr.read_to_string(&mut err),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), stderr.read_to_string(&mut err))
+                    .await;
             r.map_err(|e| format!("publisher stopped: {e}; ffmpeg said: {}", err.trim()))
         });
         Ok(Feed {

@@ -101,11 +101,14 @@ impl ViewerStats {
         }
         self.video_frames += 1;
         match stamp {
-            Some(s) => self.e2e_us.push(now.saturating_sub(s.wall_us).min(u32::MAX as u64) as u32),
+            Some(s) => self
+                .e2e_us
+                .push(now.saturating_sub(s.wall_us).min(u32::MAX as u64) as u32),
             None => self.unstamped += 1,
         }
         if let Some(i) = ingest_us {
-            self.delivery_us.push(now.saturating_sub(i).min(u32::MAX as u64) as u32);
+            self.delivery_us
+                .push(now.saturating_sub(i).min(u32::MAX as u64) as u32);
         }
         first
     }
@@ -148,7 +151,10 @@ async fn watch(shared: &Shared, st: &mut ViewerStats) -> Result<(), String> {
         .header("Host", &shared.addr)
         .header("Upgrade", "websocket")
         .header("Connection", "upgrade")
-        .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
