@@ -1,7 +1,7 @@
 # onair: `make run` builds everything and starts the server; `make test` runs every check.
 CARGO ?= cargo
 
-.PHONY: run build setup test fmt-check clippy wasm-check unit e2e
+.PHONY: run build setup test fmt-check clippy wasm-check unit e2e bench
 
 run: build
 	./target/release/onair
@@ -33,3 +33,10 @@ unit:
 e2e:
 	$(CARGO) build -p onair-server --bin onair --locked
 	$(CARGO) test -p onair-tests --tests --locked -- --test-threads=1
+
+# The fan-out benchmark against node-media-server (docs/benchmarks.md). Not part of `make test`;
+# its smoke version (10 viewers, 5 s) is. Takes about 10 minutes with the defaults.
+BENCH_ARGS ?= --viewers 1000 --burst 500 --window-secs 60 --runs 3
+bench: setup
+	$(CARGO) build --release --locked -p onair-server -p onair-tests --bin onair --bin onair-bench
+	./target/release/onair-bench $(BENCH_ARGS) --json target/bench/results.json

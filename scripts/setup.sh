@@ -21,6 +21,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# node + npm: the benchmark's comparison peer, node-media-server, comes from npm (the load
+# tool installs it into target/bench/nms). Machines of this kind ship Node.js 20; install
+# Debian's only where none is present, so an existing Node.js is never replaced.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "setup: installing nodejs npm"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
 # clippy and rustfmt are part of `make test`; wasm32 is checked for the protocol crate.
 components=$(rustup component list --installed 2>/dev/null || true)
 for c in clippy rustfmt; do
@@ -29,3 +38,4 @@ done
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 
 command -v ffmpeg >/dev/null || { echo "setup: ffmpeg still missing" >&2; exit 1; }
+command -v npm >/dev/null || { echo "setup: npm still missing" >&2; exit 1; }
