@@ -184,14 +184,7 @@ impl Server {
 
     /// Resident set size of the server, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS")
-            * 1024
+        load::rss_bytes(self.pid()).expect("read the server's RSS from /proc")
     }
 
     pub async fn api(&self, path: &str) -> serde_json::Value {
