@@ -179,7 +179,12 @@ enum FromReader {
 
 impl hub::SinkWrite for OwnedWriteHalf {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        OwnedWriteHalf::try_write_vectored(self, bufs)
+        // sendmsg(2) straight on the socket (tokio's readiness bookkeeping kept): skips the VFS
+        // layer writev goes through, and MSG_NOSIGNAL comes with it.
+        let tcp: &TcpStream = self.as_ref();
+        tcp.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(tcp).send_vectored(bufs)
+        })
     }
 }
 
@@ -340,7 +345,7 @@ async fn write_all(wr: &OwnedWriteHalf, batch: &[Bytes], stall: Duration) -> Res
         }
         let mut slices = &mut iov[..group.len()];
         while !slices.is_empty() {
-            match wr.try_write_vectored(slices) {
+            match hub::SinkWrite::try_write_vectored(wr, slices) {
                 Ok(0) => return Err(End::ClientGone("socket closed".into())),
                 Ok(n) => IoSlice::advance_slices(&mut slices, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
