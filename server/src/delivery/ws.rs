@@ -304,9 +304,6 @@ async fn write_loop(
                     Wake::Shutdown if mid_frame => return End::ShutdownMidWrite,
                     Wake::Shutdown => return End::Shutdown,
                 }
-                if closed.is_none() {
-                    continue;
-                }
             } else {
                 tokio::select! {
                     _ = &mut notified => {}
@@ -317,9 +314,9 @@ async fn write_loop(
                     },
                     _ = shutdown.cancelled() => return End::Shutdown,
                 }
-                if closed.is_none() {
-                    continue;
-                }
+            }
+            if closed.is_none() {
+                continue;
             }
         }
         if let Some(end) = closed {

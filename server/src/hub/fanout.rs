@@ -18,6 +18,7 @@
 //! party writes at a time and frames never interleave.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -169,8 +170,8 @@ pub struct Fanout {
 #[derive(Default)]
 struct Wake {
     notify: Notify,
-    started: std::sync::atomic::AtomicBool,
-    closed: std::sync::atomic::AtomicBool,
+    started: AtomicBool,
+    closed: AtomicBool,
 }
 
 /// What the fan-out task keeps between wake-ups.
@@ -195,11 +196,7 @@ impl Fanout {
     pub(super) fn add<T: Flush>(&self, owner: &Arc<T>, io: Arc<dyn SinkWrite>) -> Arc<Sink> {
         let sink = Arc::new(Sink::new(io));
         self.sinks.lock().push(sink.clone());
-        if !self
-            .wake
-            .started
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+        if !self.wake.started.swap(true, Ordering::AcqRel) {
             tokio::spawn(run(Arc::downgrade(owner), self.wake.clone()));
         }
         sink
@@ -214,7 +211,7 @@ impl Fanout {
 
     /// Something was pushed: the task flushes it when it next runs.
     pub(super) fn wake(&self) {
-        if self.wake.started.load(std::sync::atomic::Ordering::Acquire) {
+        if self.wake.started.load(Ordering::Acquire) {
             self.wake.notify.notify_one();
         }
     }
@@ -248,9 +245,7 @@ const YIELD_EVERY: usize = 32;
 
 impl Drop for Fanout {
     fn drop(&mut self) {
-        self.wake
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.wake.closed.store(true, Ordering::Release);
         self.wake.notify.notify_one();
     }
 }
@@ -266,13 +261,19 @@ async fn run<T: Flush>(owner: Weak<T>, wake: Arc<Wake>) {
     let mut state = FlushState::default();
     loop {
         wake.notify.notified().await;
-        if wake.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if wake.closed.load(Ordering::Acquire) {
             return;
         }
         let Some(owner) = owner.upgrade() else {
             return;
         };
-        if owner.fanout().sinks.lock().len() >= GATHER_MIN_SINKS {
+        let registered = owner.fanout().sinks.lock().len();
+        if registered == 0 {
+            // Nobody to write to: leave the entries in the log. A viewer promoted later starts
+            // at the head, and collecting clamps to what the log still holds.
+            continue;
+        }
+        if registered >= GATHER_MIN_SINKS {
             tokio::time::sleep(GATHER).await;
         }
         owner.fanout().flush(&*owner, &mut state).await;

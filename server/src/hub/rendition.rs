@@ -107,10 +107,10 @@ pub struct Rendition {
 }
 
 impl Cursor {
-    /// Continues where the fan-out left off.
+    /// Continues where the fan-out left off. (It was promoted at the head, so its join
+    /// allowance is already spent and it is not waiting for a keyframe.)
     pub fn resume(&mut self, r: &Returned) {
         self.next = r.next;
-        self.allowance = Duration::ZERO;
     }
 }
 

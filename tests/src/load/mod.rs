@@ -101,6 +101,8 @@ impl Pcts {
 pub struct Report {
     pub server: String,
     pub viewers: usize,
+    /// Of those, how many joined in the burst (a failed one has no TTFF).
+    pub burst: usize,
     /// Viewers that failed (connect, upgrade, disconnect), with the first few reasons.
     pub failed: usize,
     pub errors: Vec<String>,
@@ -144,15 +146,12 @@ impl Report {
     }
     /// RSS growth per viewer between the burst and the full count.
     pub fn rss_slope_kb(&self) -> f64 {
-        let added = self.viewers.saturating_sub(self.burst_viewers()) as f64;
+        let added = self.viewers.saturating_sub(self.burst) as f64;
         (self.rss_full as f64 - self.rss_burst as f64) / added / 1024.0
     }
     /// RSS per viewer above the idle (publishing, unwatched) server.
     pub fn rss_per_viewer_kb(&self) -> f64 {
         (self.rss_full as f64 - self.rss_idle as f64) / self.viewers as f64 / 1024.0
-    }
-    fn burst_viewers(&self) -> usize {
-        self.ttff_ms.n
     }
 }
 
@@ -379,6 +378,7 @@ fn summarize(server: &Running, plan: &Plan, stats: Vec<ViewerStats>, s: Summary)
             Running::Nms(_) => Target::Nms.name().into(),
         },
         viewers: stats.len(),
+        burst,
         stream_kbps: s.stream_kbps,
         window_s: s.window_s,
         cpu_s: s.cpu_s,
