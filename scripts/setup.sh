@@ -4,8 +4,9 @@
 set -euo pipefail
 
 # ffmpeg: the real publisher and decoder in tests. procps: `kill`, used to send SIGTERM.
-# gcc/libc6-dev: the linker rustc needs. make: the entry point itself.
-APT_PACKAGES=(ffmpeg procps gcc libc6-dev make)
+# gcc/libc6-dev: the linker rustc needs. make: the entry point itself. binaryen: wasm-opt for
+# the player. chromium + chromium-driver: the real browser the player is tested in.
+APT_PACKAGES=(ffmpeg procps gcc libc6-dev make binaryen chromium chromium-driver)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -37,5 +38,15 @@ for c in clippy rustfmt; do
 done
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 
-command -v ffmpeg >/dev/null || { echo "setup: ffmpeg still missing" >&2; exit 1; }
-command -v npm >/dev/null || { echo "setup: npm still missing" >&2; exit 1; }
+# wasm-bindgen-cli must be the exact version of the wasm-bindgen crate in Cargo.lock, or the
+# glue it writes does not match the module. Not --locked: the registry mirror lags behind the
+# CLI's own lock file.
+WB_VERSION=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3 }' Cargo.lock)
+if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WB_VERSION" ]; then
+    echo "setup: installing wasm-bindgen-cli $WB_VERSION"
+    cargo install wasm-bindgen-cli --version "=$WB_VERSION"
+fi
+
+for tool in ffmpeg npm wasm-opt wasm-bindgen chromium chromedriver; do
+    command -v "$tool" >/dev/null || { echo "setup: $tool still missing" >&2; exit 1; }
+done

@@ -1,34 +1,68 @@
-//! The onair player. For now only the protocol side exists: it checks that a message stream from
-//! the server is in the order the player relies on. The Wasm/MSE side comes with the player issue.
+//! onair's browser player, compiled to Wasm.
+//!
+//! - [`session`]: the protocol side, with no browser: server messages in, MSE source
+//!   configurations and fMP4 fragments out (boxed with `onair_protocol::fmp4`, the muxer the
+//!   LL-HLS packager shares), on one continuous timeline across republishes and reconnects.
+//! - [`latency`]: the controller that holds the live latency at its target by nudging
+//!   `playbackRate`.
+//! - `web` (wasm32 only): WebSocket, MediaSource / ManagedMediaSource, the `<video>` element,
+//!   and the `Player` class that JavaScript sees:
+//!
+//! ```js
+//! import init, { Player } from '/player/onair.js';
+//! await init();
+//! const player = new Player(document.querySelector('video'), 'ws://HOST:8080/ws/STREAM', { latencyMs: 200 });
+//! player.on('state', s => console.log(s));
+//! ```
 
-use onair_protocol::wire::{Message, WireError};
+pub mod latency;
+pub mod session;
 
-/// What the player is waiting for next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Phase {
-    #[default]
-    Hello,
-    Init,
-    Keyframe,
-    Playing,
-}
+#[cfg(target_arch = "wasm32")]
+mod web;
 
-/// Tracks the phase of a connection: hello, then init, then media from a keyframe.
-#[derive(Debug, Default)]
-pub struct Session {
-    pub phase: Phase,
-}
-
-impl Session {
-    pub fn on_message(&mut self, buf: &[u8]) -> Result<Phase, WireError> {
-        match Message::decode(buf)? {
-            Message::Hello(_) => self.phase = Phase::Init,
-            Message::Init(_) => self.phase = Phase::Keyframe,
-            Message::Media { header, .. } if self.phase == Phase::Keyframe && header.keyframe => {
-                self.phase = Phase::Playing
-            }
-            _ => {}
+/// `ws://h/ws/NAME?x` → `http://h/hls/NAME/index.m3u8`. (Byte-level on purpose: `str`
+/// pattern searching adds kilobytes to the bundle.)
+pub fn hls_url_for(ws_url: &str) -> String {
+    let b = ws_url.as_bytes();
+    let end = b.iter().position(|&c| c == b'?').unwrap_or(b.len());
+    let mut out = String::new();
+    let rest = if b.starts_with(b"wss://") {
+        out.push_str("https://");
+        6
+    } else if b.starts_with(b"ws://") {
+        out.push_str("http://");
+        5
+    } else {
+        0
+    };
+    let path = &b[rest..end];
+    match path.windows(4).rposition(|w| w == b"/ws/") {
+        Some(i) => {
+            out.push_str(ws_url.get(rest..rest + i).unwrap_or_default());
+            out.push_str("/hls/");
+            out.push_str(ws_url.get(rest + i + 4..end).unwrap_or_default());
+            out.push_str("/index.m3u8");
         }
-        Ok(self.phase)
+        None => out.push_str(ws_url.get(rest..end).unwrap_or_default()),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hls_url_for;
+
+    #[test]
+    fn hls_url_sits_next_to_the_websocket() {
+        assert_eq!(
+            hls_url_for("ws://h:8080/ws/cam1"),
+            "http://h:8080/hls/cam1/index.m3u8"
+        );
+        assert_eq!(
+            hls_url_for("wss://h/base/ws/a.b?token=1"),
+            "https://h/base/hls/a.b/index.m3u8"
+        );
+        assert_eq!(hls_url_for("ws://h/other"), "http://h/other");
     }
 }

@@ -4,7 +4,9 @@
 //! - [`wire`]: the WebSocket protocol between server and player (docs/protocol.md).
 //! - [`flv`]: FLV audio/video tag headers as RTMP hands them over, including Enhanced RTMP.
 //! - [`codec`]: H.264 (avcC, SPS, Annex B <-> AVCC) and AAC (AudioSpecificConfig, ADTS).
+//! - [`fmp4`]: fragmented MP4 (CMAF) init segments and fragment headers, for MSE and LL-HLS.
 
 pub mod codec;
 pub mod flv;
+pub mod fmp4;
 pub mod wire;

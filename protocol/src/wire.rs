@@ -191,7 +191,9 @@ impl MediaHeader {
         out[9..16].copy_from_slice(&(self.ingest_us & MAX_INGEST_US).to_be_bytes()[1..]);
     }
 
-    fn decode(b: &[u8]) -> Result<Self, WireError> {
+    /// Reads the header at the start of a media message; the payload is the rest. The player
+    /// uses this to copy the payload straight from the browser's buffer into its fragment.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         if b.len() < MEDIA_HEADER_LEN {
             return Err(WireError::Truncated {
                 kind: "media",

@@ -75,6 +75,12 @@ pub struct Settings {
     )]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// Directory with the web pages (`index.html`, `watch.html`) and the built player
+    /// (`player/`, made by `make player`). [default: web, the repository's web/ when run from
+    /// the checkout as `make run` does]
+    #[arg(long, env = "ONAIR_WEB_DIR", value_name = "DIR")]
+    pub web_dir: Option<PathBuf>,
+
     /// Log filter, in tracing's EnvFilter syntax. [default: info]
     #[arg(long, env = "ONAIR_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -92,6 +98,7 @@ pub struct Config {
     pub rtmp_handshake_timeout: Duration,
     pub rtmp_idle_timeout: Duration,
     pub allowed_origins: Vec<String>,
+    pub web_dir: PathBuf,
     pub log: String,
 }
 
@@ -143,6 +150,7 @@ impl Config {
             rtmp_handshake_timeout: Duration::from_millis(pick!(rtmp_handshake_timeout_ms, 10_000)),
             rtmp_idle_timeout: Duration::from_millis(pick!(rtmp_idle_timeout_ms, 15_000)),
             allowed_origins: pick!(allowed_origins, Vec::new()),
+            web_dir: pick!(web_dir, PathBuf::from("web")),
             log: pick!(log, "info".to_string()),
         };
         cfg.validate()?;

@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite;
 
+pub mod browser;
 pub mod load;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,6 +39,30 @@ pub fn onair_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A loopback port that was free a moment ago, for a server that must come back on the same
+/// port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// The repository's web/ directory: the pages, and the player `make player` builds into it.
+pub fn web_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web")
+}
+
+/// Asserts the Wasm player is built. Browser tests fail, not skip, without it.
+pub fn require_player() {
+    let js = web_dir().join("player/onair.js");
+    assert!(
+        js.exists() && web_dir().join("player/onair_bg.wasm").exists(),
+        "{} not found: build the player first (`make player`; `make test` does)",
+        js.display()
+    );
 }
 
 /// Asserts a real peer tool is installed. Tests fail, not skip, without it.
@@ -82,10 +107,16 @@ impl Server {
                 cmd.env_remove(k);
             }
         }
+        // Ephemeral loopback ports unless the test picks its own (a restart on the same port).
+        for (flag, default) in [("--rtmp", "127.0.0.1:0"), ("--http", "127.0.0.1:0")] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, default]);
+            }
+        }
         let mut child = cmd
-            .args(["--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .args(extra)
             .env("ONAIR_LOG", "info,onair_server=debug")
+            .env("ONAIR_WEB_DIR", web_dir())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,4 +1,5 @@
-//! The HTTP side: one listener for WebSocket play, the JSON API and (later) pages and HLS.
+//! The HTTP side: one listener for WebSocket play, the JSON API, the web pages and the player
+//! (and later HLS).
 //!
 //! We run hyper's HTTP/1 connection loop ourselves rather than `axum::serve`: it lets upgraded
 //! WebSocket connections be taken back as the plain `TcpStream` (for vectored writes of pre-framed
@@ -10,14 +11,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, get_service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::services::{ServeDir, ServeFile};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::Config;
 use crate::hub::{Hub, StreamSummary};
@@ -31,12 +34,44 @@ pub struct App {
 }
 
 pub fn router(app: App) -> Router {
+    let web = &app.cfg.web_dir;
+    // The pages are small and change with every deploy: revalidate (ServeFile sends
+    // Last-Modified). The player's wasm is served pre-gzipped when `make player` wrote a .gz.
+    let no_cache = || {
+        SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        )
+    };
+    let page = |name: &str| get_service(ServeFile::new(web.join(name))).layer(no_cache());
+    let player = Router::new()
+        .fallback_service(
+            ServeDir::new(web.join("player"))
+                .precompressed_gzip()
+                .fallback(get(player_missing).with_state(app.clone())),
+        )
+        .layer(no_cache());
     Router::new()
         .route("/ws/{stream}", get(super::ws::play))
         .route("/api/streams", get(list_streams))
         .route("/api/streams/{stream}", get(get_stream))
+        .route("/", page("index.html"))
+        .route("/watch/{stream}", page("watch.html"))
+        .nest("/player", player)
         .fallback(not_found)
         .with_state(app)
+}
+
+async fn player_missing(State(app): State<App>, uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "404: no player file {} in {}: build the player with `make player`\n",
+            uri.path(),
+            app.cfg.web_dir.join("player").display()
+        ),
+    )
+        .into_response()
 }
 
 async fn list_streams(State(app): State<App>) -> impl IntoResponse {
@@ -54,7 +89,8 @@ async fn not_found(uri: Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         format!(
-            "404: nothing at {}. WebSocket play is at /ws/STREAM, the API at /api/streams\n",
+            "404: nothing at {}. Pages are / and /watch/STREAM, WebSocket play is at /ws/STREAM, \
+             the API at /api/streams\n",
             uri.path()
         ),
     )

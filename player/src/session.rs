@@ -1,0 +1,653 @@
+//! The player's protocol side, with no browser in it: it turns server messages into what MSE
+//! needs (a source buffer per track with its init segment, then one fMP4 fragment per frame) and
+//! keeps one continuous media timeline across republishes and reconnects.
+//!
+//! Frames are boxed one per fragment as they arrive: waiting for the next frame to learn the
+//! exact duration would add a frame time (33 ms at 30 fps) to the latency. The duration written
+//! is the last step seen on that track; the next fragment's `tfdt` is exact, so an estimate that
+//! is off never accumulates.
+
+use onair_protocol::fmp4::{self, Codec, Run, Sample, Track};
+use onair_protocol::wire::{
+    self, Init, MEDIA_HEADER_LEN, MediaHeader, Message, Status, TimeSyncResponse, TrackKind,
+    TrackParams, WireError,
+};
+
+/// Where the media timeline starts. Headroom below it absorbs a track whose first frame after an
+/// init comes slightly before the other's (audio decoded a little ahead of video).
+const TIMELINE_ORIGIN_US: i64 = 10_000_000;
+
+/// Frames remembered for mapping the playhead back to the server's ingest time: ~10 s of video.
+const INGEST_MAP_LEN: usize = 600;
+
+/// A source buffer to create (or re-initialise): its MIME type and init segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub kind: TrackKind,
+    /// `video/mp4; codecs="avc1.64001f"`: what `MediaSource.isTypeSupported` and
+    /// `addSourceBuffer` take.
+    pub mime: String,
+    pub init: Vec<u8>,
+}
+
+/// A fragment to append to the source buffer of `kind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    pub kind: TrackKind,
+    pub data: Vec<u8>,
+    pub keyframe: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Hello {
+        viewer_id: u64,
+        server_time_us: u64,
+        stream: String,
+    },
+    Status {
+        code: wire::StatusCode,
+        message: String,
+    },
+    /// Set up source buffers for these tracks. `same_tracks` says the kinds are the ones already
+    /// set up, so the existing buffers can take the new init segments (a resolution change, a
+    /// reconnect) instead of a new MediaSource.
+    Configure {
+        sources: Vec<SourceConfig>,
+        same_tracks: bool,
+    },
+    Fragment(Fragment),
+    TimeSync(TimeSyncResponse),
+    /// A message the player does not act on (server stats, control).
+    Ignored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+    #[error("muxing: {0}")]
+    Fmp4(#[from] fmp4::Fmp4Error),
+    #[error("init has no track the player can play")]
+    NoTracks,
+}
+
+struct TrackState {
+    wire_id: u8,
+    kind: TrackKind,
+    /// Units per second of the wire's dts/cts.
+    wire_timescale: u32,
+    /// Units per second written into the fMP4 track (the sample rate for AAC).
+    timescale: u32,
+    /// Estimated duration of the next frame, in `timescale`.
+    duration: u32,
+    last_dts: Option<u64>,
+}
+
+/// Maps wire timestamps of the current publish onto the player's continuous timeline.
+#[derive(Default)]
+struct Timeline {
+    /// (wire time of the first frame after an init, its timeline position), in µs.
+    base: Option<(i64, i64)>,
+    /// Where the next publish starts: the end of everything appended so far.
+    next_origin_us: i64,
+    end_us: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct IngestMark {
+    pts_us: i64,
+    ingest_us: u64,
+}
+
+pub struct Session {
+    tracks: Vec<TrackState>,
+    timeline: Timeline,
+    sequence: u32,
+    /// Media is dropped until a keyframe: after an init, or after the player dropped data.
+    need_keyframe: bool,
+    ingest_map: std::collections::VecDeque<IngestMark>,
+    /// Newest ingest time received, and the server time it was received at, for the delivery
+    /// latency when nothing is buffered yet.
+    last_ingest_us: u64,
+    bytes_received: u64,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self {
+            tracks: Vec::new(),
+            timeline: Timeline {
+                base: None,
+                next_origin_us: TIMELINE_ORIGIN_US,
+                end_us: TIMELINE_ORIGIN_US,
+            },
+            sequence: 0,
+            need_keyframe: true,
+            ingest_map: std::collections::VecDeque::with_capacity(INGEST_MAP_LEN),
+            last_ingest_us: 0,
+            bytes_received: 0,
+        }
+    }
+
+    /// Handles one whole message that is not media (media goes through [`Session::media`], so
+    /// its payload can be copied once, straight into the fragment).
+    pub fn message(&mut self, buf: &[u8]) -> Result<Event, SessionError> {
+        let msg = Message::decode(buf)?;
+        if !matches!(msg, Message::Media { .. }) {
+            self.bytes_received += buf.len() as u64;
+        }
+        Ok(match msg {
+            Message::Hello(h) => Event::Hello {
+                viewer_id: h.viewer_id,
+                server_time_us: h.server_time_us,
+                stream: h.stream.to_owned(),
+            },
+            Message::Status(Status { code, message }) => Event::Status {
+                code,
+                message: message.to_owned(),
+            },
+            Message::Init(init) => self.init(&init)?,
+            Message::Media { header, payload } => {
+                let mut data = Some(payload);
+                match self.media(&header, payload.len(), |dst| {
+                    if let Some(p) = data.take() {
+                        dst.copy_from_slice(p)
+                    }
+                })? {
+                    Some(f) => Event::Fragment(f),
+                    None => Event::Ignored,
+                }
+            }
+            Message::TimeSyncResponse(r) => Event::TimeSync(r),
+            _ => Event::Ignored,
+        })
+    }
+
+    fn init(&mut self, init: &Init<'_>) -> Result<Event, SessionError> {
+        let old_kinds: Vec<TrackKind> = self.tracks.iter().map(|t| t.kind).collect();
+        let mut tracks = Vec::new();
+        let mut sources = Vec::new();
+        for t in &init.tracks {
+            // One kind per source buffer: a second video track would need a second <video>.
+            if tracks.iter().any(|s: &TrackState| s.kind == t.kind()) {
+                continue;
+            }
+            let (codec, timescale, duration) = match t.params {
+                TrackParams::Video {
+                    width,
+                    height,
+                    fps_milli,
+                } => {
+                    let duration = if fps_milli > 0 {
+                        (u64::from(t.timescale) * 1000 / u64::from(fps_milli)).max(1) as u32
+                    } else {
+                        (t.timescale / 30).max(1)
+                    };
+                    (
+                        Codec::Avc {
+                            width,
+                            height,
+                            avcc: t.config,
+                        },
+                        t.timescale,
+                        duration,
+                    )
+                }
+                TrackParams::Audio {
+                    sample_rate,
+                    channels,
+                } => (
+                    Codec::Aac {
+                        sample_rate,
+                        channels,
+                        asc: t.config,
+                    },
+                    // AAC frames are 1024 samples: in the sample rate's timescale every
+                    // duration is exact.
+                    sample_rate,
+                    1024,
+                ),
+            };
+            if t.timescale == 0 || timescale == 0 {
+                continue;
+            }
+            let kind = t.kind();
+            let init = fmp4::init_segment(&[Track {
+                id: 1,
+                timescale,
+                codec,
+            }])?;
+            let mut mime = String::from(match kind {
+                TrackKind::Video => "video/mp4; codecs=\"",
+                TrackKind::Audio => "audio/mp4; codecs=\"",
+            });
+            mime.push_str(t.codec);
+            mime.push('"');
+            sources.push(SourceConfig { kind, mime, init });
+            tracks.push(TrackState {
+                wire_id: t.id,
+                kind,
+                wire_timescale: t.timescale,
+                timescale,
+                duration,
+                last_dts: None,
+            });
+        }
+        if tracks.is_empty() {
+            return Err(SessionError::NoTracks);
+        }
+        let same_tracks = !old_kinds.is_empty()
+            && old_kinds.len() == tracks.len()
+            && tracks.iter().all(|t| old_kinds.contains(&t.kind));
+        self.tracks = tracks;
+        // The new publish continues the timeline where the old one ended.
+        self.timeline.next_origin_us = self.timeline.end_us;
+        self.timeline.base = None;
+        self.need_keyframe = true;
+        Ok(Event::Configure {
+            sources,
+            same_tracks,
+        })
+    }
+
+    /// Boxes one media frame. `fill` copies the `payload_len` payload bytes into the slice it
+    /// is given (the fragment's mdat). `None`: the frame is not playable yet (no init, or
+    /// waiting for a keyframe) or belongs to a track the player does not use.
+    pub fn media(
+        &mut self,
+        header: &MediaHeader,
+        payload_len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Option<Fragment>, SessionError> {
+        self.bytes_received += (MEDIA_HEADER_LEN + payload_len) as u64;
+        self.last_ingest_us = header.ingest_us;
+        let Some(ti) = self.tracks.iter().position(|t| t.wire_id == header.track) else {
+            return Ok(None);
+        };
+        let kind = self.tracks[ti].kind;
+        if self.need_keyframe {
+            // Video decides where playback can start; audio before that would only be cut.
+            if kind != TrackKind::Video && self.tracks.iter().any(|t| t.kind == TrackKind::Video) {
+                return Ok(None);
+            }
+            if !header.keyframe {
+                return Ok(None);
+            }
+            self.need_keyframe = false;
+        }
+        let has_video = self.tracks.iter().any(|t| t.kind == TrackKind::Video);
+        let track = &mut self.tracks[ti];
+        // dts is at most 2^40, so dts × 10^6 fits in a u64 (and the result in an i64).
+        let wire_us = (header.dts * 1_000_000 / u64::from(track.wire_timescale)) as i64;
+        let (base_wire, base_pos) = *self
+            .timeline
+            .base
+            .get_or_insert((wire_us, self.timeline.next_origin_us));
+        let pos_us = base_pos + (wire_us - base_wire);
+        if pos_us < 0 {
+            return Ok(None);
+        }
+        if let Some(last) = track.last_dts
+            && header.dts > last
+        {
+            let step =
+                (header.dts - last) * u64::from(track.timescale) / u64::from(track.wire_timescale);
+            // Audio keeps its exact 1024; a video step longer than a second is a gap in the
+            // stream, not a frame rate.
+            if track.kind == TrackKind::Video && step > 0 && step < u64::from(track.timescale) {
+                track.duration = step as u32;
+            }
+        }
+        track.last_dts = Some(header.dts);
+        let base_dts = rescale_us(pos_us as u64, track.timescale);
+        let cts =
+            i64::from(header.cts) * i64::from(track.timescale) / i64::from(track.wire_timescale);
+        let duration_us = i64::from(track.duration) * 1_000_000 / i64::from(track.timescale.max(1));
+        let sample = [Sample {
+            duration: track.duration,
+            size: u32::try_from(payload_len).map_err(|_| fmp4::Fmp4Error::TooLarge {
+                what: "sample",
+                len: payload_len as u64,
+            })?,
+            cts: cts as i32,
+            keyframe: header.keyframe,
+        }];
+        let runs = [Run {
+            track_id: 1,
+            base_dts,
+            samples: &sample,
+        }];
+        self.sequence = self.sequence.wrapping_add(1);
+        let head_len = fmp4::fragment_header_len(&runs);
+        let mut data = Vec::with_capacity(head_len + payload_len);
+        fmp4::write_fragment_header(&mut data, self.sequence, &runs)?;
+        data.resize(head_len + payload_len, 0);
+        fill(&mut data[head_len..]);
+        let wire_timescale = track.wire_timescale;
+        self.timeline.end_us = self.timeline.end_us.max(pos_us + duration_us);
+        if kind == TrackKind::Video || !has_video {
+            if self.ingest_map.len() == INGEST_MAP_LEN {
+                self.ingest_map.pop_front();
+            }
+            let cts_us = i64::from(header.cts) * 1_000_000 / i64::from(wire_timescale);
+            self.ingest_map.push_back(IngestMark {
+                pts_us: pos_us + cts_us,
+                ingest_us: header.ingest_us,
+            });
+        }
+        Ok(Some(Fragment {
+            kind,
+            data,
+            keyframe: header.keyframe,
+        }))
+    }
+
+    /// After the player had to drop appended data: start again from the next keyframe.
+    pub fn resync(&mut self) {
+        self.need_keyframe = true;
+    }
+
+    /// Server ingest time of the frame showing at `media_time` seconds: the latest frame whose
+    /// presentation time is not after it.
+    pub fn ingest_at(&self, media_time: f64) -> Option<u64> {
+        let t = (media_time * 1_000_000.0) as i64;
+        self.ingest_map
+            .iter()
+            .filter(|m| m.pts_us <= t)
+            .max_by_key(|m| m.pts_us)
+            .map(|m| m.ingest_us)
+    }
+
+    /// Ingest time of the newest frame received.
+    pub fn last_ingest_us(&self) -> u64 {
+        self.last_ingest_us
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received
+    }
+
+    /// The timeline end, in seconds: where the next publish will be placed.
+    pub fn timeline_end(&self) -> f64 {
+        self.timeline.end_us as f64 / 1e6
+    }
+}
+
+/// `us` microseconds in units of `timescale`, without overflow (and without 128-bit division,
+/// which costs the Wasm bundle a kilobyte).
+fn rescale_us(us: u64, timescale: u32) -> u64 {
+    let ts = u64::from(timescale);
+    (us / 1_000_000) * ts + (us % 1_000_000) * ts / 1_000_000
+}
+
+/// Clock offset to the server from NTP-style samples (docs/protocol.md): keeps the sample with
+/// the smallest round trip, the one whose one-way delays are least asymmetric.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClockSync {
+    best_rtt_us: Option<i64>,
+    offset_us: i64,
+    pub samples: u32,
+}
+
+impl ClockSync {
+    /// `t3_us`: client clock when the response arrived (same clock as the request's t0).
+    pub fn add(&mut self, r: &TimeSyncResponse, t3_us: u64) {
+        let (t0, t1, t2, t3) = (r.t0 as i64, r.t1 as i64, r.t2 as i64, t3_us as i64);
+        let rtt = (t3 - t0) - (t2 - t1);
+        if rtt < 0 {
+            return;
+        }
+        self.samples += 1;
+        if self.best_rtt_us.is_none_or(|b| rtt <= b) {
+            self.best_rtt_us = Some(rtt);
+            self.offset_us = ((t1 - t0) + (t2 - t3)) / 2;
+        }
+    }
+
+    /// Rough offset from the hello alone, until a sample arrives: assumes no transit time.
+    pub fn hello(&mut self, server_time_us: u64, now_us: u64) {
+        if self.best_rtt_us.is_none() {
+            self.offset_us = server_time_us as i64 - now_us as i64;
+        }
+    }
+
+    /// Server clock at client time `now_us`.
+    pub fn server_time(&self, now_us: u64) -> u64 {
+        (now_us as i64 + self.offset_us).max(0) as u64
+    }
+
+    pub fn rtt_us(&self) -> Option<i64> {
+        self.best_rtt_us
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onair_protocol::wire::{TrackInit, VERSION};
+
+    fn init_msg(width: u16, audio: bool) -> Vec<u8> {
+        // A real avcC is not needed here: the muxer writes it verbatim.
+        let mut tracks = vec![TrackInit {
+            id: 0,
+            timescale: 1000,
+            codec: "avc1.64001f",
+            params: TrackParams::Video {
+                width,
+                height: 360,
+                fps_milli: 30_000,
+            },
+            config: &[1, 0x64, 0, 0x1f, 0xff, 0xe0, 0],
+        }];
+        if audio {
+            tracks.push(TrackInit {
+                id: 1,
+                timescale: 1000,
+                codec: "mp4a.40.2",
+                params: TrackParams::Audio {
+                    sample_rate: 48000,
+                    channels: 2,
+                },
+                config: &[0x11, 0x90],
+            });
+        }
+        Message::Init(Init {
+            rendition: 0,
+            tracks,
+        })
+        .to_vec()
+        .expect("encode")
+    }
+
+    fn media(track: u8, keyframe: bool, dts: u64, cts: i16, ingest_us: u64) -> Vec<u8> {
+        let mut h = [0u8; MEDIA_HEADER_LEN];
+        MediaHeader {
+            track,
+            keyframe,
+            dts,
+            cts,
+            ingest_us,
+        }
+        .encode(&mut h);
+        let mut v = h.to_vec();
+        v.extend_from_slice(&[0xAB; 10]);
+        v
+    }
+
+    fn fragment(s: &mut Session, msg: &[u8]) -> Option<Fragment> {
+        match s.message(msg).expect("message") {
+            Event::Fragment(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn hello_then_init_configures_one_source_per_kind() {
+        let mut s = Session::new();
+        let hello = Message::Hello(wire::Hello {
+            version: VERSION,
+            viewer_id: 7,
+            server_time_us: 5,
+            stream: "cam",
+        })
+        .to_vec()
+        .expect("encode");
+        assert!(matches!(
+            s.message(&hello),
+            Ok(Event::Hello { viewer_id: 7, .. })
+        ));
+        match s.message(&init_msg(640, true)).expect("init") {
+            Event::Configure {
+                sources,
+                same_tracks,
+            } => {
+                assert!(!same_tracks);
+                assert_eq!(sources.len(), 2);
+                assert_eq!(sources[0].mime, "video/mp4; codecs=\"avc1.64001f\"");
+                assert_eq!(sources[1].mime, "audio/mp4; codecs=\"mp4a.40.2\"");
+                assert_eq!(&sources[0].init[4..8], b"ftyp");
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // Same kinds again (a resolution change): the buffers can stay.
+        assert!(matches!(
+            s.message(&init_msg(1280, true)),
+            Ok(Event::Configure {
+                same_tracks: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.message(&init_msg(1280, false)),
+            Ok(Event::Configure {
+                same_tracks: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn media_waits_for_a_video_keyframe_and_carries_the_payload() {
+        let mut s = Session::new();
+        s.message(&init_msg(640, true)).expect("init");
+        assert_eq!(
+            fragment(&mut s, &media(1, true, 0, 0, 1)),
+            None,
+            "audio first"
+        );
+        assert_eq!(
+            fragment(&mut s, &media(0, false, 0, 0, 1)),
+            None,
+            "delta first"
+        );
+        let f = fragment(&mut s, &media(0, true, 100, 0, 2)).expect("keyframe");
+        assert!(f.keyframe);
+        assert_eq!(&f.data[4..8], b"moof");
+        assert!(f.data.ends_with(&[0xAB; 10]));
+        let a = fragment(&mut s, &media(1, true, 90, 0, 2)).expect("audio after");
+        assert_eq!(a.kind, TrackKind::Audio);
+    }
+
+    #[test]
+    fn republish_continues_the_timeline() {
+        let mut s = Session::new();
+        s.message(&init_msg(640, false)).expect("init");
+        for i in 0..30u64 {
+            fragment(&mut s, &media(0, i == 0, 5000 + i * 33, 0, i)).expect("frame");
+        }
+        let end = s.timeline_end();
+        assert!((end - (10.0 + 30.0 * 0.033)).abs() < 0.002, "{end}");
+        // The new publisher starts its clock at zero.
+        s.message(&init_msg(1280, false)).expect("init");
+        fragment(&mut s, &media(0, true, 0, 0, 99)).expect("frame");
+        assert_eq!(s.ingest_at(end), Some(99));
+        assert_eq!(s.ingest_at(end - 0.01), Some(29));
+        assert!(s.timeline_end() > end);
+    }
+
+    #[test]
+    fn ingest_lookup_uses_presentation_time() {
+        let mut s = Session::new();
+        s.message(&init_msg(640, false)).expect("init");
+        // I P B: the B frame (dts 66) shows before the P frame (dts 33, cts 66).
+        fragment(&mut s, &media(0, true, 0, 33, 1000)).expect("I");
+        fragment(&mut s, &media(0, false, 33, 100, 2000)).expect("P");
+        fragment(&mut s, &media(0, false, 66, 0, 3000)).expect("B");
+        assert_eq!(s.ingest_at(10.034), Some(1000));
+        assert_eq!(s.ingest_at(10.067), Some(3000));
+        assert_eq!(s.ingest_at(10.134), Some(2000));
+        assert_eq!(s.ingest_at(9.0), None);
+    }
+
+    #[test]
+    fn rescaling_is_exact_and_does_not_overflow() {
+        assert_eq!(rescale_us(1_500_000, 48_000), 72_000);
+        assert_eq!(rescale_us(33_333, 90_000), 2_999);
+        let big = (wire::MAX_DTS) * 1000;
+        assert_eq!(rescale_us(big, 1_000_000), big);
+    }
+
+    #[test]
+    fn clock_sync_prefers_the_shortest_round_trip() {
+        let mut c = ClockSync::default();
+        // Server is 1 s ahead. Sample 1: 40 ms out, 0 back (asymmetric, long).
+        c.add(
+            &TimeSyncResponse {
+                t0: 0,
+                t1: 1_040_000,
+                t2: 1_040_000,
+            },
+            40_000,
+        );
+        // Sample 2: 1 ms each way.
+        c.add(
+            &TimeSyncResponse {
+                t0: 100_000,
+                t1: 1_101_000,
+                t2: 1_101_000,
+            },
+            102_000,
+        );
+        assert_eq!(c.rtt_us(), Some(2000));
+        assert_eq!(c.server_time(0), 1_000_000);
+        assert_eq!(c.samples, 2);
+    }
+
+    #[test]
+    fn hostile_messages_are_errors_not_panics() {
+        let mut s = Session::new();
+        assert!(s.message(&[]).is_err());
+        assert!(s.message(&[0x10, 0, 0]).is_err());
+        // An init with a zero timescale is skipped, leaving no playable track.
+        let bad = Message::Init(Init {
+            rendition: 0,
+            tracks: vec![TrackInit {
+                id: 0,
+                timescale: 0,
+                codec: "avc1.64001f",
+                params: TrackParams::Video {
+                    width: 1,
+                    height: 1,
+                    fps_milli: 0,
+                },
+                config: &[],
+            }],
+        })
+        .to_vec()
+        .expect("encode");
+        assert!(matches!(s.message(&bad), Err(SessionError::NoTracks)));
+        s.message(&init_msg(640, false)).expect("init");
+        // A dts at the top of the range does not overflow.
+        let f = fragment(&mut s, &media(0, true, wire::MAX_DTS, i16::MIN, 0));
+        assert!(f.is_some());
+        // Time running backwards by more than the timeline's headroom is dropped, not wrapped.
+        assert_eq!(fragment(&mut s, &media(0, false, 0, i16::MAX, 0)), None);
+    }
+}

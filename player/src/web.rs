@@ -1,0 +1,1029 @@
+//! The browser side: WebSocket in, MediaSource out, and the `Player` class JavaScript sees.
+//!
+//! Everything runs on the page's one thread. State lives in `Inner` behind `Rc<RefCell<_>>`;
+//! event handlers hold only a `Weak`, so dropping the `Player` ends it. Listener callbacks are
+//! called after the borrow is released, so a listener may call back into the player.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+
+use js_sys::{Function, Object, Reflect, Uint8Array};
+use onair_protocol::wire::{
+    MEDIA_HEADER_LEN, MediaHeader, Message, StatusCode, TimeSyncRequest, TrackKind, ViewerStats,
+    kind,
+};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use web_sys::{
+    BinaryType, CloseEvent, Event, EventTarget, HtmlVideoElement, MediaSource,
+    MediaSourceReadyState, MessageEvent, SourceBuffer, Url, WebSocket,
+};
+
+use crate::hls_url_for;
+use crate::latency::{Controller, Decision};
+use crate::session::{ClockSync, Event as SessionEvent, Session, SourceConfig};
+
+#[wasm_bindgen]
+extern "C" {
+    /// iOS 17.1+ Safari has `ManagedMediaSource` and no `MediaSource`; web-sys has no binding.
+    #[wasm_bindgen(extends = MediaSource, extends = EventTarget, js_name = ManagedMediaSource)]
+    type ManagedMediaSource;
+
+    #[wasm_bindgen(constructor, js_class = "ManagedMediaSource", catch)]
+    fn new() -> Result<ManagedMediaSource, JsValue>;
+}
+
+/// Default target live latency: ~150 ms of buffer plus delivery and the decoder's own frame.
+pub const DEFAULT_LATENCY_MS: f64 = 200.0;
+
+/// Control ticks: often enough to react within a few frames.
+const TICK_MS: i32 = 100;
+/// Time sync samples on connect, then one every `SYNC_EVERY_MS`.
+const SYNC_SAMPLES: u32 = 5;
+const SYNC_EVERY_MS: f64 = 10_000.0;
+/// Media kept behind the playhead; older is removed so memory stays flat for hours.
+const KEEP_BEHIND_S: f64 = 4.0;
+const TRIM_BEYOND_S: f64 = 8.0;
+/// Bytes waiting for a busy source buffer before the queue is dropped and playback resyncs at
+/// the next keyframe (a hidden tab, a stuck decoder): memory stays bounded.
+const MAX_QUEUED_BYTES: usize = 16 << 20;
+/// Reconnect backoff.
+const RECONNECT_MIN_MS: i32 = 500;
+const RECONNECT_MAX_MS: i32 = 5000;
+
+fn now_us() -> u64 {
+    match web_sys::window().and_then(|w| w.performance()) {
+        Some(p) => ((p.time_origin() + p.now()) * 1000.0) as u64,
+        None => (js_sys::Date::now() * 1000.0) as u64,
+    }
+}
+
+fn log(msg: &str) {
+    web_sys::console::log_1(&JsValue::from_str(msg));
+}
+
+fn log2(msg: &str, detail: &str) {
+    web_sys::console::log_2(&JsValue::from_str(msg), &JsValue::from_str(detail));
+}
+
+fn has_global(name: &str) -> bool {
+    Reflect::get(&js_sys::global(), &JsValue::from_str(name))
+        .map(|v| !v.is_undefined())
+        .unwrap_or(false)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    /// Connected, nobody is publishing.
+    Waiting,
+    Playing,
+    Buffering,
+    Reconnecting,
+    /// The stream ended for good.
+    Offline,
+    /// No MSE: the `<video>` plays HLS by itself.
+    Hls,
+    Error,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Waiting => "waiting",
+            State::Playing => "playing",
+            State::Buffering => "buffering",
+            State::Reconnecting => "reconnecting",
+            State::Offline => "offline",
+            State::Hls => "hls",
+            State::Error => "error",
+        }
+    }
+
+    /// The code in viewer stats (docs/protocol.md).
+    fn code(self) -> u8 {
+        match self {
+            State::Playing | State::Hls => 1,
+            State::Buffering => 2,
+            State::Error => 4,
+            _ => 0,
+        }
+    }
+}
+
+struct Source {
+    kind: TrackKind,
+    mime: String,
+    sb: Option<SourceBuffer>,
+    queue: VecDeque<Vec<u8>>,
+    queued_bytes: usize,
+}
+
+/// A DOM listener we added and must remove.
+struct Listener {
+    target: EventTarget,
+    event: &'static str,
+    closure: Closure<dyn FnMut(Event)>,
+}
+
+enum Out {
+    State(State),
+    Status(String),
+    Stats,
+}
+
+struct Inner {
+    video: HtmlVideoElement,
+    url: String,
+    session: Session,
+    clock: ClockSync,
+    ctl: Controller,
+    ws: Option<WebSocket>,
+    ws_handlers: Vec<Closure<dyn FnMut(JsValue)>>,
+    media_source: Option<MediaSource>,
+    object_url: Option<String>,
+    managed: bool,
+    sources: Vec<Source>,
+    ms_listeners: Vec<Listener>,
+    video_listeners: Vec<Listener>,
+    tick: Option<(i32, Closure<dyn FnMut()>)>,
+    reconnect: Option<(i32, Closure<dyn FnMut()>)>,
+    reconnect_attempt: u32,
+    state: State,
+    live: bool,
+    started: bool,
+    /// A decode error poisoned the MediaSource: the next init builds a new one.
+    force_new_source: bool,
+    stalls: u32,
+    gap_jumps: u32,
+    viewer_id: u64,
+    delivery_ms: f64,
+    latency_ms: Option<f64>,
+    buffer_ms: f64,
+    bitrate_kbps: f64,
+    bytes_mark: (u64, f64),
+    last_stats_ms: f64,
+    last_trim_ms: f64,
+    last_sync_ms: f64,
+    sync_sent: u32,
+    listeners: Vec<(String, Function)>,
+    outbox: Vec<Out>,
+    destroyed: bool,
+}
+
+/// onair's player. `new Player(videoElement, 'ws://HOST:8080/ws/STREAM', { latencyMs: 200 })`.
+#[wasm_bindgen]
+pub struct Player {
+    inner: Rc<RefCell<Inner>>,
+}
+
+/// Runs `f` on the player's state, then delivers the events it queued to the page's listeners,
+/// with no borrow held. A callback arriving while the state is borrowed (it cannot, on one
+/// thread, unless a listener re-enters) is dropped rather than panicking.
+fn with(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner, &Rc<RefCell<Inner>>)) {
+    let Some(rc) = weak.upgrade() else { return };
+    let (out, listeners, stats) = {
+        let Ok(mut inner) = rc.try_borrow_mut() else {
+            return;
+        };
+        if inner.destroyed {
+            return;
+        }
+        f(&mut inner, &rc);
+        let out = std::mem::take(&mut inner.outbox);
+        if out.is_empty() {
+            return;
+        }
+        (out, inner.listeners.clone(), inner.stats_object())
+    };
+    for o in out {
+        let (name, arg) = match o {
+            Out::State(s) => ("state", JsValue::from_str(s.name())),
+            Out::Status(m) => ("status", JsValue::from_str(&m)),
+            Out::Stats => ("stats", stats.clone().into()),
+        };
+        for (n, cb) in &listeners {
+            if n == name {
+                let _ = cb.call1(&JsValue::NULL, &arg);
+            }
+        }
+    }
+}
+
+#[wasm_bindgen]
+impl Player {
+    /// `options`: `{ latencyMs }`, the target live latency in milliseconds (default 200), and
+    /// `hlsUrl`, used where the browser has neither MediaSource nor ManagedMediaSource (default:
+    /// the `/hls/STREAM/index.m3u8` next to the WebSocket URL).
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        video: HtmlVideoElement,
+        url: String,
+        options: Option<Object>,
+    ) -> Result<Player, JsValue> {
+        let opt = |name: &str| {
+            options
+                .as_ref()
+                .and_then(|o| Reflect::get(o, &JsValue::from_str(name)).ok())
+                .filter(|v| !v.is_undefined() && !v.is_null())
+        };
+        let latency = opt("latencyMs")
+            .and_then(|v| v.as_f64())
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .unwrap_or(DEFAULT_LATENCY_MS);
+        let hls_url = opt("hlsUrl")
+            .and_then(|v| v.as_string())
+            .unwrap_or_else(|| hls_url_for(&url));
+        let managed = !has_global("MediaSource") && has_global("ManagedMediaSource");
+        let inner = Rc::new(RefCell::new(Inner {
+            video,
+            url,
+            session: Session::new(),
+            clock: ClockSync::default(),
+            ctl: Controller::new(latency),
+            ws: None,
+            ws_handlers: Vec::new(),
+            media_source: None,
+            object_url: None,
+            managed,
+            sources: Vec::new(),
+            ms_listeners: Vec::new(),
+            video_listeners: Vec::new(),
+            tick: None,
+            reconnect: None,
+            reconnect_attempt: 0,
+            state: State::Connecting,
+            live: false,
+            started: false,
+            force_new_source: false,
+            stalls: 0,
+            gap_jumps: 0,
+            viewer_id: 0,
+            delivery_ms: 0.0,
+            latency_ms: None,
+            buffer_ms: 0.0,
+            bitrate_kbps: 0.0,
+            bytes_mark: (0, 0.0),
+            last_stats_ms: 0.0,
+            last_trim_ms: 0.0,
+            last_sync_ms: 0.0,
+            sync_sent: 0,
+            listeners: Vec::new(),
+            outbox: Vec::new(),
+            destroyed: false,
+        }));
+        {
+            let mut i = inner.borrow_mut();
+            if !has_global("MediaSource") && !managed {
+                // Older iPhones: the platform's own HLS player, fed by onair's LL-HLS.
+                log2("onair: no MediaSource here, playing HLS from", &hls_url);
+                i.video.set_src(&hls_url);
+                let _ = i.video.play();
+                i.state = State::Hls;
+                return Ok(Player {
+                    inner: inner.clone(),
+                });
+            }
+            i.watch_video(&inner);
+            i.start_tick(&inner);
+            i.connect(&inner)?;
+        }
+        Ok(Player { inner })
+    }
+
+    /// Adds a listener: `state` (a state name), `status` (the server's status message) or
+    /// `stats` (the object `stats()` returns, once a second).
+    pub fn on(&self, event: String, callback: Function) {
+        if let Ok(mut i) = self.inner.try_borrow_mut() {
+            i.listeners.push((event, callback));
+        }
+    }
+
+    /// Stops playback and releases the connection, the MediaSource and every handler.
+    pub fn destroy(&self) {
+        if let Ok(mut i) = self.inner.try_borrow_mut() {
+            i.shutdown();
+        }
+    }
+
+    /// `connecting`, `waiting`, `playing`, `buffering`, `reconnecting`, `offline`, `hls` or
+    /// `error`.
+    #[wasm_bindgen(getter)]
+    pub fn state(&self) -> String {
+        self.read(|i| i.state.name().to_owned())
+    }
+
+    /// Live latency, ms: server ingest time of the frame on screen to now. NaN until known.
+    #[wasm_bindgen(getter, js_name = latencyMs)]
+    pub fn latency_ms(&self) -> f64 {
+        self.read(|i| i.latency_ms.unwrap_or(f64::NAN))
+    }
+
+    #[wasm_bindgen(getter, js_name = targetLatencyMs)]
+    pub fn target_latency_ms(&self) -> f64 {
+        self.read(|i| i.ctl.target_ms())
+    }
+
+    #[wasm_bindgen(setter, js_name = targetLatencyMs)]
+    pub fn set_target_latency_ms(&self, ms: f64) {
+        if let Ok(mut i) = self.inner.try_borrow_mut()
+            && ms.is_finite()
+            && ms > 0.0
+        {
+            i.ctl.set_target_ms(ms);
+        }
+    }
+
+    /// Media buffered ahead of the playhead, ms.
+    #[wasm_bindgen(getter, js_name = bufferMs)]
+    pub fn buffer_ms(&self) -> f64 {
+        self.read(|i| i.buffer_ms)
+    }
+
+    #[wasm_bindgen(getter, js_name = droppedFrames)]
+    pub fn dropped_frames(&self) -> u32 {
+        self.read(|i| i.video.get_video_playback_quality().dropped_video_frames())
+    }
+
+    #[wasm_bindgen(getter, js_name = decodedFrames)]
+    pub fn decoded_frames(&self) -> u32 {
+        self.read(|i| i.video.get_video_playback_quality().total_video_frames())
+    }
+
+    /// Received bitrate over the last second, kbit/s.
+    #[wasm_bindgen(getter, js_name = bitrateKbps)]
+    pub fn bitrate_kbps(&self) -> f64 {
+        self.read(|i| i.bitrate_kbps)
+    }
+
+    /// Everything above and more, as one object: what the page's overlay and tests read.
+    pub fn stats(&self) -> Object {
+        self.read(|i| i.stats_object())
+    }
+}
+
+impl Player {
+    fn read<T: Default>(&self, f: impl FnOnce(&Inner) -> T) -> T {
+        self.inner.try_borrow().map(|i| f(&i)).unwrap_or_default()
+    }
+}
+
+impl Drop for Player {
+    fn drop(&mut self) {
+        if let Ok(mut i) = self.inner.try_borrow_mut() {
+            i.shutdown();
+        }
+    }
+}
+
+fn set_prop(o: &Object, k: &str, v: impl Into<JsValue>) {
+    let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
+}
+
+impl Inner {
+    fn set_state(&mut self, s: State) {
+        if self.state != s {
+            self.state = s;
+            self.outbox.push(Out::State(s));
+        }
+    }
+
+    fn stats_object(&self) -> Object {
+        let o = Object::new();
+        let q = self.video.get_video_playback_quality();
+        set_prop(&o, "state", self.state.name());
+        set_prop(&o, "latencyMs", self.latency_ms.unwrap_or(f64::NAN));
+        set_prop(&o, "targetLatencyMs", self.ctl.target_ms());
+        set_prop(&o, "bufferMs", self.buffer_ms);
+        set_prop(&o, "deliveryMs", self.delivery_ms);
+        set_prop(&o, "playbackRate", self.video.playback_rate());
+        set_prop(&o, "decodedFrames", q.total_video_frames());
+        set_prop(&o, "droppedFrames", q.dropped_video_frames());
+        set_prop(&o, "bitrateKbps", self.bitrate_kbps);
+        set_prop(&o, "stalls", self.stalls);
+        set_prop(&o, "gapJumps", self.gap_jumps);
+        set_prop(&o, "viewerId", self.viewer_id as f64);
+        set_prop(&o, "width", self.video.video_width());
+        set_prop(&o, "height", self.video.video_height());
+        set_prop(
+            &o,
+            "rttMs",
+            self.clock.rtt_us().map_or(f64::NAN, |r| r as f64 / 1000.0),
+        );
+        set_prop(&o, "managedMediaSource", self.managed);
+        o
+    }
+
+    // ---- connection ----
+
+    fn connect(&mut self, rc: &Rc<RefCell<Inner>>) -> Result<(), JsValue> {
+        self.set_state(if self.started {
+            State::Reconnecting
+        } else {
+            State::Connecting
+        });
+        let ws = WebSocket::new(&self.url)?;
+        ws.set_binary_type(BinaryType::Arraybuffer);
+        let weak = Rc::downgrade(rc);
+        let on_message = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+            with(&weak, |i, rc| {
+                if let Ok(e) = e.dyn_into::<MessageEvent>() {
+                    i.on_message(e.data(), rc);
+                }
+            })
+        });
+        let weak = Rc::downgrade(rc);
+        let on_close = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+            with(&weak, |i, rc| {
+                if let Ok(c) = e.dyn_into::<CloseEvent>() {
+                    web_sys::console::log_3(
+                        &"onair: connection closed".into(),
+                        &c.code().into(),
+                        &c.reason().into(),
+                    );
+                }
+                i.schedule_reconnect(rc);
+            })
+        });
+        let weak = Rc::downgrade(rc);
+        let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_| {
+            with(&weak, |i, _| {
+                i.reconnect_attempt = 0;
+                i.sync_sent = 0;
+                i.clock = ClockSync::default();
+                i.send_time_sync();
+            })
+        });
+        ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        self.ws_handlers = vec![on_message, on_close, on_open];
+        self.ws = Some(ws);
+        Ok(())
+    }
+
+    fn close_ws(&mut self) {
+        if let Some(ws) = self.ws.take() {
+            ws.set_onmessage(None);
+            ws.set_onclose(None);
+            ws.set_onopen(None);
+            let _ = ws.close();
+        }
+        self.ws_handlers.clear();
+    }
+
+    fn schedule_reconnect(&mut self, rc: &Rc<RefCell<Inner>>) {
+        self.close_ws();
+        if self.state == State::Offline || self.reconnect.is_some() {
+            return;
+        }
+        self.set_state(State::Reconnecting);
+        self.live = false;
+        let delay = (RECONNECT_MIN_MS << self.reconnect_attempt.min(4)).min(RECONNECT_MAX_MS);
+        self.reconnect_attempt += 1;
+        let weak = Rc::downgrade(rc);
+        let cb = Closure::<dyn FnMut()>::new(move || {
+            with(&weak, |i, rc| {
+                i.reconnect = None;
+                if let Err(e) = i.connect(rc) {
+                    web_sys::console::warn_2(&JsValue::from_str("onair: reconnect failed"), &e);
+                    i.schedule_reconnect(rc);
+                }
+            })
+        });
+        if let Some(w) = web_sys::window()
+            && let Ok(id) = w.set_timeout_with_callback_and_timeout_and_arguments_0(
+                cb.as_ref().unchecked_ref(),
+                delay,
+            )
+        {
+            self.reconnect = Some((id, cb));
+        }
+    }
+
+    fn send(&self, msg: &Message<'_>) {
+        if let (Some(ws), Ok(buf)) = (&self.ws, msg.to_vec())
+            && ws.ready_state() == WebSocket::OPEN
+        {
+            let _ = ws.send_with_u8_array(&buf);
+        }
+    }
+
+    fn send_time_sync(&mut self) {
+        self.sync_sent += 1;
+        self.last_sync_ms = now_us() as f64 / 1000.0;
+        self.send(&Message::TimeSyncRequest(TimeSyncRequest { t0: now_us() }));
+    }
+
+    fn on_message(&mut self, data: JsValue, rc: &Rc<RefCell<Inner>>) {
+        let Ok(buf) = data.dyn_into::<js_sys::ArrayBuffer>() else {
+            return;
+        };
+        let bytes = Uint8Array::new(&buf);
+        let len = bytes.length() as usize;
+        let result = if len >= MEDIA_HEADER_LEN && bytes.get_index(0) == kind::MEDIA {
+            // Media: only the header is copied out; the payload goes from the browser's buffer
+            // straight into its place in the fragment.
+            let mut head = [0u8; MEDIA_HEADER_LEN];
+            bytes
+                .subarray(0, MEDIA_HEADER_LEN as u32)
+                .copy_to(&mut head);
+            match MediaHeader::decode(&head) {
+                Ok(h) => self
+                    .session
+                    .media(&h, len - MEDIA_HEADER_LEN, |dst| {
+                        bytes
+                            .subarray(MEDIA_HEADER_LEN as u32, len as u32)
+                            .copy_to(dst)
+                    })
+                    .map(|f| {
+                        f.map(SessionEvent::Fragment)
+                            .unwrap_or(SessionEvent::Ignored)
+                    }),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            self.session.message(&bytes.to_vec())
+        };
+        match result {
+            Ok(ev) => self.on_event(ev, rc),
+            // The server speaks this protocol; anything else is a bug worth a visible log, not a
+            // reason to stop playing.
+            Err(e) => web_sys::console::warn_1(&JsValue::from_str(&format!("onair: {e}"))),
+        }
+    }
+
+    fn on_event(&mut self, ev: SessionEvent, rc: &Rc<RefCell<Inner>>) {
+        match ev {
+            SessionEvent::Hello {
+                viewer_id,
+                server_time_us,
+                ..
+            } => {
+                self.viewer_id = viewer_id;
+                self.clock.hello(server_time_us, now_us());
+            }
+            SessionEvent::Status { code, message } => {
+                match code {
+                    StatusCode::Waiting => {
+                        self.live = false;
+                        self.set_state(State::Waiting);
+                    }
+                    StatusCode::Ended => {
+                        self.live = false;
+                        self.set_state(State::Offline);
+                    }
+                    StatusCode::Live | StatusCode::Republished => self.live = true,
+                    StatusCode::Skipped => {}
+                }
+                self.outbox.push(Out::Status(message));
+            }
+            SessionEvent::Configure {
+                sources,
+                same_tracks,
+            } => {
+                self.live = true;
+                self.configure(sources, same_tracks, rc);
+            }
+            SessionEvent::Fragment(f) => {
+                let server_now = self.clock.server_time(now_us());
+                let delivery = server_now.saturating_sub(self.session.last_ingest_us()) as f64;
+                self.delivery_ms += 0.1 * (delivery / 1000.0 - self.delivery_ms);
+                if let Some(i) = self.sources.iter().position(|s| s.kind == f.kind) {
+                    let s = &mut self.sources[i];
+                    s.queued_bytes += f.data.len();
+                    s.queue.push_back(f.data);
+                    if s.queued_bytes > MAX_QUEUED_BYTES {
+                        log("onair: source buffer is not keeping up; resyncing at a keyframe");
+                        for s in &mut self.sources {
+                            s.queue.clear();
+                            s.queued_bytes = 0;
+                        }
+                        self.session.resync();
+                        return;
+                    }
+                    self.pump(i);
+                }
+            }
+            SessionEvent::TimeSync(r) => {
+                self.clock.add(&r, now_us());
+                if self.sync_sent < SYNC_SAMPLES {
+                    self.send_time_sync();
+                }
+            }
+            SessionEvent::Ignored => {}
+        }
+    }
+
+    // ---- MediaSource ----
+
+    fn configure(&mut self, sources: Vec<SourceConfig>, same: bool, rc: &Rc<RefCell<Inner>>) {
+        let reusable = same
+            && !self.force_new_source
+            && self.media_source.is_some()
+            && self.sources.len() == sources.len();
+        if reusable {
+            for cfg in sources {
+                let Some(i) = self.sources.iter().position(|s| s.kind == cfg.kind) else {
+                    continue;
+                };
+                let s = &mut self.sources[i];
+                if s.mime != cfg.mime {
+                    // A new profile or level (another resolution): the buffer switches codec
+                    // configuration in place, no new MediaSource, no black frame.
+                    if let Some(sb) = &s.sb
+                        && let Err(e) = sb.change_type(&cfg.mime)
+                    {
+                        web_sys::console::warn_2(&"onair: changeType".into(), &e);
+                    }
+                    s.mime = cfg.mime;
+                }
+                s.queued_bytes += cfg.init.len();
+                s.queue.push_back(cfg.init);
+                self.pump(i);
+            }
+            return;
+        }
+        self.force_new_source = false;
+        self.detach_media_source();
+        let ms: MediaSource = if self.managed {
+            match ManagedMediaSource::new() {
+                Ok(m) => {
+                    // Safari only streams into a ManagedMediaSource with AirPlay off (or an
+                    // alternative source given).
+                    let _ =
+                        Reflect::set(&self.video, &"disableRemotePlayback".into(), &JsValue::TRUE);
+                    m.unchecked_into()
+                }
+                Err(e) => return self.fail("ManagedMediaSource", &e),
+            }
+        } else {
+            match MediaSource::new() {
+                Ok(m) => m,
+                Err(e) => return self.fail("MediaSource", &e),
+            }
+        };
+        for cfg in &sources {
+            if !MediaSource::is_type_supported(&cfg.mime) && !self.managed {
+                log2("onair: this browser cannot play", &cfg.mime);
+            }
+        }
+        self.sources = sources
+            .into_iter()
+            .map(|cfg| Source {
+                kind: cfg.kind,
+                mime: cfg.mime,
+                sb: None,
+                queued_bytes: cfg.init.len(),
+                queue: VecDeque::from([cfg.init]),
+            })
+            .collect();
+        let weak = Rc::downgrade(rc);
+        self.listen_ms(&ms, "sourceopen", move |_| {
+            with(&weak, |i, rc| i.on_source_open(rc))
+        });
+        let url = match Url::create_object_url_with_source(&ms) {
+            Ok(u) => u,
+            Err(e) => return self.fail("createObjectURL", &e),
+        };
+        self.video.set_src(&url);
+        self.object_url = Some(url);
+        self.media_source = Some(ms);
+        self.started = false;
+        self.ctl.reset();
+    }
+
+    fn listen_ms(
+        &mut self,
+        target: &EventTarget,
+        event: &'static str,
+        f: impl FnMut(Event) + 'static,
+    ) {
+        let closure = Closure::<dyn FnMut(Event)>::new(f);
+        let _ = target.add_event_listener_with_callback(event, closure.as_ref().unchecked_ref());
+        self.ms_listeners.push(Listener {
+            target: target.clone(),
+            event,
+            closure,
+        });
+    }
+
+    fn on_source_open(&mut self, rc: &Rc<RefCell<Inner>>) {
+        let Some(ms) = self.media_source.clone() else {
+            return;
+        };
+        if ms.ready_state() != MediaSourceReadyState::Open {
+            return;
+        }
+        if self.sources.iter().any(|s| s.sb.is_some()) {
+            return;
+        }
+        for i in 0..self.sources.len() {
+            let sb = match ms.add_source_buffer(&self.sources[i].mime) {
+                Ok(sb) => sb,
+                Err(e) => return self.fail("addSourceBuffer", &e),
+            };
+            let weak = Rc::downgrade(rc);
+            self.listen_ms(&sb, "updateend", move |_| {
+                with(&weak, |inner, _| {
+                    inner.pump(i);
+                    inner.try_start();
+                })
+            });
+            let weak = Rc::downgrade(rc);
+            self.listen_ms(&sb, "error", move |_| {
+                with(&weak, |_, _| log("onair: source buffer append error"))
+            });
+            self.sources[i].sb = Some(sb);
+        }
+        for i in 0..self.sources.len() {
+            self.pump(i);
+        }
+    }
+
+    fn detach_media_source(&mut self) {
+        for l in self.ms_listeners.drain(..) {
+            let _ = l
+                .target
+                .remove_event_listener_with_callback(l.event, l.closure.as_ref().unchecked_ref());
+        }
+        self.sources.clear();
+        self.media_source = None;
+        if let Some(url) = self.object_url.take() {
+            let _ = Url::revoke_object_url(&url);
+        }
+    }
+
+    /// Appends everything queued for source `i` in one go, if its buffer is idle.
+    fn pump(&mut self, i: usize) {
+        let Some(s) = self.sources.get_mut(i) else {
+            return;
+        };
+        let Some(sb) = s.sb.clone() else { return };
+        if sb.updating() || s.queue.is_empty() {
+            return;
+        }
+        let mut data = if s.queue.len() == 1 {
+            s.queue.pop_front().unwrap_or_default()
+        } else {
+            let mut all = Vec::with_capacity(s.queued_bytes);
+            for d in s.queue.drain(..) {
+                all.extend_from_slice(&d);
+            }
+            all
+        };
+        s.queued_bytes = 0;
+        if let Err(e) = sb.append_buffer_with_u8_array(&mut data) {
+            let name = Reflect::get(&e, &"name".into())
+                .ok()
+                .and_then(|n| n.as_string())
+                .unwrap_or_default();
+            if name == "QuotaExceededError" {
+                // The browser's buffer is full: free what is behind the playhead and append
+                // again after; with nothing to free, drop this data and restart at a keyframe.
+                let t = self.video.current_time();
+                let start = buffered_start(&sb);
+                if let Some(start) = start.filter(|s| *s < t - 0.5) {
+                    let _ = sb.remove(start, t - 0.5);
+                    let s = &mut self.sources[i];
+                    s.queued_bytes = data.len();
+                    s.queue.push_front(data);
+                } else {
+                    log("onair: buffer full with nothing to free; resyncing at a keyframe");
+                    self.session.resync();
+                }
+            } else {
+                web_sys::console::warn_2(&"onair: appendBuffer failed".into(), &e);
+                self.session.resync();
+            }
+        }
+    }
+
+    /// Starts playback once there is something buffered: jumps from the start of the cached GOP
+    /// to the live edge minus the target, so the first frame shown is already live.
+    fn try_start(&mut self) {
+        if self.started {
+            return;
+        }
+        let b = self.video.buffered();
+        let n = b.length();
+        if n == 0 {
+            return;
+        }
+        let (Ok(start), Ok(end)) = (b.start(n - 1), b.end(n - 1)) else {
+            return;
+        };
+        let behind = self.ctl.start_behind_end_s(self.delivery_ms);
+        // Wait for a buffer's worth unless the whole cached GOP is shorter than that.
+        if end - start < behind.min(0.05) {
+            return;
+        }
+        self.started = true;
+        self.video.set_current_time((end - behind).max(start));
+        self.ctl.reset();
+        let _ = self.video.play();
+    }
+
+    fn fail(&mut self, what: &str, e: &JsValue) {
+        web_sys::console::error_3(&"onair: failed:".into(), &what.into(), e);
+        self.set_state(State::Error);
+    }
+
+    // ---- the <video> element ----
+
+    fn watch_video(&mut self, rc: &Rc<RefCell<Inner>>) {
+        let target: EventTarget = self.video.clone().unchecked_into();
+        let mut add = |event: &'static str, f: Box<dyn FnMut(Event)>| {
+            let closure = Closure::<dyn FnMut(Event)>::wrap(f);
+            let _ =
+                target.add_event_listener_with_callback(event, closure.as_ref().unchecked_ref());
+            self.video_listeners.push(Listener {
+                target: target.clone(),
+                event,
+                closure,
+            });
+        };
+        let weak = Rc::downgrade(rc);
+        add(
+            "waiting",
+            Box::new(move |_| {
+                with(&weak, |i, _| {
+                    // A stall is playback stopping once it ran; the wait for the first frame is
+                    // not one.
+                    if matches!(i.state, State::Playing) && i.live {
+                        i.stalls += 1;
+                        i.set_state(State::Buffering);
+                    }
+                })
+            }),
+        );
+        let weak = Rc::downgrade(rc);
+        add(
+            "playing",
+            Box::new(move |_| with(&weak, |i, _| i.set_state(State::Playing))),
+        );
+        let weak = Rc::downgrade(rc);
+        add(
+            "error",
+            Box::new(move |_| {
+                with(&weak, |i, rc| {
+                    if let Some(e) = i.video.error() {
+                        web_sys::console::log_3(
+                            &"onair: media error; starting over:".into(),
+                            &e.code().into(),
+                            &e.message().into(),
+                        );
+                    }
+                    // The element's decoder is gone: a new MediaSource on a fresh connection,
+                    // which starts again from a keyframe.
+                    i.force_new_source = true;
+                    i.detach_media_source();
+                    i.schedule_reconnect(rc);
+                })
+            }),
+        );
+    }
+
+    fn start_tick(&mut self, rc: &Rc<RefCell<Inner>>) {
+        let weak = Rc::downgrade(rc);
+        let cb = Closure::<dyn FnMut()>::new(move || with(&weak, |i, _| i.tick()));
+        if let Some(w) = web_sys::window()
+            && let Ok(id) = w.set_interval_with_callback_and_timeout_and_arguments_0(
+                cb.as_ref().unchecked_ref(),
+                TICK_MS,
+            )
+        {
+            self.tick = Some((id, cb));
+        }
+    }
+
+    /// The control loop: latency, gaps, trimming, stats.
+    fn tick(&mut self) {
+        let now_ms = now_us() as f64 / 1000.0;
+        if now_ms - self.last_stats_ms >= 1000.0 {
+            let bytes = self.session.bytes_received();
+            let (b0, t0) = self.bytes_mark;
+            if t0 > 0.0 {
+                self.bitrate_kbps = (bytes - b0) as f64 * 8.0 / (now_ms - t0);
+            }
+            self.bytes_mark = (bytes, now_ms);
+            self.last_stats_ms = now_ms;
+            self.report();
+            self.outbox.push(Out::Stats);
+        }
+        if self.sync_sent >= SYNC_SAMPLES && now_ms - self.last_sync_ms > SYNC_EVERY_MS {
+            self.send_time_sync();
+        }
+        if !self.started {
+            self.try_start();
+            return;
+        }
+        let t = self.video.current_time();
+        let b = self.video.buffered();
+        let mut buffer_s = 0.0;
+        let mut end = None;
+        let mut next_start = None;
+        for k in 0..b.length() {
+            let (Ok(s), Ok(e)) = (b.start(k), b.end(k)) else {
+                continue;
+            };
+            end = Some(e);
+            if s <= t + 0.001 && t < e {
+                buffer_s = e - t;
+            } else if s > t && next_start.is_none() {
+                next_start = Some(s);
+            }
+        }
+        self.buffer_ms = buffer_s * 1000.0;
+        if buffer_s == 0.0 {
+            // Stalled at a hole (a frame lost to a resync, a republish seam): jump it.
+            if let Some(s) = next_start.filter(|s| *s - t < 5.0) {
+                self.gap_jumps += 1;
+                self.video.set_current_time(s + 0.001);
+                self.ctl.reset();
+            }
+            self.latency_ms = None;
+            return;
+        }
+        let server_now = self.clock.server_time(now_us());
+        let measured = self
+            .session
+            .ingest_at(t)
+            .map(|ingest| server_now.saturating_sub(ingest) as f64 / 1000.0);
+        match self.ctl.update(measured, self.buffer_ms, self.delivery_ms) {
+            Decision::Keep => {}
+            Decision::Rate(r) => self.video.set_playback_rate(r),
+            Decision::Seek { behind_end_s } => {
+                if let Some(e) = end {
+                    log("onair: far behind live; seeking to the live edge");
+                    self.video.set_current_time(e - behind_end_s);
+                }
+            }
+        }
+        self.latency_ms = self.ctl.latency_ms();
+        if self.video.paused() && self.live {
+            let _ = self.video.play();
+        }
+        if now_ms - self.last_trim_ms > 1000.0 {
+            self.last_trim_ms = now_ms;
+            for s in &self.sources {
+                if let Some(sb) = &s.sb
+                    && let Some(start) = buffered_start(sb)
+                    && !sb.updating()
+                    && t - start > TRIM_BEYOND_S
+                {
+                    let _ = sb.remove(start, t - KEEP_BEHIND_S);
+                }
+            }
+        }
+    }
+
+    /// Viewer stats to the server, once a second (docs/protocol.md).
+    fn report(&self) {
+        let q = self.video.get_video_playback_quality();
+        self.send(&Message::ViewerStats(ViewerStats {
+            latency_ms: self.latency_ms.unwrap_or(0.0).max(0.0) as u32,
+            buffer_ms: self.buffer_ms.max(0.0) as u32,
+            decoded_frames: q.total_video_frames(),
+            dropped_frames: q.dropped_video_frames(),
+            stalls: self.stalls,
+            bandwidth_kbps: self.bitrate_kbps.max(0.0) as u32,
+            rendition: 0,
+            state: self.state.code(),
+        }));
+    }
+
+    fn shutdown(&mut self) {
+        if self.destroyed {
+            return;
+        }
+        self.destroyed = true;
+        self.close_ws();
+        if let Some(w) = web_sys::window() {
+            if let Some((id, _)) = self.tick.take() {
+                w.clear_interval_with_handle(id);
+            }
+            if let Some((id, _)) = self.reconnect.take() {
+                w.clear_timeout_with_handle(id);
+            }
+        }
+        for l in self.video_listeners.drain(..) {
+            let _ = l
+                .target
+                .remove_event_listener_with_callback(l.event, l.closure.as_ref().unchecked_ref());
+        }
+        self.detach_media_source();
+        self.video.remove_attribute("src").ok();
+        self.video.load();
+    }
+}
+
+fn buffered_start(sb: &SourceBuffer) -> Option<f64> {
+    let b = sb.buffered().ok()?;
+    if b.length() == 0 {
+        return None;
+    }
+    b.start(0).ok()
+}
