@@ -331,8 +331,12 @@ impl Session {
         data.resize(head_len + payload_len, 0);
         fill(&mut data[head_len..]);
         let wire_timescale = track.wire_timescale;
-        self.timeline.end_us = self.timeline.end_us.max(pos_us + duration_us);
         if kind == TrackKind::Video || !has_video {
+            // The seam of the next publish follows the video: were it placed after audio that
+            // runs a frame longer, the video would have a hole there that the decoder stalls
+            // at. The new audio overlaps the old by under a frame instead, which MSE resolves
+            // by replacing the old frames.
+            self.timeline.end_us = self.timeline.end_us.max(pos_us + duration_us);
             if self.ingest_map.len() == INGEST_MAP_LEN {
                 self.ingest_map.pop_front();
             }
@@ -570,6 +574,17 @@ mod tests {
         assert_eq!(s.ingest_at(end), Some(99));
         assert_eq!(s.ingest_at(end - 0.01), Some(29));
         assert!(s.timeline_end() > end);
+    }
+
+    #[test]
+    fn the_seam_follows_the_video_not_longer_audio() {
+        let mut s = Session::new();
+        s.message(&init_msg(640, true)).expect("init");
+        fragment(&mut s, &media(0, true, 0, 0, 1)).expect("video");
+        // Audio runs 40 ms past the last video frame's end (33 ms).
+        fragment(&mut s, &media(1, true, 50, 0, 1)).expect("audio");
+        let end = s.timeline_end();
+        assert!((end - 10.033).abs() < 0.0015, "{end}");
     }
 
     #[test]

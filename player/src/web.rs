@@ -48,6 +48,8 @@ const TRIM_BEYOND_S: f64 = 8.0;
 /// Bytes waiting for a busy source buffer before the queue is dropped and playback resyncs at
 /// the next keyframe (a hidden tab, a stuck decoder): memory stays bounded.
 const MAX_QUEUED_BYTES: usize = 16 << 20;
+/// A playhead that has not moved for this long while playing is stuck.
+const STUCK_MS: f64 = 400.0;
 /// Reconnect backoff.
 const RECONNECT_MIN_MS: i32 = 500;
 const RECONNECT_MAX_MS: i32 = 5000;
@@ -158,6 +160,9 @@ struct Inner {
     force_new_source: bool,
     stalls: u32,
     gap_jumps: u32,
+    /// Playhead at the last tick it moved, and when.
+    last_time: f64,
+    moved_ms: f64,
     viewer_id: u64,
     delivery_ms: f64,
     latency_ms: Option<f64>,
@@ -260,6 +265,8 @@ impl Player {
             force_new_source: false,
             stalls: 0,
             gap_jumps: 0,
+            last_time: 0.0,
+            moved_ms: 0.0,
             viewer_id: 0,
             delivery_ms: 0.0,
             latency_ms: None,
@@ -937,6 +944,28 @@ impl Inner {
             }
         }
         self.buffer_ms = buffer_s * 1000.0;
+        // The element's own events miss cases (a decoder that never resumes from underflow
+        // fires no 'playing'), so the state also follows whether the playhead moves.
+        if (t - self.last_time).abs() > 1e-4 || self.video.paused() {
+            self.last_time = t;
+            self.moved_ms = now_ms;
+            if self.live && !self.video.paused() {
+                self.set_state(State::Playing);
+            }
+        } else if now_ms - self.moved_ms > STUCK_MS {
+            if self.live {
+                self.set_state(State::Buffering);
+            }
+            // Data continues further on (after a republish seam, a resync, a reconnect) but the
+            // decoder will not cross the hole, or will not restart from the little it has
+            // before it: move to where the data continues.
+            if let Some(s) = next_start.filter(|s| *s - t < 60.0) {
+                self.gap_jumps += 1;
+                self.video.set_current_time(s + 0.001);
+                self.ctl.reset();
+            }
+            self.moved_ms = now_ms;
+        }
         if buffer_s == 0.0 {
             // Stalled at a hole (a frame lost to a resync, a republish seam): jump it.
             if let Some(s) = next_start.filter(|s| *s - t < 5.0) {

@@ -24,6 +24,8 @@ const PAGE_STATE: &str = r#"(() => {
     audioBytes: v.webkitAudioDecodedByteCount || 0,
     currentTime: v.currentTime, width: v.videoWidth, height: v.videoHeight,
     bufferedEnd: b.length ? b.end(b.length - 1) : 0,
+    bufferedStart: b.length ? b.start(0) : 0,
+    ranges: Array.from({ length: b.length }, (_, i) => [b.start(i), b.end(i)]),
     error: v.error ? `${v.error.code} ${v.error.message}` : null,
     stalls: s.stalls, banner: document.getElementById('banner').hidden ? null
       : document.getElementById('banner').textContent,
@@ -39,6 +41,31 @@ fn until(cond: &str) -> String {
     )
 }
 
+/// Waits for `cond` (see [`until`]) and returns the page state; panics with where it got stuck.
+async fn wait_until(b: &Browser, cond: &str, timeout: Duration, what: &str) -> Value {
+    let v = b
+        .wait_for(&until(cond), timeout, what)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v["error"], Value::Null, "MediaError: {v}");
+    v
+}
+
+/// Marks the document, so that [`assert_same_document`] can tell that it was not reloaded.
+async fn mark_document(b: &Browser) {
+    b.eval("window.__sameDocument = true; return true;")
+        .await
+        .expect("mark the document");
+}
+
+async fn assert_same_document(b: &Browser) {
+    let same = b
+        .eval("return window.__sameDocument === true;")
+        .await
+        .expect("eval");
+    assert_eq!(same, Value::Bool(true), "the page was reloaded");
+}
+
 fn num(v: &Value, k: &str) -> f64 {
     v.get(k)
         .and_then(Value::as_f64)
@@ -47,17 +74,12 @@ fn num(v: &Value, k: &str) -> f64 {
 
 /// Waits until the page has decoded `frames` more frames than `since` and its clock moved on.
 async fn wait_frames(b: &Browser, since: &Value, frames: f64, what: &str) -> Value {
-    let expr = until(&format!(
-        "s.error === null && s.decodedFrames >= {} && s.currentTime > {}",
+    let cond = format!(
+        "s.decodedFrames >= {} && s.currentTime > {}",
         num(since, "decodedFrames") + frames,
         num(since, "currentTime"),
-    ));
-    let v = b
-        .wait_for(&expr, Duration::from_secs(20), what)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(v["error"], Value::Null, "MediaError: {v}");
-    v
+    );
+    wait_until(b, &cond, Duration::from_secs(20), what).await
 }
 
 /// The `<video>` as a person sees it: a real picture, not a black or single-colour box.
@@ -116,14 +138,13 @@ async fn watch_page_plays_audio_and_video_at_the_target_latency() {
     assert!(href.ends_with("/watch/cam"), "{href}");
 
     b.goto(&href).await.expect("open the watch page");
-    let first = b
-        .wait_for(
-            &until("s.decodedFrames > 0"),
-            Duration::from_secs(15),
-            "the first decoded frame",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let first = wait_until(
+        &b,
+        "s.decodedFrames > 0",
+        Duration::from_secs(15),
+        "the first decoded frame",
+    )
+    .await;
     let started = std::time::Instant::now();
     let playing = wait_frames(&b, &first, 60.0, "two seconds of frames").await;
     assert_eq!(playing["state"], "playing", "{playing}");
@@ -194,6 +215,12 @@ async fn watch_page_plays_audio_and_video_at_the_target_latency() {
         "buffer + delivery after 20 s exceeds the target + 100 ms: {report}"
     );
     assert_eq!(last["error"], Value::Null);
+    // Memory stays flat: what is behind the playhead is trimmed (the player keeps 4-8 s).
+    let behind = num(last, "currentTime") - num(last, "bufferedStart");
+    assert!(
+        behind < 10.0,
+        "{behind:.1} s kept behind the playhead: {last}"
+    );
     b.close().await.expect("close chromium");
 }
 
@@ -210,14 +237,13 @@ async fn video_only_stream_with_b_frames_plays() {
         },
     );
     let b = open_watch(&server, "bframes").await;
-    let first = b
-        .wait_for(
-            &until("s.decodedFrames > 0"),
-            Duration::from_secs(20),
-            "the first decoded frame",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let first = wait_until(
+        &b,
+        "s.decodedFrames > 0",
+        Duration::from_secs(20),
+        "the first decoded frame",
+    )
+    .await;
     let playing = wait_frames(&b, &first, 60.0, "two seconds of frames").await;
     assert_eq!(num(&playing, "audioBytes"), 0.0, "{playing}");
     assert_picture(&b, "player-video-only").await;
@@ -229,17 +255,14 @@ async fn republish_at_another_resolution_resumes_without_a_reload() {
     let server = Server::start(&[]).await;
     let first_pub = Publisher::start(&server.rtmp_url("re"), Profile::default());
     let b = open_watch(&server, "re").await;
-    let first = b
-        .wait_for(
-            &until("s.width === 640 && s.decodedFrames > 10"),
-            Duration::from_secs(20),
-            "640×360 playing",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    b.eval("window.__sameDocument = true; return true;")
-        .await
-        .expect("mark the document");
+    let first = wait_until(
+        &b,
+        "s.width === 640 && s.decodedFrames > 10",
+        Duration::from_secs(20),
+        "640×360 playing",
+    )
+    .await;
+    mark_document(&b).await;
 
     first_pub.kill().await;
     b.wait_for(
@@ -259,26 +282,18 @@ async fn republish_at_another_resolution_resumes_without_a_reload() {
             ..Profile::default()
         },
     );
-    let resumed = b
-        .wait_for(
-            &until(&format!(
-                "s.width === 320 && s.height === 240 && s.decodedFrames > {} && \
+    let resumed = wait_until(
+        &b,
+        &format!(
+            "s.width === 320 && s.height === 240 && s.decodedFrames > {} && \
                  s.state === 'playing'",
-                num(&first, "decodedFrames") + 30.0
-            )),
-            Duration::from_secs(20),
-            "320×240 playing after the republish",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(resumed["error"], Value::Null, "{resumed}");
-    assert_eq!(
-        b.eval("return window.__sameDocument === true;")
-            .await
-            .expect("eval"),
-        Value::Bool(true),
-        "the page was reloaded"
-    );
+            num(&first, "decodedFrames") + 30.0
+        ),
+        Duration::from_secs(20),
+        "320×240 playing after the republish",
+    )
+    .await;
+    assert_same_document(&b).await;
     wait_frames(&b, &resumed, 30.0, "frames after the republish").await;
     assert_picture(&b, "player-republished").await;
     b.close().await.expect("close chromium");
@@ -292,17 +307,14 @@ async fn player_reconnects_when_the_server_restarts() {
     let mut server = Server::start(&args).await;
     let publisher = Publisher::start(&server.rtmp_url("again"), Profile::default());
     let b = open_watch(&server, "again").await;
-    let first = b
-        .wait_for(
-            &until("s.decodedFrames > 10"),
-            Duration::from_secs(20),
-            "playing",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    b.eval("window.__sameDocument = true; return true;")
-        .await
-        .expect("mark the document");
+    let first = wait_until(
+        &b,
+        "s.decodedFrames > 10",
+        Duration::from_secs(20),
+        "playing",
+    )
+    .await;
+    mark_document(&b).await;
 
     assert!(server.terminate().await.success());
     publisher.kill().await;
@@ -316,25 +328,17 @@ async fn player_reconnects_when_the_server_restarts() {
 
     let server = Server::start(&args).await;
     let _publisher = Publisher::start(&server.rtmp_url("again"), Profile::default());
-    let back = b
-        .wait_for(
-            &until(&format!(
-                "s.state === 'playing' && s.decodedFrames > {}",
-                num(&first, "decodedFrames") + 30.0
-            )),
-            Duration::from_secs(30),
-            "playing again after the restart",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(back["error"], Value::Null, "{back}");
-    assert_eq!(
-        b.eval("return window.__sameDocument === true;")
-            .await
-            .expect("eval"),
-        Value::Bool(true),
-        "the page was reloaded"
-    );
+    wait_until(
+        &b,
+        &format!(
+            "s.state === 'playing' && s.decodedFrames > {}",
+            num(&first, "decodedFrames") + 30.0
+        ),
+        Duration::from_secs(30),
+        "playing again after the restart",
+    )
+    .await;
+    assert_same_document(&b).await;
     assert_picture(&b, "player-reconnected").await;
     b.close().await.expect("close chromium");
 }
