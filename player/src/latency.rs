@@ -73,6 +73,11 @@ impl Controller {
         ((self.target_ms - delivery_ms.max(0.0)) / 1000.0).max(0.066)
     }
 
+    /// The element's actual rate: something else (a new MediaSource, the page) may set it.
+    pub fn observe_rate(&mut self, rate: f64) {
+        self.rate = rate;
+    }
+
     /// Forget the latency history: after a seek or a new stream the old samples mean nothing.
     pub fn reset(&mut self) {
         self.smoothed_ms = None;

@@ -17,6 +17,9 @@ use onair_protocol::wire::{
 /// init comes slightly before the other's (audio decoded a little ahead of video).
 const TIMELINE_ORIGIN_US: i64 = 10_000_000;
 
+/// A step between frames longer than this is not a frame rate but a clock jump.
+const MAX_FRAME_STEP_S: u64 = 2;
+
 /// Frames remembered for mapping the playhead back to the server's ingest time: ~10 s of video.
 const INGEST_MAP_LEN: usize = 600;
 
@@ -82,6 +85,8 @@ struct TrackState {
     /// Estimated duration of the next frame, in `timescale`.
     duration: u32,
     last_dts: Option<u64>,
+    /// Where the next audio frame would start if frames are contiguous, in `timescale`.
+    next_dts: Option<u64>,
 }
 
 /// Maps wire timestamps of the current publish onto the player's continuous timeline.
@@ -238,6 +243,7 @@ impl Session {
                 timescale,
                 duration,
                 last_dts: None,
+                next_dts: None,
             });
         }
         if tracks.is_empty() {
@@ -283,9 +289,20 @@ impl Session {
             self.need_keyframe = false;
         }
         let has_video = self.tracks.iter().any(|t| t.kind == TrackKind::Video);
+        let primary = kind == TrackKind::Video || !has_video;
         let track = &mut self.tracks[ti];
         // dts is at most 2^40, so dts × 10^6 fits in a u64 (and the result in an i64).
         let wire_us = (header.dts * 1_000_000 / u64::from(track.wire_timescale)) as i64;
+        if primary
+            && let Some(last) = track.last_dts
+            && (header.dts < last
+                || header.dts - last > u64::from(track.wire_timescale) * MAX_FRAME_STEP_S)
+        {
+            // The publisher's clock went back or leapt ahead (an encoder restart behind a relay):
+            // continue the timeline where it is instead of leaving a hole the playhead would
+            // never cross, or placing frames behind it.
+            self.timeline.base = Some((wire_us, self.timeline.end_us));
+        }
         let (base_wire, base_pos) = *self
             .timeline
             .base
@@ -306,7 +323,17 @@ impl Session {
             }
         }
         track.last_dts = Some(header.dts);
-        let base_dts = rescale_us(pos_us as u64, track.timescale);
+        let mut base_dts = rescale_us(pos_us as u64, track.timescale);
+        if track.kind == TrackKind::Audio {
+            // RTMP stamps audio in whole milliseconds while AAC frames are 1024 samples: keep
+            // the samples back to back unless the stamp really moved (a gap, a seam).
+            if let Some(expected) = track.next_dts
+                && base_dts.abs_diff(expected) < u64::from(track.duration) / 2
+            {
+                base_dts = expected;
+            }
+            track.next_dts = Some(base_dts + u64::from(track.duration));
+        }
         let cts =
             i64::from(header.cts) * i64::from(track.timescale) / i64::from(track.wire_timescale);
         let duration_us = i64::from(track.duration) * 1_000_000 / i64::from(track.timescale.max(1));
@@ -391,14 +418,20 @@ fn rescale_us(us: u64, timescale: u32) -> u64 {
     (us / 1_000_000) * ts + (us % 1_000_000) * ts / 1_000_000
 }
 
-/// Clock offset to the server from NTP-style samples (docs/protocol.md): keeps the sample with
-/// the smallest round trip, the one whose one-way delays are least asymmetric.
-#[derive(Debug, Default, Clone, Copy)]
+/// Clock offset to the server from NTP-style samples (docs/protocol.md): of the recent samples,
+/// the one with the smallest round trip, whose one-way delays are least asymmetric. Only recent
+/// ones, so that the drift between the two clocks (tens of ppm) is followed over hours.
+#[derive(Debug, Default, Clone)]
 pub struct ClockSync {
-    best_rtt_us: Option<i64>,
-    offset_us: i64,
+    /// (round trip, offset) of the last [`CLOCK_SAMPLES`] samples, µs.
+    recent: std::collections::VecDeque<(i64, i64)>,
+    /// Offset from the hello, until a sample arrives.
+    hello_offset_us: i64,
     pub samples: u32,
 }
+
+/// Samples the offset is chosen from: at one per 10 s, the last two minutes.
+const CLOCK_SAMPLES: usize = 12;
 
 impl ClockSync {
     /// `t3_us`: client clock when the response arrived (same clock as the request's t0).
@@ -409,26 +442,29 @@ impl ClockSync {
             return;
         }
         self.samples += 1;
-        if self.best_rtt_us.is_none_or(|b| rtt <= b) {
-            self.best_rtt_us = Some(rtt);
-            self.offset_us = ((t1 - t0) + (t2 - t3)) / 2;
+        if self.recent.len() == CLOCK_SAMPLES {
+            self.recent.pop_front();
         }
+        self.recent.push_back((rtt, ((t1 - t0) + (t2 - t3)) / 2));
+    }
+
+    fn best(&self) -> Option<(i64, i64)> {
+        self.recent.iter().copied().min_by_key(|(rtt, _)| *rtt)
     }
 
     /// Rough offset from the hello alone, until a sample arrives: assumes no transit time.
     pub fn hello(&mut self, server_time_us: u64, now_us: u64) {
-        if self.best_rtt_us.is_none() {
-            self.offset_us = server_time_us as i64 - now_us as i64;
-        }
+        self.hello_offset_us = server_time_us as i64 - now_us as i64;
     }
 
     /// Server clock at client time `now_us`.
     pub fn server_time(&self, now_us: u64) -> u64 {
-        (now_us as i64 + self.offset_us).max(0) as u64
+        let offset = self.best().map_or(self.hello_offset_us, |(_, o)| o);
+        (now_us as i64 + offset).max(0) as u64
     }
 
     pub fn rtt_us(&self) -> Option<i64> {
-        self.best_rtt_us
+        self.best().map(|(rtt, _)| rtt)
     }
 }
 
@@ -633,6 +669,55 @@ mod tests {
         assert_eq!(c.rtt_us(), Some(2000));
         assert_eq!(c.server_time(0), 1_000_000);
         assert_eq!(c.samples, 2);
+        // The clocks drift apart by 5 ms; once the good sample is old, newer ones rule.
+        for i in 0..CLOCK_SAMPLES as u64 {
+            let t0 = 1_000_000 + i * 10_000_000;
+            c.add(
+                &TimeSyncResponse {
+                    t0,
+                    t1: t0 + 1_005_000 + 1500,
+                    t2: t0 + 1_005_000 + 1500,
+                },
+                t0 + 3000,
+            );
+        }
+        assert_eq!(c.rtt_us(), Some(3000));
+        assert_eq!(c.server_time(0), 1_005_000);
+    }
+
+    #[test]
+    fn a_publisher_clock_jump_continues_the_timeline() {
+        let mut s = Session::new();
+        s.message(&init_msg(640, false)).expect("init");
+        fragment(&mut s, &media(0, true, 1_000_000, 0, 1)).expect("frame");
+        fragment(&mut s, &media(0, false, 1_000_033, 0, 2)).expect("frame");
+        let end = s.timeline_end();
+        // Back to zero without a new init, then a leap of an hour.
+        fragment(&mut s, &media(0, false, 0, 0, 3)).expect("frame");
+        assert_eq!(s.ingest_at(end), Some(3));
+        let end = s.timeline_end();
+        fragment(&mut s, &media(0, false, 3_600_000, 0, 4)).expect("frame");
+        assert_eq!(s.ingest_at(end), Some(4));
+        assert!(s.timeline_end() - end < 0.1);
+    }
+
+    #[test]
+    fn audio_frames_stay_back_to_back_despite_millisecond_stamps() {
+        let mut s = Session::new();
+        s.message(&init_msg(640, true)).expect("init");
+        fragment(&mut s, &media(0, true, 0, 0, 1)).expect("video");
+        // 48 kHz AAC: 21.333 ms per frame, stamped 0, 21, 43, 64 ms.
+        let mut tfdts = Vec::new();
+        for dts in [0, 21, 43, 64] {
+            let f = fragment(&mut s, &media(1, true, dts, 0, 1)).expect("audio");
+            // tfdt v1 sits at a fixed offset in a one-run fragment: moof(8) mfhd(16) traf(8)
+            // tfhd(16) tfdt header(12).
+            let at = 8 + 16 + 8 + 16 + 12;
+            let b: [u8; 8] = f.data[at..at + 8].try_into().expect("8 bytes");
+            tfdts.push(u64::from_be_bytes(b));
+        }
+        let steps: Vec<u64> = tfdts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(steps, [1024, 1024, 1024], "{tfdts:?}");
     }
 
     #[test]
@@ -662,7 +747,9 @@ mod tests {
         // A dts at the top of the range does not overflow.
         let f = fragment(&mut s, &media(0, true, wire::MAX_DTS, i16::MIN, 0));
         assert!(f.is_some());
-        // Time running backwards by more than the timeline's headroom is dropped, not wrapped.
-        assert_eq!(fragment(&mut s, &media(0, false, 0, i16::MAX, 0)), None);
+        // Time running back to zero from there continues the timeline instead of wrapping.
+        let end = s.timeline_end();
+        assert!(fragment(&mut s, &media(0, false, 0, i16::MAX, 7)).is_some());
+        assert!(s.timeline_end() > end && s.timeline_end() - end < 0.1);
     }
 }

@@ -118,6 +118,8 @@ impl State {
 struct Source {
     kind: TrackKind,
     mime: String,
+    /// The current init segment: put back in front when queued data has to be dropped.
+    init: Vec<u8>,
     sb: Option<SourceBuffer>,
     queue: VecDeque<Vec<u8>>,
     queued_bytes: usize,
@@ -171,6 +173,7 @@ struct Inner {
     bytes_mark: (u64, f64),
     last_stats_ms: f64,
     last_trim_ms: f64,
+    last_play_ms: f64,
     last_sync_ms: f64,
     sync_sent: u32,
     listeners: Vec<(String, Function)>,
@@ -191,6 +194,7 @@ fn with(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner, &Rc<RefCell<Inne
     let Some(rc) = weak.upgrade() else { return };
     let (out, listeners, stats) = {
         let Ok(mut inner) = rc.try_borrow_mut() else {
+            log("onair: event dropped: player busy (re-entered from a listener?)");
             return;
         };
         if inner.destroyed {
@@ -275,6 +279,7 @@ impl Player {
             bytes_mark: (0, 0.0),
             last_stats_ms: 0.0,
             last_trim_ms: 0.0,
+            last_play_ms: 0.0,
             last_sync_ms: 0.0,
             sync_sent: 0,
             listeners: Vec::new(),
@@ -295,7 +300,10 @@ impl Player {
             }
             i.watch_video(&inner);
             i.start_tick(&inner);
-            i.connect(&inner)?;
+            if let Err(e) = i.connect(&inner) {
+                i.shutdown();
+                return Err(e);
+            }
         }
         Ok(Player { inner })
     }
@@ -596,19 +604,20 @@ impl Inner {
             }
             SessionEvent::Fragment(f) => {
                 let server_now = self.clock.server_time(now_us());
-                let delivery = server_now.saturating_sub(self.session.last_ingest_us()) as f64;
-                self.delivery_ms += 0.1 * (delivery / 1000.0 - self.delivery_ms);
+                let delivery_ms =
+                    server_now.saturating_sub(self.session.last_ingest_us()) as f64 / 1000.0;
+                // Frames from the GOP cache (a join, a reconnect) are old by design: they say
+                // nothing about delivery.
+                if delivery_ms < 1000.0 {
+                    self.delivery_ms += 0.1 * (delivery_ms - self.delivery_ms);
+                }
                 if let Some(i) = self.sources.iter().position(|s| s.kind == f.kind) {
                     let s = &mut self.sources[i];
                     s.queued_bytes += f.data.len();
                     s.queue.push_back(f.data);
                     if s.queued_bytes > MAX_QUEUED_BYTES {
                         log("onair: source buffer is not keeping up; resyncing at a keyframe");
-                        for s in &mut self.sources {
-                            s.queue.clear();
-                            s.queued_bytes = 0;
-                        }
-                        self.session.resync();
+                        self.drop_queued();
                         return;
                     }
                     self.pump(i);
@@ -648,12 +657,14 @@ impl Inner {
                     s.mime = cfg.mime;
                 }
                 s.queued_bytes += cfg.init.len();
-                s.queue.push_back(cfg.init);
+                s.queue.push_back(cfg.init.clone());
+                s.init = cfg.init;
                 self.pump(i);
             }
             return;
         }
         self.force_new_source = false;
+        self.delivery_ms = 0.0;
         self.detach_media_source();
         let ms: MediaSource = if self.managed {
             match ManagedMediaSource::new() {
@@ -673,7 +684,8 @@ impl Inner {
             }
         };
         for cfg in &sources {
-            if !MediaSource::is_type_supported(&cfg.mime) && !self.managed {
+            // `MediaSource` itself does not exist where the managed one is used (iPhone).
+            if !self.managed && !MediaSource::is_type_supported(&cfg.mime) {
                 log2("onair: this browser cannot play", &cfg.mime);
             }
         }
@@ -682,6 +694,7 @@ impl Inner {
             .map(|cfg| Source {
                 kind: cfg.kind,
                 mime: cfg.mime,
+                init: cfg.init.clone(),
                 sb: None,
                 queued_bytes: cfg.init.len(),
                 queue: VecDeque::from([cfg.init]),
@@ -763,6 +776,17 @@ impl Inner {
         }
     }
 
+    /// Drops what waits to be appended and restarts at the next keyframe. The init segment goes
+    /// back in front: what follows may be in a configuration the buffer has not seen yet.
+    fn drop_queued(&mut self) {
+        for s in &mut self.sources {
+            s.queue.clear();
+            s.queue.push_back(s.init.clone());
+            s.queued_bytes = s.init.len();
+        }
+        self.session.resync();
+    }
+
     /// Appends everything queued for source `i` in one go, if its buffer is idle.
     fn pump(&mut self, i: usize) {
         let Some(s) = self.sources.get_mut(i) else {
@@ -799,11 +823,11 @@ impl Inner {
                     s.queue.push_front(data);
                 } else {
                     log("onair: buffer full with nothing to free; resyncing at a keyframe");
-                    self.session.resync();
+                    self.drop_queued();
                 }
             } else {
                 web_sys::console::warn_2(&"onair: appendBuffer failed".into(), &e);
-                self.session.resync();
+                self.drop_queued();
             }
         }
     }
@@ -823,8 +847,8 @@ impl Inner {
             return;
         };
         let behind = self.ctl.start_behind_end_s(self.delivery_ms);
-        // Wait for a buffer's worth unless the whole cached GOP is shorter than that.
-        if end - start < behind.min(0.05) {
+        // Wait until there is a target's worth to stand on.
+        if end - start < behind {
             return;
         }
         self.started = true;
@@ -833,9 +857,16 @@ impl Inner {
         let _ = self.video.play();
     }
 
+    /// A MediaSource step failed: start over with a new MediaSource on a new connection (the
+    /// socket's close handler schedules the reconnect, with backoff).
     fn fail(&mut self, what: &str, e: &JsValue) {
         web_sys::console::error_3(&"onair: failed:".into(), &what.into(), e);
         self.set_state(State::Error);
+        self.force_new_source = true;
+        self.detach_media_source();
+        if let Some(ws) = &self.ws {
+            let _ = ws.close();
+        }
     }
 
     // ---- the <video> element ----
@@ -981,6 +1012,8 @@ impl Inner {
             .session
             .ingest_at(t)
             .map(|ingest| server_now.saturating_sub(ingest) as f64 / 1000.0);
+        // A new MediaSource, or the page, may have reset the element's rate.
+        self.ctl.observe_rate(self.video.playback_rate());
         match self.ctl.update(measured, self.buffer_ms, self.delivery_ms) {
             Decision::Keep => {}
             Decision::Rate(r) => self.video.set_playback_rate(r),
@@ -992,7 +1025,10 @@ impl Inner {
             }
         }
         self.latency_ms = self.ctl.latency_ms();
-        if self.video.paused() && self.live {
+        // Autoplay can be refused (no user gesture, iOS Low Power Mode): ask again once a
+        // second, not every tick; the page offers a play button meanwhile.
+        if self.video.paused() && self.live && now_ms - self.last_play_ms > 1000.0 {
+            self.last_play_ms = now_ms;
             let _ = self.video.play();
         }
         if now_ms - self.last_trim_ms > 1000.0 {
