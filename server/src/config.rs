@@ -75,6 +75,17 @@ pub struct Settings {
     )]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// Token for the API's mutating calls (`DELETE /api/streams/NAME`), sent as
+    /// `Authorization: Bearer TOKEN`. Unset, those calls are refused: set a long random string,
+    /// e.g. `ONAIR_ADMIN_TOKEN=$(openssl rand -hex 24)`. [default: unset]
+    #[arg(
+        long,
+        env = "ONAIR_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
     /// Directory with the web pages (`index.html`, `watch.html`) and the built player
     /// (`player/`, made by `make player`). [default: web, the repository's web/ when run from
     /// the checkout as `make run` does]
@@ -99,6 +110,7 @@ pub struct Config {
     pub rtmp_idle_timeout: Duration,
     pub allowed_origins: Vec<String>,
     pub web_dir: PathBuf,
+    pub admin_token: Option<String>,
     pub log: String,
 }
 
@@ -151,6 +163,7 @@ impl Config {
             rtmp_idle_timeout: Duration::from_millis(pick!(rtmp_idle_timeout_ms, 15_000)),
             allowed_origins: pick!(allowed_origins, Vec::new()),
             web_dir: pick!(web_dir, PathBuf::from("web")),
+            admin_token: cli.admin_token.or(file.admin_token),
             log: pick!(log, "info".to_string()),
         };
         cfg.validate()?;
@@ -189,6 +202,9 @@ impl Config {
                     &format!("{o:?} is not an http(s) origin"),
                 );
             }
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return invalid("admin_token", "must be at least 16 characters");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             return invalid("log", &e.to_string());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, get_service};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -54,7 +54,10 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/ws/{stream}", get(super::ws::play))
         .route("/api/streams", get(list_streams))
-        .route("/api/streams/{stream}", get(get_stream))
+        .route(
+            "/api/streams/{stream}",
+            get(get_stream).delete(delete_stream),
+        )
         .route("/", page("index.html"))
         .route("/watch/{stream}", page("watch.html"))
         .nest("/player", player)
@@ -82,6 +85,64 @@ async fn get_stream(State(app): State<App>, Path(name): Path<String>) -> Respons
     match app.hub.stream(&name) {
         Some(s) => axum::Json(StreamSummary::of(&s)).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no stream named {name:?}\n")).into_response(),
+    }
+}
+
+/// Checks `Authorization: Bearer TOKEN` against the configured admin token; returns the refusal
+/// if it does not match. Without a token configured, every mutating call is refused.
+fn refusal(app: &App, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = app.cfg.admin_token.as_deref() else {
+        return Some((
+            StatusCode::UNAUTHORIZED,
+            "401: mutating API calls are disabled: set admin_token (ONAIR_ADMIN_TOKEN) and send \
+             Authorization: Bearer TOKEN\n",
+        )
+            .into_response());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compared in constant time, so the response time says nothing about the token.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        None
+    } else {
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "401: missing or wrong admin token (Authorization: Bearer TOKEN)\n",
+            )
+                .into_response(),
+        )
+    }
+}
+
+/// Disconnects the stream's publisher. Viewers stay, waiting, as when a publisher leaves.
+async fn delete_stream(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = refusal(&app, &headers) {
+        return denied;
+    }
+    if app.hub.disconnect_publisher(&name) {
+        tracing::info!(stream = %name, "publisher removed through the API");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no live publisher on {name:?}\n"),
+        )
+            .into_response()
     }
 }
 

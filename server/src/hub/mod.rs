@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use onair_protocol::wire::{Init, MediaHeader, Message, Status, StatusCode};
 use parking_lot::Mutex;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 pub use fanout::{Sink, SinkWrite};
 pub use rendition::{Cursor, Limits, Rendition};
@@ -86,6 +87,8 @@ pub struct Stream {
     media: Mutex<MediaInfo>,
     published_before: AtomicBool,
     viewers: AtomicU64,
+    /// Cancelled to disconnect the current publisher (an operator's `DELETE`).
+    kick: Mutex<Option<CancellationToken>>,
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
 }
@@ -136,6 +139,7 @@ impl Hub {
             media: Mutex::new(MediaInfo::default()),
             published_before: AtomicBool::new(false),
             viewers: AtomicU64::new(0),
+            kick: Mutex::new(None),
             frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
         })
@@ -153,6 +157,7 @@ impl Hub {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(PublishError::ShuttingDown);
         }
+        let kick = CancellationToken::new();
         let stream = {
             let entry = self
                 .streams
@@ -163,6 +168,7 @@ impl Hub {
                 return Err(PublishError::AlreadyLive(name.to_string()));
             }
             *publisher = Some(info);
+            *entry.kick.lock() = Some(kick.clone());
             entry.value().clone()
         };
         let republished = stream.published_before.swap(true, Ordering::AcqRel);
@@ -178,6 +184,7 @@ impl Hub {
         Ok(Publisher {
             hub: self.clone(),
             stream,
+            kick,
         })
     }
 
@@ -201,6 +208,22 @@ impl Hub {
 
     fn cleanup(&self, name: &str) {
         self.streams.remove_if(name, |_, s| s.is_idle());
+    }
+
+    /// Disconnects the publisher of `name`, if one is live. Its ingest sees [`Publisher::removed`]
+    /// and closes the connection; viewers are told the stream is waiting, as for any departure.
+    pub fn disconnect_publisher(&self, name: &str) -> bool {
+        let Some(stream) = self.stream(name) else {
+            return false;
+        };
+        let kick = stream.kick.lock();
+        match kick.as_ref() {
+            Some(k) => {
+                k.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Refuses new publishers from now on (graceful shutdown).
@@ -255,11 +278,17 @@ impl StreamSummary {
 pub struct Publisher {
     hub: Arc<Hub>,
     stream: Arc<Stream>,
+    kick: CancellationToken,
 }
 
 impl Publisher {
     pub fn name(&self) -> &str {
         &self.stream.name
+    }
+
+    /// Resolves when an operator removed this publisher ([`Hub::disconnect_publisher`]).
+    pub async fn removed(&self) {
+        self.kick.cancelled().await
     }
 
     /// Announces a (new) codec configuration for the source rendition.
@@ -296,6 +325,7 @@ impl Drop for Publisher {
         }
         // Reset before releasing the claim, so a new publisher's media info is never wiped.
         *self.stream.media.lock() = MediaInfo::default();
+        *self.stream.kick.lock() = None;
         *self.stream.publisher.lock() = None;
         self.hub.cleanup(&self.stream.name);
     }

@@ -101,6 +101,11 @@ impl MediaIngest {
         }
     }
 
+    /// Resolves when an operator removed the publisher.
+    pub async fn removed(&self) {
+        self.publisher.removed().await
+    }
+
     pub fn name(&self) -> &str {
         self.publisher.name()
     }

@@ -209,6 +209,17 @@ async fn connection(
                 Err(_) if conn.ingest.is_some() => return Err(RtmpError::Timeout("waiting for media from the publisher")),
                 Err(_) => return Err(RtmpError::Timeout("waiting for connect and publish")),
             },
+            _ = async {
+                match &conn.ingest {
+                    Some(ingest) => ingest.removed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::info!("publisher removed by an operator");
+                let bye = status_packet("error", "NetStream.Publish.Denied", "removed by the server's operator");
+                let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&bye)).await;
+                return Ok(());
+            }
             _ = shutdown.cancelled() => {
                 let bye = status_packet("status", "NetStream.Unpublish.Success", "server shutting down");
                 let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&bye)).await;
