@@ -160,12 +160,7 @@ impl Session {
             },
             Message::Init(init) => self.init(&init)?,
             Message::Media { header, payload } => {
-                let mut data = Some(payload);
-                match self.media(&header, payload.len(), |dst| {
-                    if let Some(p) = data.take() {
-                        dst.copy_from_slice(p)
-                    }
-                })? {
+                match self.media(&header, payload.len(), |dst| dst.copy_from_slice(payload))? {
                     Some(f) => Event::Fragment(f),
                     None => Event::Ignored,
                 }

@@ -132,6 +132,31 @@ struct Listener {
     closure: Closure<dyn FnMut(Event)>,
 }
 
+/// Adds `f` as the `event` listener of `target`, remembered in `list` for [`unlisten`].
+fn listen(
+    list: &mut Vec<Listener>,
+    target: &EventTarget,
+    event: &'static str,
+    f: impl FnMut(Event) + 'static,
+) {
+    let closure = Closure::<dyn FnMut(Event)>::new(f);
+    let _ = target.add_event_listener_with_callback(event, closure.as_ref().unchecked_ref());
+    list.push(Listener {
+        target: target.clone(),
+        event,
+        closure,
+    });
+}
+
+/// Removes every listener in `list` (and so frees their closures).
+fn unlisten(list: &mut Vec<Listener>) {
+    for l in list.drain(..) {
+        let _ = l
+            .target
+            .remove_event_listener_with_callback(l.event, l.closure.as_ref().unchecked_ref());
+    }
+}
+
 enum Out {
     State(State),
     Status(String),
@@ -205,13 +230,18 @@ fn with(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner, &Rc<RefCell<Inne
         if out.is_empty() {
             return;
         }
-        (out, inner.listeners.clone(), inner.stats_object())
+        // Built only when a stats event is due: once a second, not on every state change.
+        let stats = out
+            .iter()
+            .any(|o| matches!(o, Out::Stats))
+            .then(|| inner.stats_object());
+        (out, inner.listeners.clone(), stats)
     };
     for o in out {
         let (name, arg) = match o {
             Out::State(s) => ("state", JsValue::from_str(s.name())),
             Out::Status(m) => ("status", JsValue::from_str(&m)),
-            Out::Stats => ("stats", stats.clone().into()),
+            Out::Stats => ("stats", stats.clone().map_or(JsValue::NULL, Into::into)),
         };
         for (n, cb) in &listeners {
             if n == name {
@@ -701,7 +731,7 @@ impl Inner {
             })
             .collect();
         let weak = Rc::downgrade(rc);
-        self.listen_ms(&ms, "sourceopen", move |_| {
+        listen(&mut self.ms_listeners, &ms, "sourceopen", move |_| {
             with(&weak, |i, rc| i.on_source_open(rc))
         });
         let url = match Url::create_object_url_with_source(&ms) {
@@ -713,21 +743,6 @@ impl Inner {
         self.media_source = Some(ms);
         self.started = false;
         self.ctl.reset();
-    }
-
-    fn listen_ms(
-        &mut self,
-        target: &EventTarget,
-        event: &'static str,
-        f: impl FnMut(Event) + 'static,
-    ) {
-        let closure = Closure::<dyn FnMut(Event)>::new(f);
-        let _ = target.add_event_listener_with_callback(event, closure.as_ref().unchecked_ref());
-        self.ms_listeners.push(Listener {
-            target: target.clone(),
-            event,
-            closure,
-        });
     }
 
     fn on_source_open(&mut self, rc: &Rc<RefCell<Inner>>) {
@@ -746,14 +761,14 @@ impl Inner {
                 Err(e) => return self.fail("addSourceBuffer", &e),
             };
             let weak = Rc::downgrade(rc);
-            self.listen_ms(&sb, "updateend", move |_| {
+            listen(&mut self.ms_listeners, &sb, "updateend", move |_| {
                 with(&weak, |inner, _| {
                     inner.pump(i);
                     inner.try_start();
                 })
             });
             let weak = Rc::downgrade(rc);
-            self.listen_ms(&sb, "error", move |_| {
+            listen(&mut self.ms_listeners, &sb, "error", move |_| {
                 with(&weak, |_, _| log("onair: source buffer append error"))
             });
             self.sources[i].sb = Some(sb);
@@ -764,11 +779,7 @@ impl Inner {
     }
 
     fn detach_media_source(&mut self) {
-        for l in self.ms_listeners.drain(..) {
-            let _ = l
-                .target
-                .remove_event_listener_with_callback(l.event, l.closure.as_ref().unchecked_ref());
-        }
+        unlisten(&mut self.ms_listeners);
         self.sources.clear();
         self.media_source = None;
         if let Some(url) = self.object_url.take() {
@@ -873,55 +884,39 @@ impl Inner {
 
     fn watch_video(&mut self, rc: &Rc<RefCell<Inner>>) {
         let target: EventTarget = self.video.clone().unchecked_into();
-        let mut add = |event: &'static str, f: Box<dyn FnMut(Event)>| {
-            let closure = Closure::<dyn FnMut(Event)>::wrap(f);
-            let _ =
-                target.add_event_listener_with_callback(event, closure.as_ref().unchecked_ref());
-            self.video_listeners.push(Listener {
-                target: target.clone(),
-                event,
-                closure,
-            });
-        };
+        let list = &mut self.video_listeners;
         let weak = Rc::downgrade(rc);
-        add(
-            "waiting",
-            Box::new(move |_| {
-                with(&weak, |i, _| {
-                    // A stall is playback stopping once it ran; the wait for the first frame is
-                    // not one.
-                    if matches!(i.state, State::Playing) && i.live {
-                        i.stalls += 1;
-                        i.set_state(State::Buffering);
-                    }
-                })
-            }),
-        );
+        listen(list, &target, "waiting", move |_| {
+            with(&weak, |i, _| {
+                // A stall is playback stopping once it ran; the wait for the first frame is
+                // not one.
+                if matches!(i.state, State::Playing) && i.live {
+                    i.stalls += 1;
+                    i.set_state(State::Buffering);
+                }
+            })
+        });
         let weak = Rc::downgrade(rc);
-        add(
-            "playing",
-            Box::new(move |_| with(&weak, |i, _| i.set_state(State::Playing))),
-        );
+        listen(list, &target, "playing", move |_| {
+            with(&weak, |i, _| i.set_state(State::Playing))
+        });
         let weak = Rc::downgrade(rc);
-        add(
-            "error",
-            Box::new(move |_| {
-                with(&weak, |i, rc| {
-                    if let Some(e) = i.video.error() {
-                        web_sys::console::log_3(
-                            &"onair: media error; starting over:".into(),
-                            &e.code().into(),
-                            &e.message().into(),
-                        );
-                    }
-                    // The element's decoder is gone: a new MediaSource on a fresh connection,
-                    // which starts again from a keyframe.
-                    i.force_new_source = true;
-                    i.detach_media_source();
-                    i.schedule_reconnect(rc);
-                })
-            }),
-        );
+        listen(list, &target, "error", move |_| {
+            with(&weak, |i, rc| {
+                if let Some(e) = i.video.error() {
+                    web_sys::console::log_3(
+                        &"onair: media error; starting over:".into(),
+                        &e.code().into(),
+                        &e.message().into(),
+                    );
+                }
+                // The element's decoder is gone: a new MediaSource on a fresh connection,
+                // which starts again from a keyframe.
+                i.force_new_source = true;
+                i.detach_media_source();
+                i.schedule_reconnect(rc);
+            })
+        });
     }
 
     fn start_tick(&mut self, rc: &Rc<RefCell<Inner>>) {
@@ -991,18 +986,14 @@ impl Inner {
             // decoder will not cross the hole, or will not restart from the little it has
             // before it: move to where the data continues.
             if let Some(s) = next_start.filter(|s| *s - t < 60.0) {
-                self.gap_jumps += 1;
-                self.video.set_current_time(s + 0.001);
-                self.ctl.reset();
+                self.jump_to(s);
             }
             self.moved_ms = now_ms;
         }
         if buffer_s == 0.0 {
             // Stalled at a hole (a frame lost to a resync, a republish seam): jump it.
             if let Some(s) = next_start.filter(|s| *s - t < 5.0) {
-                self.gap_jumps += 1;
-                self.video.set_current_time(s + 0.001);
-                self.ctl.reset();
+                self.jump_to(s);
             }
             self.latency_ms = None;
             return;
@@ -1045,6 +1036,13 @@ impl Inner {
         }
     }
 
+    /// Moves the playhead over a hole to where buffered data starts again.
+    fn jump_to(&mut self, start: f64) {
+        self.gap_jumps += 1;
+        self.video.set_current_time(start + 0.001);
+        self.ctl.reset();
+    }
+
     /// Viewer stats to the server, once a second (docs/protocol.md).
     fn report(&self) {
         let q = self.video.get_video_playback_quality();
@@ -1074,11 +1072,7 @@ impl Inner {
                 w.clear_timeout_with_handle(id);
             }
         }
-        for l in self.video_listeners.drain(..) {
-            let _ = l
-                .target
-                .remove_event_listener_with_callback(l.event, l.closure.as_ref().unchecked_ref());
-        }
+        unlisten(&mut self.video_listeners);
         self.detach_media_source();
         self.video.remove_attribute("src").ok();
         self.video.load();

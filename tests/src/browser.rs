@@ -31,7 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::BoxError;
+use crate::{BoxError, free_port};
 
 /// Chromium binary, unless `$E2E_CHROMIUM` names another.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -600,11 +600,6 @@ fn fresh_dir() -> Result<PathBuf, BoxError> {
 
 fn remove_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn free_port() -> Result<u16, BoxError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// chromedriver, and the watchdog that kills it (and Chromium) should this process die without

@@ -41,13 +41,12 @@ pub fn onair_bin() -> PathBuf {
     bin
 }
 
-/// A loopback port that was free a moment ago, for a server that must come back on the same
-/// port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+/// A loopback port that was free a moment ago: for a process that takes its port on the
+/// command line (chromedriver, node-media-server, a server that must come back on its port).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The repository's web/ directory: the pages, and the player `make player` builds into it.

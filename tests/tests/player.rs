@@ -301,8 +301,9 @@ async fn republish_at_another_resolution_resumes_without_a_reload() {
 
 #[tokio::test]
 async fn player_reconnects_when_the_server_restarts() {
-    let http = format!("127.0.0.1:{}", onair_tests::free_port());
-    let rtmp = format!("127.0.0.1:{}", onair_tests::free_port());
+    let port = || onair_tests::free_port().expect("a free port");
+    let http = format!("127.0.0.1:{}", port());
+    let rtmp = format!("127.0.0.1:{}", port());
     let args = ["--http", http.as_str(), "--rtmp", rtmp.as_str()];
     let mut server = Server::start(&args).await;
     let publisher = Publisher::start(&server.rtmp_url("again"), Profile::default());

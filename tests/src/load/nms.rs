@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::BoxError;
+use crate::{BoxError, free_port};
 
 pub const VERSION: &str = "4.4.3";
 
@@ -52,12 +52,6 @@ pub async fn install(dir: &Path) -> Result<PathBuf, BoxError> {
         .into());
     }
     Ok(app)
-}
-
-fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A running node-media-server, killed on drop.
