@@ -10,6 +10,9 @@
 /// Differences smaller than this are noise: the on-screen frame changes every frame time, so the
 /// measured latency is a sawtooth of that height.
 const DEADBAND_MS: f64 = 15.0;
+/// In synchronized playback every viewer must hold the very same latency: a narrower band,
+/// since the smoothed latency averages the sawtooth out.
+const SYNC_DEADBAND_MS: f64 = 4.0;
 /// The largest nudge, either way. 5 % is below what listeners notice with pitch preserved.
 const MAX_SPEEDUP: f64 = 0.05;
 const MAX_SLOWDOWN: f64 = 0.03;
@@ -39,6 +42,8 @@ pub struct Controller {
     target_ms: f64,
     smoothed_ms: Option<f64>,
     rate: f64,
+    /// The server set the target for synchronized playback: the page may not change it.
+    synced: bool,
 }
 
 impl Controller {
@@ -47,15 +52,29 @@ impl Controller {
             target_ms,
             smoothed_ms: None,
             rate: 1.0,
+            synced: false,
         }
+    }
+
+    /// Synchronized playback: hold exactly `ms`, as every other viewer of the stream does.
+    pub fn sync_to(&mut self, ms: f64) {
+        self.target_ms = ms;
+        self.synced = true;
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced
     }
 
     pub fn target_ms(&self) -> f64 {
         self.target_ms
     }
 
+    /// The page's target; ignored while the server holds the stream in sync.
     pub fn set_target_ms(&mut self, ms: f64) {
-        self.target_ms = ms;
+        if !self.synced {
+            self.target_ms = ms;
+        }
     }
 
     /// Smoothed live latency, if any sample arrived since the last reset.
@@ -105,11 +124,16 @@ impl Controller {
                 behind_end_s: self.start_behind_end_s(delivery_ms),
             };
         }
+        let deadband = if self.synced {
+            SYNC_DEADBAND_MS
+        } else {
+            DEADBAND_MS
+        };
         let wanted = if buffer_ms < LOW_BUFFER_MS {
             1.0 - MAX_SLOWDOWN
-        } else if err > DEADBAND_MS {
+        } else if err > deadband {
             1.0 + (err / MS_PER_PERCENT / 100.0).min(MAX_SPEEDUP)
-        } else if err < -DEADBAND_MS {
+        } else if err < -deadband {
             1.0 - (-err / MS_PER_PERCENT / 100.0).min(MAX_SLOWDOWN)
         } else {
             1.0
@@ -146,6 +170,18 @@ mod tests {
             t += tick;
         }
         (latency, c)
+    }
+
+    #[test]
+    fn synced_controller_holds_tighter_and_ignores_the_page() {
+        let mut c = Controller::new(200.0);
+        c.sync_to(500.0);
+        c.set_target_ms(100.0);
+        assert_eq!(c.target_ms(), 500.0, "the server's target stands");
+        // 10 ms behind: inside the normal band, outside the sync band.
+        assert!(matches!(c.update(Some(510.0), 480.0, 5.0), Decision::Rate(r) if r > 1.0));
+        let mut free = Controller::new(500.0);
+        assert_eq!(free.update(Some(510.0), 480.0, 5.0), Decision::Keep);
     }
 
     #[test]

@@ -61,7 +61,11 @@ pub enum Event {
     },
     Fragment(Fragment),
     TimeSync(TimeSyncResponse),
-    /// A message the player does not act on (server stats, control).
+    /// The stream plays in sync: hold exactly this latency (ms).
+    Sync(u32),
+    /// What the server measured about this viewer.
+    ServerStats(wire::ServerStats),
+    /// A message the player does not act on.
     Ignored,
 }
 
@@ -166,6 +170,8 @@ impl Session {
                 }
             }
             Message::TimeSyncResponse(r) => Event::TimeSync(r),
+            Message::Control(wire::Control::SetTargetLatency { ms }) => Event::Sync(ms),
+            Message::ServerStats(s) => Event::ServerStats(s),
             _ => Event::Ignored,
         })
     }
@@ -383,12 +389,24 @@ impl Session {
     /// Server ingest time of the frame showing at `media_time` seconds: the latest frame whose
     /// presentation time is not after it.
     pub fn ingest_at(&self, media_time: f64) -> Option<u64> {
+        self.frame_at(media_time).map(|(m, _)| m.ingest_us)
+    }
+
+    /// Server ingest time of the playback position itself: the frame's, plus how long that
+    /// frame has been showing. Now minus this is the glass-to-glass latency of the frame on
+    /// screen (ingest to first display), without the frame-time sawtooth.
+    pub fn position_ingest_us(&self, media_time: f64) -> Option<u64> {
+        self.frame_at(media_time)
+            .map(|(m, t)| m.ingest_us + t.saturating_sub(m.pts_us) as u64)
+    }
+
+    fn frame_at(&self, media_time: f64) -> Option<(&IngestMark, i64)> {
         let t = (media_time * 1_000_000.0) as i64;
         self.ingest_map
             .iter()
             .filter(|m| m.pts_us <= t)
             .max_by_key(|m| m.pts_us)
-            .map(|m| m.ingest_us)
+            .map(|m| (m, t))
     }
 
     /// Ingest time of the newest frame received.
@@ -630,6 +648,9 @@ mod tests {
         assert_eq!(s.ingest_at(10.067), Some(3000));
         assert_eq!(s.ingest_at(10.134), Some(2000));
         assert_eq!(s.ingest_at(9.0), None);
+        // The position: 10 ms into the B frame's display.
+        assert_eq!(s.position_ingest_us(10.076), Some(3000 + 10_000));
+        assert_eq!(s.position_ingest_us(9.0), None);
     }
 
     #[test]

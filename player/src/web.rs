@@ -52,6 +52,8 @@ const MAX_QUEUED_BYTES: usize = 16 << 20;
 const STUCK_MS: f64 = 400.0;
 /// Reconnect backoff.
 const RECONNECT_MIN_MS: i32 = 500;
+/// Close code of a viewer removed by the operator (docs/protocol.md): no reconnect.
+const CLOSE_REMOVED: u16 = 4001;
 const RECONNECT_MAX_MS: i32 = 5000;
 
 fn now_us() -> u64 {
@@ -169,6 +171,8 @@ struct Inner {
     session: Session,
     clock: ClockSync,
     ctl: Controller,
+    /// The server's last word on this viewer (it answers each report).
+    server_stats: Option<onair_protocol::wire::ServerStats>,
     ws: Option<WebSocket>,
     ws_handlers: Vec<Closure<dyn FnMut(JsValue)>>,
     media_source: Option<MediaSource>,
@@ -282,6 +286,7 @@ impl Player {
             session: Session::new(),
             clock: ClockSync::default(),
             ctl: Controller::new(latency),
+            server_stats: None,
             ws: None,
             ws_handlers: Vec::new(),
             media_source: None,
@@ -458,6 +463,24 @@ impl Inner {
             self.clock.rtt_us().map_or(f64::NAN, |r| r as f64 / 1000.0),
         );
         set_prop(&o, "managedMediaSource", self.managed);
+        set_prop(&o, "sync", self.ctl.synced());
+        // The server ingest time of the playback position and the server's clock now, in ms:
+        // what tests compare across viewers (synchronized playback).
+        let t = self.video.current_time();
+        if let Some(us) = self.session.position_ingest_us(t) {
+            set_prop(&o, "ingestMs", us as f64 / 1000.0);
+        }
+        set_prop(
+            &o,
+            "serverNowMs",
+            self.clock.server_time(now_us()) as f64 / 1000.0,
+        );
+        if let Some(s) = &self.server_stats {
+            set_prop(&o, "serverBytesSent", s.bytes_sent as f64);
+            set_prop(&o, "serverSendKbps", s.send_kbps);
+            set_prop(&o, "serverBacklogBytes", s.backlog_bytes);
+            set_prop(&o, "keyframeSkips", s.keyframe_skips);
+        }
         o
     }
 
@@ -488,6 +511,12 @@ impl Inner {
                         &c.code().into(),
                         &c.reason().into(),
                     );
+                    if c.code() == CLOSE_REMOVED {
+                        // The operator removed this viewer: coming back would defeat that.
+                        i.close_ws();
+                        i.set_state(State::Offline);
+                        return;
+                    }
                 }
                 i.schedule_reconnect(rc);
             })
@@ -659,6 +688,8 @@ impl Inner {
                     self.send_time_sync();
                 }
             }
+            SessionEvent::Sync(ms) => self.ctl.sync_to(f64::from(ms)),
+            SessionEvent::ServerStats(s) => self.server_stats = Some(s),
             SessionEvent::Ignored => {}
         }
     }
@@ -1001,7 +1032,7 @@ impl Inner {
         let server_now = self.clock.server_time(now_us());
         let measured = self
             .session
-            .ingest_at(t)
+            .position_ingest_us(t)
             .map(|ingest| server_now.saturating_sub(ingest) as f64 / 1000.0);
         // A new MediaSource, or the page, may have reset the element's rate.
         self.ctl.observe_rate(self.video.playback_rate());

@@ -235,7 +235,15 @@ pub struct TimeSyncResponse {
     pub t2: u64,
 }
 
-/// What a viewer reports about itself, about once a second. Times in milliseconds.
+/// `ViewerStats::state` values.
+pub const PLAYER_IDLE: u8 = 0;
+pub const PLAYER_PLAYING: u8 = 1;
+pub const PLAYER_BUFFERING: u8 = 2;
+pub const PLAYER_PAUSED: u8 = 3;
+pub const PLAYER_ERROR: u8 = 4;
+
+/// What a viewer reports about itself, about once a second. Times in milliseconds;
+/// `latency_ms` 0 means not known yet (no clock sync, nothing shown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ViewerStats {
     pub latency_ms: u32,

@@ -2,6 +2,7 @@
 //! file, in that order of precedence, over built-in defaults. The same key names work everywhere
 //! (`--max-lag-ms`, `ONAIR_MAX_LAG_MS`, `max_lag_ms = …`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -95,7 +96,34 @@ pub struct Settings {
     /// Log filter, in tracing's EnvFilter syntax. [default: info]
     #[arg(long, env = "ONAIR_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// Per-stream settings, in the TOML file only: `[streams.NAME]`, or `[streams."*"]` for
+    /// every stream without a table of its own.
+    #[arg(skip)]
+    pub streams: Option<BTreeMap<String, StreamSettings>>,
 }
+
+/// `[streams.NAME]` in the TOML file.
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Synchronized playback: every player presents the frame ingested at T at wall time
+    /// T + `latency_ms`, so all viewers show the same frame at the same moment.
+    #[serde(default)]
+    pub sync: bool,
+    /// The latency every player of a synchronized stream holds. [default: 500]
+    pub latency_ms: Option<u32>,
+}
+
+/// What applies to one stream, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPolicy {
+    pub sync: bool,
+    pub latency_ms: u32,
+}
+
+/// Default latency of a synchronized stream: room for viewers a few hops away to keep up.
+pub const DEFAULT_SYNC_LATENCY_MS: u32 = 500;
 
 /// The resolved configuration.
 #[derive(Debug, Clone)]
@@ -112,6 +140,7 @@ pub struct Config {
     pub web_dir: PathBuf,
     pub admin_token: Option<String>,
     pub log: String,
+    pub streams: BTreeMap<String, StreamSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +194,7 @@ impl Config {
             web_dir: pick!(web_dir, PathBuf::from("web")),
             admin_token: cli.admin_token.or(file.admin_token),
             log: pick!(log, "info".to_string()),
+            streams: cli.streams.or(file.streams).unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -206,10 +236,34 @@ impl Config {
         if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return invalid("admin_token", "must be at least 16 characters");
         }
+        for (name, s) in &self.streams {
+            if name != "*" && !crate::hub::valid_stream_name(name) {
+                return invalid("streams", &format!("{name:?} is not a valid stream name"));
+            }
+            if s.latency_ms.is_some_and(|ms| !(50..=30_000).contains(&ms)) {
+                return invalid("streams.*.latency_ms", "must be between 50 and 30000");
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
             return invalid("log", &e.to_string());
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The settings for stream `name`: its own table, else `[streams."*"]`, else defaults.
+    pub fn stream_settings(&self, name: &str) -> StreamPolicy {
+        let s = self
+            .streams
+            .get(name)
+            .or_else(|| self.streams.get("*"))
+            .copied()
+            .unwrap_or_default();
+        StreamPolicy {
+            sync: s.sync,
+            latency_ms: s.latency_ms.unwrap_or(DEFAULT_SYNC_LATENCY_MS),
+        }
     }
 }
 
@@ -256,6 +310,25 @@ mod tests {
     }
 
     #[test]
+    fn per_stream_settings_fall_back_to_star_then_defaults() {
+        let file: Settings = toml::from_str(
+            "[streams.concert]\nsync = true\nlatency_ms = 800\n[streams.\"*\"]\nsync = false",
+        )
+        .unwrap();
+        let cfg = Config::resolve(Settings::default(), file).unwrap();
+        assert_eq!(
+            cfg.stream_settings("concert"),
+            StreamPolicy {
+                sync: true,
+                latency_ms: 800
+            }
+        );
+        assert!(!cfg.stream_settings("other").sync);
+        let cfg = Config::resolve(Settings::default(), Settings::default()).unwrap();
+        assert_eq!(cfg.stream_settings("x").latency_ms, DEFAULT_SYNC_LATENCY_MS);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         assert!(toml::from_str::<Settings>("htp = \"127.0.0.1:1\"").is_err());
         assert!(toml::from_str::<Settings>("http = \"not an address\"").is_err());
@@ -263,6 +336,10 @@ mod tests {
         let file: Settings = toml::from_str("max_backlog_bytes = 1").unwrap();
         assert!(Config::resolve(Settings::default(), file).is_err());
         assert!(check_env(["ONAIR_HTTP".to_string(), "PATH".to_string()].into_iter()).is_ok());
+        let file: Settings = toml::from_str("[streams.a]\nsyncc = true").unwrap_or_default();
+        assert!(file.streams.is_none(), "unknown per-stream key refused");
+        let file: Settings = toml::from_str("[streams.a]\nlatency_ms = 10").unwrap();
+        assert!(Config::resolve(Settings::default(), file).is_err());
         assert!(matches!(
             check_env(["ONAIR_HTTTP".to_string()].into_iter()),
             Err(ConfigError::UnknownEnv(_))

@@ -4,4 +4,6 @@ pub mod config;
 pub mod delivery;
 pub mod hub;
 pub mod ingest;
+pub mod metrics;
 pub mod net;
+pub mod stats;

@@ -6,6 +6,7 @@ use onair_server::config::Config;
 use onair_server::delivery::http::{self, App};
 use onair_server::hub::{Hub, Limits};
 use onair_server::ingest::rtmp;
+use onair_server::stats::Stats;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,6 +50,8 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, Str
 }
 
 async fn run(cfg: Config) -> Result<(), String> {
+    // First: metric handles made before the recorder exists would record nothing.
+    let prometheus = onair_server::metrics::install()?;
     let rtmp_listener = bind("RTMP", cfg.rtmp).await?;
     let http_listener = bind("HTTP", cfg.http).await?;
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -66,9 +69,13 @@ async fn run(cfg: Config) -> Result<(), String> {
     });
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let stats = Stats::new(hub.clone(), cfg.clone());
+    tracker.spawn(stats.clone().run(shutdown.clone()));
     let app = App {
         hub: hub.clone(),
         cfg: cfg.clone(),
+        stats,
+        prometheus,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, get_service};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,11 +25,14 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::Config;
 use crate::hub::{Hub, StreamSummary};
+use crate::stats::{Page, Stats, StreamStats, ViewerRow};
 
 #[derive(Clone)]
 pub struct App {
     pub hub: Arc<Hub>,
     pub cfg: Arc<Config>,
+    pub stats: Arc<Stats>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -58,9 +62,14 @@ pub fn router(app: App) -> Router {
             "/api/streams/{stream}",
             get(get_stream).delete(delete_stream),
         )
+        .route("/api/viewers/{id}", axum::routing::delete(delete_viewer))
+        .route("/api/events", get(events))
+        .route("/metrics", get(metrics))
         .route("/", page("index.html"))
         .route("/watch/{stream}", page("watch.html"))
+        .route("/dashboard", page("dashboard.html"))
         .nest("/player", player)
+        .nest_service("/vendor", ServeDir::new(web.join("vendor")))
         .fallback(not_found)
         .with_state(app)
 }
@@ -81,10 +90,99 @@ async fn list_streams(State(app): State<App>) -> impl IntoResponse {
     axum::Json(app.hub.summaries())
 }
 
+/// One stream: the hub's live summary, the last second's rates and latency, and its viewers.
+#[derive(serde::Serialize)]
+struct StreamDetail {
+    #[serde(flatten)]
+    summary: StreamSummary,
+    /// From the last stats period (null in a stream's first second).
+    stats: Option<StreamStats>,
+    viewers: Vec<ViewerRow>,
+}
+
 async fn get_stream(State(app): State<App>, Path(name): Path<String>) -> Response {
-    match app.hub.stream(&name) {
-        Some(s) => axum::Json(StreamSummary::of(&s)).into_response(),
-        None => (StatusCode::NOT_FOUND, format!("no stream named {name:?}\n")).into_response(),
+    let Some(s) = app.hub.stream(&name) else {
+        return (StatusCode::NOT_FOUND, format!("no stream named {name:?}\n")).into_response();
+    };
+    let snap = app.stats.latest();
+    axum::Json(StreamDetail {
+        summary: StreamSummary::of(&s),
+        stats: snap.streams.iter().find(|x| x.name == name).cloned(),
+        viewers: snap
+            .viewers
+            .iter()
+            .filter(|v| v.stream == name)
+            .cloned()
+            .collect(),
+    })
+    .into_response()
+}
+
+/// The dashboard's feed: Server-Sent Events, a `history` event first (the charts' last minutes),
+/// then a `snapshot` every second with the client's page of the viewer table.
+async fn events(State(app): State<App>, Query(page): Query<Page>) -> Response {
+    let history = serde_json::to_string(&app.stats.history()).unwrap_or_default();
+    let first = Event::default().event("history").data(history);
+    let updates = app.stats.subscribe();
+    let shutdown = app.shutdown.clone();
+    let snapshots = futures_util::stream::unfold(
+        (updates, page, shutdown),
+        |(mut updates, page, shutdown)| async move {
+            tokio::select! {
+                r = updates.changed() => r.ok()?,
+                _ = shutdown.cancelled() => return None,
+            }
+            let json = updates.borrow_and_update().feed_json(&page);
+            let event = Event::default().event("snapshot").data(json);
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (updates, page, shutdown),
+            ))
+        },
+    );
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok(first) }),
+        snapshots,
+    );
+    (
+        [(header::CACHE_CONTROL, "no-cache")],
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&app.prometheus, &app.hub),
+    )
+        .into_response()
+}
+
+/// Disconnects one viewer (close code 4001: its player does not reconnect).
+async fn delete_viewer(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = refusal(&app, &headers) {
+        return denied;
+    }
+    let Ok(id) = id.parse::<u64>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("viewer ids are numbers, not {id:?}\n"),
+        )
+            .into_response();
+    };
+    if app.hub.disconnect_viewer(id) {
+        tracing::info!(viewer = id, "viewer removed through the API");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (StatusCode::NOT_FOUND, format!("no viewer {id}\n")).into_response()
     }
 }
 
@@ -150,8 +248,8 @@ async fn not_found(uri: Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         format!(
-            "404: nothing at {}. Pages are / and /watch/STREAM, WebSocket play is at /ws/STREAM, \
-             the API at /api/streams\n",
+            "404: nothing at {}. Pages are /, /watch/STREAM and /dashboard, WebSocket play is at \
+             /ws/STREAM, the API at /api/streams, metrics at /metrics\n",
             uri.path()
         ),
     )

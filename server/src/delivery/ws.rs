@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fastwebsockets::{OpCode, Role, WebSocketError};
 use hyper_util::rt::TokioIo;
-use onair_protocol::wire::{self, Hello, Message, TimeSyncResponse};
+use onair_protocol::wire::{
+    self, Control, Hello, Message, ServerStats, TimeSyncResponse, ViewerStats,
+};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -27,7 +29,8 @@ use tracing::Instrument;
 
 use super::http::{App, Peer};
 use crate::hub::fanout::MAX_IOV;
-use crate::hub::{self, Rendition, Sink, frame, now_us, valid_stream_name};
+use crate::hub::{self, Rendition, Sink, ViewerState, frame, now_us, valid_stream_name};
+use crate::metrics::{DisconnectReason, METRICS};
 
 /// Bytes per write batch: enough to fill a socket buffer in one call.
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -37,6 +40,17 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Close codes (RFC 6455 7.4.1 and the private range).
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_PROTOCOL: u16 = 1002;
+const CLOSE_POLICY: u16 = 1008;
+/// An operator removed this viewer: players do not reconnect after it (docs/protocol.md).
+pub const CLOSE_REMOVED: u16 = 4001;
+
+/// Messages a viewer may send: a steady 20 per second, in bursts of up to 40 (its time sync at
+/// connect is 5, then 1 report a second). Past that it is flooding, and is closed.
+const MESSAGE_RATE: f64 = 20.0;
+const MESSAGE_BURST: f64 = 40.0;
+/// Largest latency or buffer a report may claim: an hour. Anything more is a broken or hostile
+/// client, and would poison the stream's aggregates.
+const MAX_REPORTED_MS: u32 = 3_600_000;
 
 pub async fn play(
     State(app): State<App>,
@@ -83,7 +97,7 @@ pub async fn play(
                 .into_response();
         }
     };
-    let viewer = app.hub.subscribe(&stream);
+    let viewer = app.hub.subscribe(&stream, peer, &user_agent);
     let span = tracing::info_span!("viewer", stream = %stream, id = viewer.id, %peer);
     let shutdown = app.shutdown.clone();
     let cfg = app.cfg.clone();
@@ -117,6 +131,7 @@ pub async fn play(
                 shutdown,
             )
             .await;
+            METRICS.disconnect(reason.metric());
             tracing::info!(%reason, "viewer disconnected");
         }
         .instrument(span),
@@ -146,7 +161,12 @@ enum End {
     ClientClosed,
     ClientGone(String),
     Stalled(Duration),
+    /// Bytes that are not the protocol.
     Protocol(String),
+    /// Well-formed messages we refuse: out-of-range reports, flooding.
+    Policy(String),
+    /// An operator's `DELETE /api/viewers/ID`.
+    Removed,
     Shutdown,
     /// Shutdown interrupted a write: a close frame now would land inside a media frame.
     ShutdownMidWrite,
@@ -164,8 +184,24 @@ impl std::fmt::Display for End {
                 d.as_millis()
             ),
             End::Protocol(e) => write!(f, "protocol error: {e}"),
+            End::Policy(e) => write!(f, "refused: {e}"),
+            End::Removed => write!(f, "removed by the server's operator"),
             End::Shutdown | End::ShutdownMidWrite => write!(f, "server shutting down"),
             End::WriteError(e) => write!(f, "write failed: {e}"),
+        }
+    }
+}
+
+impl End {
+    fn metric(&self) -> DisconnectReason {
+        match self {
+            End::ClientClosed => DisconnectReason::ClientClosed,
+            End::ClientGone(_) => DisconnectReason::ClientGone,
+            End::Stalled(_) => DisconnectReason::Stalled,
+            End::Protocol(_) | End::Policy(_) => DisconnectReason::Protocol,
+            End::Removed => DisconnectReason::Kicked,
+            End::Shutdown | End::ShutdownMidWrite => DisconnectReason::Shutdown,
+            End::WriteError(_) => DisconnectReason::WriteError,
         }
     }
 }
@@ -202,15 +238,23 @@ async fn run(
     let wr = Arc::new(wr);
     let (tx, mut rx) = mpsc::channel(32);
     let reader_stop = CancellationToken::new();
+    let sink = rendition.add_sink(wr.clone());
+    viewer.state.attach(sink.clone());
     let reader = tokio::spawn(
         read_loop(
             std::io::Cursor::new(read_buf).chain(rd),
             tx,
             reader_stop.clone(),
+            Client {
+                state: viewer.state.clone(),
+                rendition: rendition.clone(),
+                renditions: viewer.stream.renditions(),
+                budget: MESSAGE_BURST,
+                refilled: std::time::Instant::now(),
+            },
         )
         .in_current_span(),
     );
-    let sink = rendition.add_sink(wr.clone());
     let end = write_loop(&viewer, &rendition, &wr, &sink, &mut rx, cfg, &shutdown).await;
     rendition.remove_sink(&sink);
     reader_stop.cancel();
@@ -218,11 +262,16 @@ async fn run(
     let close = match &end {
         End::Shutdown => Some(frame::close(CLOSE_GOING_AWAY, "server shutting down")),
         End::Protocol(e) => Some(frame::close(CLOSE_PROTOCOL, e)),
+        End::Policy(e) => Some(frame::close(CLOSE_POLICY, e)),
+        End::Removed => Some(frame::close(
+            CLOSE_REMOVED,
+            "removed by the server's operator",
+        )),
         // ClientClosed: the echo was already sent. The rest: the socket is gone or unusable.
         _ => None,
     };
     if let Some(close) = close {
-        let _ = write_all(&wr, &[close], Duration::from_secs(1)).await;
+        let _ = write_all(&wr, &sink, &[close], Duration::from_secs(1)).await;
     }
     // Dropping the last handle on the write half shuts it down (FIN).
     end
@@ -232,6 +281,7 @@ async fn run(
 enum Wake {
     Returned,
     Reader(Option<FromReader>),
+    Removed,
     Shutdown,
 }
 
@@ -255,6 +305,14 @@ async fn write_loop(
         Ok(h) => batch.push(h),
         Err(e) => return End::Protocol(e.to_string()),
     }
+    let policy = cfg.stream_settings(&viewer.stream.name);
+    if policy.sync {
+        // A synchronized stream: every player holds this latency exactly (docs/protocol.md).
+        let sync = Control::SetTargetLatency {
+            ms: policy.latency_ms,
+        };
+        batch.extend(frame::message(&Message::Control(sync)).ok());
+    }
     let mut cursor = rendition.join(&mut batch);
     loop {
         let notified = rendition.notified();
@@ -263,11 +321,13 @@ async fn write_loop(
 
         let room = MAX_IOV.saturating_sub(batch.len());
         if rendition.read(&mut cursor, &mut batch, room, MAX_BATCH_BYTES) {
+            viewer.state.count_skip();
             tracing::info!(
                 skips = cursor.skips,
                 "viewer fell behind; skipped to the next keyframe"
             );
         }
+        sink.set_position(cursor.next());
         let mut closed = None;
         while batch.len() < MAX_IOV {
             match rx.try_recv() {
@@ -286,6 +346,7 @@ async fn write_loop(
                 let wake = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => Wake::Shutdown,
+                    _ = viewer.state.removed() => Wake::Removed,
                     m = rx.recv() => Wake::Reader(m),
                     _ = sink.returned() => Wake::Returned,
                 };
@@ -301,6 +362,8 @@ async fn write_loop(
                     Wake::Reader(Some(FromReader::Send(b))) => batch.push(b),
                     Wake::Reader(Some(FromReader::Closed(end))) => closed = Some(end),
                     Wake::Reader(None) => return End::ClientGone("reader ended".into()),
+                    // Finish the frame in flight, then close.
+                    Wake::Removed => closed = Some(End::Removed),
                     Wake::Shutdown if mid_frame => return End::ShutdownMidWrite,
                     Wake::Shutdown => return End::Shutdown,
                 }
@@ -313,6 +376,7 @@ async fn write_loop(
                         None => return End::ClientGone("reader ended".into()),
                     },
                     _ = shutdown.cancelled() => return End::Shutdown,
+                    _ = viewer.state.removed() => return End::Removed,
                 }
             }
             if closed.is_none() {
@@ -321,11 +385,11 @@ async fn write_loop(
         }
         if let Some(end) = closed {
             // Send what is queued, the close echo included, then stop.
-            let _ = write_all(wr, &batch, Duration::from_secs(1)).await;
+            let _ = write_all(wr, sink, &batch, Duration::from_secs(1)).await;
             return end;
         }
         tokio::select! {
-            r = write_all(wr, &batch, cfg.stall_timeout) => if let Err(end) = r { return end },
+            r = write_all(wr, sink, &batch, cfg.stall_timeout) => if let Err(end) = r { return end },
             _ = shutdown.cancelled() => return End::ShutdownMidWrite,
         }
         batch.clear();
@@ -334,7 +398,12 @@ async fn write_loop(
 
 /// Writes every frame of `batch` with vectored writes, up to `MAX_IOV` frames per call. A
 /// socket that accepts nothing for `stall` ends the connection: the viewer stopped reading.
-async fn write_all(wr: &OwnedWriteHalf, batch: &[Bytes], stall: Duration) -> Result<(), End> {
+async fn write_all(
+    wr: &OwnedWriteHalf,
+    sink: &Sink,
+    batch: &[Bytes],
+    stall: Duration,
+) -> Result<(), End> {
     for group in batch.chunks(MAX_IOV) {
         let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
         for (slot, b) in iov.iter_mut().zip(group) {
@@ -344,7 +413,10 @@ async fn write_all(wr: &OwnedWriteHalf, batch: &[Bytes], stall: Duration) -> Res
         while !slices.is_empty() {
             match hub::SinkWrite::try_write_vectored(wr, slices) {
                 Ok(0) => return Err(End::ClientGone("socket closed".into())),
-                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Ok(n) => {
+                    sink.add_sent(n);
+                    IoSlice::advance_slices(&mut slices, n);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     match tokio::time::timeout(stall, wr.writable()).await {
                         Err(_) => return Err(End::Stalled(stall)),
@@ -363,6 +435,7 @@ async fn read_loop(
     rd: impl AsyncRead + Unpin,
     tx: mpsc::Sender<FromReader>,
     stop: CancellationToken,
+    mut client: Client,
 ) {
     // Writes go through our own pre-framed path; obligated replies (pong, close echo) come back
     // through `read_frame`'s callback, so the split's write half is never used.
@@ -392,13 +465,15 @@ async fn read_loop(
         };
         match frame.opcode {
             OpCode::Close => break End::ClientClosed,
-            OpCode::Binary => {
-                if let Some(reply) = handle_client_message(&frame.payload)
-                    && tx.send(FromReader::Send(reply)).await.is_err()
-                {
-                    return;
+            OpCode::Binary => match client.handle(&frame.payload) {
+                Ok(Some(reply)) => {
+                    if tx.send(FromReader::Send(reply)).await.is_err() {
+                        return;
+                    }
                 }
-            }
+                Ok(None) => {}
+                Err(end) => break end,
+            },
             OpCode::Text => break End::Protocol("text frames are not part of the protocol".into()),
             _ => {}
         }
@@ -406,36 +481,143 @@ async fn read_loop(
     let _ = tx.send(FromReader::Closed(end)).await;
 }
 
-/// Handles one message from a viewer; returns a reply to send, if any.
-fn handle_client_message(buf: &[u8]) -> Option<Bytes> {
-    let t1 = now_us();
-    match Message::decode(buf) {
-        Ok(Message::TimeSyncRequest(req)) => {
-            frame::message(&Message::TimeSyncResponse(TimeSyncResponse {
-                t0: req.t0,
-                t1,
-                t2: now_us(),
-            }))
-            .ok()
+/// What the reader task needs to act on a viewer's messages.
+struct Client {
+    state: Arc<ViewerState>,
+    rendition: Arc<Rendition>,
+    renditions: usize,
+    /// Token bucket against floods.
+    budget: f64,
+    refilled: std::time::Instant,
+}
+
+impl Client {
+    /// Handles one message from the viewer; returns a reply to send, if any, or why the
+    /// connection must close. A bad message never reaches shared state: it is checked whole
+    /// before anything is recorded.
+    fn handle(&mut self, buf: &[u8]) -> Result<Option<Bytes>, End> {
+        let t1 = now_us();
+        let now = std::time::Instant::now();
+        self.budget = (self.budget
+            + now.duration_since(self.refilled).as_secs_f64() * MESSAGE_RATE)
+            .min(MESSAGE_BURST);
+        self.refilled = now;
+        if self.budget < 1.0 {
+            return Err(End::Policy(format!(
+                "too many messages (more than {MESSAGE_RATE} a second)"
+            )));
         }
-        Ok(Message::ViewerStats(stats)) => {
-            tracing::trace!(?stats, "viewer stats");
-            None
+        self.budget -= 1.0;
+        let message = Message::decode(buf)
+            .map_err(|e| End::Protocol(format!("bad message from viewer: {e}")))?;
+        match message {
+            Message::TimeSyncRequest(req) => {
+                let reply = TimeSyncResponse {
+                    t0: req.t0,
+                    t1,
+                    t2: now_us(),
+                };
+                Ok(frame::message(&Message::TimeSyncResponse(reply)).ok())
+            }
+            Message::ViewerStats(stats) => {
+                check_report(&stats, self.renditions).map_err(End::Policy)?;
+                self.state.set_report(stats);
+                let sink = self.state.sink();
+                let reply = ServerStats {
+                    bytes_sent: self.state.bytes_sent(),
+                    send_kbps: self
+                        .state
+                        .send_kbps
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    backlog_bytes: sink.map_or(0, |s| {
+                        u32::try_from(self.rendition.backlog_bytes(s.position()))
+                            .unwrap_or(u32::MAX)
+                    }),
+                    keyframe_skips: u32::try_from(
+                        self.state.skips.load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                    .unwrap_or(u32::MAX),
+                };
+                Ok(frame::message(&Message::ServerStats(reply)).ok())
+            }
+            Message::Control(Control::SwitchRendition(r)) => {
+                if r != 0xff && usize::from(r) >= self.renditions {
+                    return Err(End::Policy(format!("no rendition {r} on this stream")));
+                }
+                tracing::debug!(rendition = r, "viewer asked for a rendition");
+                Ok(None)
+            }
+            Message::Control(Control::SetTargetLatency { ms }) => {
+                if ms > MAX_REPORTED_MS {
+                    return Err(End::Policy(format!("target latency {ms} ms out of range")));
+                }
+                tracing::debug!(ms, "viewer set its target latency");
+                Ok(None)
+            }
+            other => Err(End::Protocol(format!(
+                "a viewer may not send {}",
+                other.kind_name()
+            ))),
         }
-        Ok(Message::Control(c)) => {
-            tracing::debug!(?c, "viewer control");
-            None
-        }
-        Ok(other) => {
-            tracing::debug!(
-                kind = other.kind_name(),
-                "ignoring unexpected message from viewer"
-            );
-            None
-        }
-        Err(e) => {
-            tracing::info!(error = %e, "undecodable message from viewer");
-            None
+    }
+}
+
+/// Checks a viewer report before it is recorded: a value no real player produces means a broken
+/// or hostile client, and would skew the stream's latency aggregates.
+fn check_report(s: &ViewerStats, renditions: usize) -> Result<(), String> {
+    if s.state > wire::PLAYER_ERROR {
+        return Err(format!("stats: unknown player state {}", s.state));
+    }
+    if s.latency_ms > MAX_REPORTED_MS || s.buffer_ms > MAX_REPORTED_MS {
+        return Err(format!(
+            "stats: latency {} ms / buffer {} ms out of range (max {MAX_REPORTED_MS})",
+            s.latency_ms, s.buffer_ms
+        ));
+    }
+    if s.dropped_frames > s.decoded_frames {
+        return Err(format!(
+            "stats: {} dropped frames of {} decoded",
+            s.dropped_frames, s.decoded_frames
+        ));
+    }
+    if usize::from(s.rendition) >= renditions {
+        return Err(format!("stats: no rendition {}", s.rendition));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_out_of_range_are_refused() {
+        let ok = ViewerStats {
+            latency_ms: 250,
+            buffer_ms: 120,
+            decoded_frames: 100,
+            dropped_frames: 2,
+            state: wire::PLAYER_PLAYING,
+            ..Default::default()
+        };
+        assert!(check_report(&ok, 1).is_ok());
+        for bad in [
+            ViewerStats { state: 9, ..ok },
+            ViewerStats {
+                latency_ms: u32::MAX,
+                ..ok
+            },
+            ViewerStats {
+                buffer_ms: MAX_REPORTED_MS + 1,
+                ..ok
+            },
+            ViewerStats {
+                dropped_frames: 101,
+                ..ok
+            },
+            ViewerStats { rendition: 1, ..ok },
+        ] {
+            assert!(check_report(&bad, 1).is_err(), "{bad:?}");
         }
     }
 }

@@ -18,7 +18,7 @@
 //! party writes at a time and frames never interleave.
 
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -39,13 +39,16 @@ pub struct Sink {
     state: Mutex<SinkState>,
     /// Wakes the viewer's task when the fan-out hands the socket back.
     returned: Notify,
+    /// Bytes written to the socket, by the fan-out and the viewer's task together.
+    sent: AtomicU64,
 }
 
 #[derive(Default)]
 struct SinkState {
     /// The fan-out owns the socket's writes.
     promoted: bool,
-    /// Sequence number of the next log entry to write.
+    /// Sequence number of the next log entry to write. While the viewer's task owns the socket
+    /// it keeps this up to date too ([`Sink::set_position`]), for backlog figures.
     next: u64,
     /// The unwritten rest of a frame a write took only part of.
     partial: Option<Bytes>,
@@ -67,7 +70,31 @@ impl Sink {
             io,
             state: Mutex::new(SinkState::default()),
             returned: Notify::new(),
+            sent: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes written to this viewer so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Counts bytes the viewer's own task wrote.
+    pub fn add_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The viewer's task records where its cursor is (it owns the socket now).
+    pub fn set_position(&self, next: u64) {
+        let mut st = self.state.lock();
+        if !st.promoted {
+            st.next = next;
+        }
+    }
+
+    /// Sequence number of the next log entry this viewer needs.
+    pub fn position(&self) -> u64 {
+        self.state.lock().next
     }
 
     /// Hands the socket to the fan-out from entry `next` on. Call with the log locked and the
@@ -129,7 +156,11 @@ impl Sink {
         if count == 0 {
             return self.demote(st);
         }
-        match self.io.try_write_vectored(&iov[..count]) {
+        let written = self.io.try_write_vectored(&iov[..count]);
+        if let Ok(n) = written {
+            self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        match written {
             Ok(n) if n == total => {
                 st.next += count as u64;
                 if start + count < entries.len() {

@@ -8,16 +8,18 @@ pub mod frame;
 pub mod rendition;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use onair_protocol::wire::{Init, MediaHeader, Message, Status, StatusCode};
+use onair_protocol::wire::{Init, MediaHeader, Message, Status, StatusCode, ViewerStats};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::METRICS;
 
 pub use fanout::{Sink, SinkWrite};
 pub use rendition::{Cursor, Limits, Rendition};
@@ -90,10 +92,32 @@ pub struct Stream {
     /// Cancelled to disconnect the current publisher (an operator's `DELETE`).
     kick: Mutex<Option<CancellationToken>>,
     frames_in: AtomicU64,
+    video_frames_in: AtomicU64,
     bytes_in: AtomicU64,
 }
 
 impl Stream {
+    pub fn publisher(&self) -> Option<PublisherInfo> {
+        self.publisher.lock().clone()
+    }
+
+    pub fn media(&self) -> MediaInfo {
+        self.media.lock().clone()
+    }
+
+    /// Payload bytes and video frames received so far.
+    pub fn ingested(&self) -> (u64, u64) {
+        (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.video_frames_in.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How many renditions it has.
+    pub fn renditions(&self) -> usize {
+        self.renditions.len()
+    }
+
     /// Rendition 0 is the source as published. ABR adds more.
     pub fn rendition(&self, id: usize) -> Option<&Arc<Rendition>> {
         self.renditions.get(id)
@@ -106,6 +130,8 @@ impl Stream {
 
 pub struct Hub {
     streams: DashMap<String, Arc<Stream>>,
+    /// Every connected viewer, by id: for the API, the dashboard and `DELETE /api/viewers/ID`.
+    viewers: DashMap<u64, Arc<ViewerState>>,
     limits: Limits,
     next_viewer_id: AtomicU64,
     shutting_down: AtomicBool,
@@ -120,6 +146,7 @@ impl Hub {
     pub fn new(limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             streams: DashMap::new(),
+            viewers: DashMap::new(),
             limits,
             next_viewer_id: AtomicU64::new(1),
             shutting_down: Default::default(),
@@ -141,6 +168,7 @@ impl Hub {
             viewers: AtomicU64::new(0),
             kick: Mutex::new(None),
             frames_in: AtomicU64::new(0),
+            video_frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
         })
     }
@@ -189,7 +217,7 @@ impl Hub {
     }
 
     /// Subscribes a viewer to `name`, creating a waiting stream if nobody publishes it yet.
-    pub fn subscribe(self: &Arc<Self>, name: &str) -> Viewer {
+    pub fn subscribe(self: &Arc<Self>, name: &str, peer: SocketAddr, user_agent: &str) -> Viewer {
         let stream = {
             let entry = self
                 .streams
@@ -199,11 +227,53 @@ impl Hub {
             entry.viewers.fetch_add(1, Ordering::AcqRel);
             entry.value().clone()
         };
+        let id = self.next_viewer_id.fetch_add(1, Ordering::Relaxed);
+        // User agents are the client's to choose: keep a bounded, printable prefix.
+        let user_agent: String = user_agent
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(256)
+            .collect();
+        let state = Arc::new(ViewerState {
+            id,
+            stream: stream.name.clone(),
+            peer,
+            user_agent,
+            since_ms: now_us() / 1000,
+            sink: OnceLock::new(),
+            rendition: std::sync::atomic::AtomicU8::new(0),
+            skips: AtomicU64::new(0),
+            send_kbps: Default::default(),
+            report: Mutex::new(None),
+            kick: CancellationToken::new(),
+            accounted: AtomicU64::new(0),
+        });
+        self.viewers.insert(id, state.clone());
+        METRICS.viewers_joined.increment(1);
         Viewer {
-            id: self.next_viewer_id.fetch_add(1, Ordering::Relaxed),
+            id,
             hub: self.clone(),
             stream,
+            state,
         }
+    }
+
+    /// Disconnects viewer `id`; returns whether it was connected.
+    pub fn disconnect_viewer(&self, id: u64) -> bool {
+        match self.viewers.get(&id) {
+            Some(v) => {
+                v.kick.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every connected viewer, in id order.
+    pub fn viewers(&self) -> Vec<Arc<ViewerState>> {
+        let mut v: Vec<_> = self.viewers.iter().map(|v| v.value().clone()).collect();
+        v.sort_by_key(|v| v.id);
+        v
     }
 
     fn cleanup(&self, name: &str) {
@@ -308,9 +378,14 @@ impl Publisher {
     /// Frames one media frame once and appends it for every viewer of the source rendition.
     pub fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
         self.stream.frames_in.fetch_add(1, Ordering::Relaxed);
+        if header.track == VIDEO_TRACK {
+            self.stream.video_frames_in.fetch_add(1, Ordering::Relaxed);
+        }
         self.stream
             .bytes_in
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        METRICS.frames_in.increment(1);
+        METRICS.bytes_in.increment(payload.len() as u64);
         if let Some(r) = self.stream.rendition(0) {
             r.push_media(frame::media(header, payload), sync);
         }
@@ -331,17 +406,94 @@ impl Drop for Publisher {
     }
 }
 
+/// The track id ingest gives video (audio is 1).
+pub const VIDEO_TRACK: u8 = 0;
+
 /// A viewer's subscription. Dropping it removes the stream once nobody uses it.
 pub struct Viewer {
     pub id: u64,
     hub: Arc<Hub>,
     pub stream: Arc<Stream>,
+    pub state: Arc<ViewerState>,
 }
 
 impl Drop for Viewer {
     fn drop(&mut self) {
+        self.state.account_bytes();
+        self.hub.viewers.remove(&self.id);
         self.stream.viewers.fetch_sub(1, Ordering::AcqRel);
         self.hub.cleanup(&self.stream.name);
+    }
+}
+
+/// The latency a report vouches for: only a playing viewer's, and 0 means not known yet.
+pub fn playing_latency(stats: &ViewerStats) -> Option<u32> {
+    (stats.state == onair_protocol::wire::PLAYER_PLAYING && stats.latency_ms > 0)
+        .then_some(stats.latency_ms)
+}
+
+/// What the server knows about one viewer, shared by its connection, the stats task and the API.
+pub struct ViewerState {
+    pub id: u64,
+    pub stream: String,
+    pub peer: SocketAddr,
+    pub user_agent: String,
+    /// Unix ms when it connected.
+    pub since_ms: u64,
+    sink: OnceLock<Arc<Sink>>,
+    pub rendition: std::sync::atomic::AtomicU8,
+    /// Times it fell behind and skipped to the next keyframe.
+    pub skips: AtomicU64,
+    /// Send rate over the last stats period, set by the stats task.
+    pub send_kbps: std::sync::atomic::AtomicU32,
+    /// Its last report, and when it came.
+    report: Mutex<Option<(ViewerStats, Instant)>>,
+    kick: CancellationToken,
+    /// Bytes sent already added to the process-wide counter.
+    accounted: AtomicU64,
+}
+
+impl ViewerState {
+    /// The viewer's socket as the fan-out sees it: its byte counter and position.
+    pub fn attach(&self, sink: Arc<Sink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    pub fn sink(&self) -> Option<&Arc<Sink>> {
+        self.sink.get()
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.sink.get().map_or(0, |s| s.bytes_sent())
+    }
+
+    /// Adds the bytes sent since the last call to `onair_viewer_bytes_sent_total`.
+    pub fn account_bytes(&self) {
+        let sent = self.bytes_sent();
+        let before = self.accounted.swap(sent, Ordering::AcqRel);
+        METRICS.bytes_out.increment(sent.saturating_sub(before));
+    }
+
+    pub fn set_report(&self, stats: ViewerStats) {
+        *self.report.lock() = Some((stats, Instant::now()));
+        METRICS.viewer_reports.increment(1);
+        if let Some(ms) = playing_latency(&stats) {
+            METRICS.viewer_latency.record(f64::from(ms) / 1000.0);
+        }
+    }
+
+    pub fn report(&self) -> Option<(ViewerStats, Instant)> {
+        *self.report.lock()
+    }
+
+    pub fn count_skip(&self) {
+        self.skips.fetch_add(1, Ordering::Relaxed);
+        METRICS.keyframe_skips.increment(1);
+    }
+
+    /// Resolves when an operator removed this viewer ([`Hub::disconnect_viewer`]).
+    pub async fn removed(&self) {
+        self.kick.cancelled().await
     }
 }
 
@@ -385,7 +537,7 @@ mod tests {
     #[test]
     fn stream_lives_while_viewers_wait() {
         let hub = hub();
-        let v = hub.subscribe("s");
+        let v = hub.subscribe("s", SocketAddr::from(([127, 0, 0, 1], 2)), "test");
         let p = hub.publish("s", info()).unwrap();
         drop(p);
         assert!(hub.stream("s").is_some(), "viewer still waiting");

@@ -107,6 +107,11 @@ pub struct Rendition {
 }
 
 impl Cursor {
+    /// Sequence number of the next log entry this viewer needs.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
     /// Continues where the fan-out left off. (It was promoted at the head, so its join
     /// allowance is already spent and it is not waiting for a keyframe.)
     pub fn resume(&mut self, r: &Returned) {
@@ -357,6 +362,19 @@ impl Rendition {
         }
         sink.promote(head);
         true
+    }
+
+    /// Bytes in the log from entry `next` to the head: what a viewer there still has to get.
+    pub fn backlog_bytes(&self, next: u64) -> u64 {
+        let log = self.log.lock();
+        if next >= log.head() {
+            return 0;
+        }
+        let from = log
+            .entry(next)
+            .or_else(|| log.entries.front())
+            .map_or(log.pushed, |e| e.offset);
+        log.pushed - from
     }
 
     /// Bytes retained in the log (GOP cache plus backlog window).

@@ -76,6 +76,18 @@ pub enum RtmpError {
 }
 
 impl RtmpError {
+    /// The `kind` label of `onair_ingest_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RtmpError::Handshake(_) | RtmpError::TruncatedHandshake(_) => "handshake",
+            RtmpError::Timeout(_) => "timeout",
+            RtmpError::Session(_) | RtmpError::ChunkSize(_) | RtmpError::Amf(_) => "protocol",
+            RtmpError::UnknownApp(_) | RtmpError::Publish(_) | RtmpError::Play => "refused",
+            RtmpError::Ingest(_) => "media",
+            RtmpError::Io(_) => "io",
+        }
+    }
+
     /// The onStatus (code, description) to send the client before closing, if any.
     fn status(&self, app: &str) -> Option<(&'static str, String)> {
         Some(match self {
@@ -120,7 +132,10 @@ pub async fn serve(
             async move {
                 match connection(tcp, peer, hub, &cfg, shutdown).await {
                     Ok(()) => tracing::info!("rtmp connection closed"),
-                    Err(e) => tracing::warn!(error = %e, "rtmp connection refused or failed"),
+                    Err(e) => {
+                        crate::metrics::ingest_error("rtmp", e.kind());
+                        tracing::warn!(error = %e, "rtmp connection refused or failed");
+                    }
                 }
             }
             .instrument(span),

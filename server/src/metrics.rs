@@ -1,0 +1,185 @@
+//! Prometheus metrics at `/metrics`, through the `metrics` facade and
+//! `metrics-exporter-prometheus` (without its default features: no HTTP listener of its own, no
+//! push gateway, no C build; we render into our own route).
+//!
+//! Counters touched per frame or per write are cached handles ([`METRICS`]), registered once:
+//! incrementing one is an atomic add, with no label lookup. Gauges that describe the hub (streams,
+//! viewers) are read from the hub when scraped, so they always agree with `/api/streams`.
+
+use std::sync::LazyLock;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::hub::Hub;
+
+/// Why a viewer left, as the `reason` label of `onair_viewer_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    ClientClosed,
+    ClientGone,
+    Stalled,
+    Protocol,
+    Kicked,
+    Shutdown,
+    WriteError,
+}
+
+impl DisconnectReason {
+    const ALL: [DisconnectReason; 7] = [
+        Self::ClientClosed,
+        Self::ClientGone,
+        Self::Stalled,
+        Self::Protocol,
+        Self::Kicked,
+        Self::Shutdown,
+        Self::WriteError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::ClientGone => "client_gone",
+            Self::Stalled => "stalled",
+            Self::Protocol => "protocol_error",
+            Self::Kicked => "removed_by_operator",
+            Self::Shutdown => "shutdown",
+            Self::WriteError => "write_error",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub bytes_in: Counter,
+    pub frames_in: Counter,
+    pub bytes_out: Counter,
+    pub keyframe_skips: Counter,
+    pub viewers_joined: Counter,
+    pub viewer_reports: Counter,
+    /// Glass-to-glass latency from viewer reports, in seconds.
+    pub viewer_latency: Histogram,
+    disconnects: [Counter; DisconnectReason::ALL.len()],
+}
+
+impl Metrics {
+    fn register() -> Self {
+        Self {
+            bytes_in: metrics::counter!("onair_ingest_bytes_total"),
+            frames_in: metrics::counter!("onair_ingest_frames_total"),
+            bytes_out: metrics::counter!("onair_viewer_bytes_sent_total"),
+            keyframe_skips: metrics::counter!("onair_viewer_keyframe_skips_total"),
+            viewers_joined: metrics::counter!("onair_viewer_connections_total"),
+            viewer_reports: metrics::counter!("onair_viewer_reports_total"),
+            viewer_latency: metrics::histogram!("onair_viewer_latency_seconds"),
+            disconnects: DisconnectReason::ALL.map(
+                |r| metrics::counter!("onair_viewer_disconnects_total", "reason" => r.label()),
+            ),
+        }
+    }
+
+    pub fn disconnect(&self, reason: DisconnectReason) {
+        self.disconnects[reason as usize].increment(1);
+    }
+}
+
+/// The process's metric handles. Touch it only after [`install`]: handles made before a recorder
+/// is installed go nowhere.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
+
+/// Counts an ingest failure (cold path: a labelled lookup is fine here).
+pub fn ingest_error(protocol: &'static str, kind: &'static str) {
+    metrics::counter!("onair_ingest_errors_total", "protocol" => protocol, "kind" => kind)
+        .increment(1);
+}
+
+/// Latency buckets in seconds: fine around the 100 ms–1 s where onair lives.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0,
+];
+
+/// Installs the global recorder; returns the handle `/metrics` renders with.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("onair_viewer_latency_seconds".into()),
+            &LATENCY_BUCKETS,
+        )
+        .map_err(|e| format!("metrics: {e}"))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| format!("metrics: {e}"))?;
+    describe();
+    LazyLock::force(&METRICS);
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "onair_streams",
+        "Streams known to the hub (live or with waiting viewers)"
+    );
+    describe_gauge!("onair_streams_live", "Streams with a publisher");
+    describe_gauge!("onair_viewers", "Connected WebSocket viewers");
+    describe_gauge!("onair_stream_viewers", "Connected viewers per stream");
+    describe_counter!(
+        "onair_ingest_bytes_total",
+        Unit::Bytes,
+        "Media payload bytes received from publishers"
+    );
+    describe_counter!("onair_ingest_frames_total", "Media frames received");
+    describe_counter!(
+        "onair_ingest_errors_total",
+        "Publisher connections that ended in an error, by protocol and kind"
+    );
+    describe_counter!(
+        "onair_viewer_bytes_sent_total",
+        Unit::Bytes,
+        "Bytes written to viewers"
+    );
+    describe_counter!(
+        "onair_viewer_keyframe_skips_total",
+        "Times a viewer fell behind and skipped to the next keyframe"
+    );
+    describe_counter!(
+        "onair_viewer_connections_total",
+        "Viewer connections accepted"
+    );
+    describe_counter!(
+        "onair_viewer_disconnects_total",
+        "Viewer disconnections, by reason"
+    );
+    describe_counter!(
+        "onair_viewer_reports_total",
+        "Viewer stats reports received"
+    );
+    describe_histogram!(
+        "onair_viewer_latency_seconds",
+        Unit::Seconds,
+        "Glass-to-glass latency reported by viewers (ingest to display)"
+    );
+}
+
+/// Renders the exposition: the hub's gauges first, read now.
+pub fn render(handle: &PrometheusHandle, hub: &Hub) -> String {
+    let summaries = hub.summaries();
+    metrics::gauge!("onair_streams").set(summaries.len() as f64);
+    metrics::gauge!("onair_streams_live").set(summaries.iter().filter(|s| s.live).count() as f64);
+    metrics::gauge!("onair_viewers").set(summaries.iter().map(|s| s.viewers).sum::<u64>() as f64);
+    for s in &summaries {
+        metrics::gauge!("onair_stream_viewers", "stream" => s.name.clone()).set(s.viewers as f64);
+    }
+    // Streams that are gone must not linger with their last count.
+    let live: std::collections::HashSet<&str> = summaries.iter().map(|s| s.name.as_str()).collect();
+    let mut known = KNOWN_STREAMS.lock();
+    for gone in known.iter().filter(|n| !live.contains(n.as_str())) {
+        metrics::gauge!("onair_stream_viewers", "stream" => gone.clone()).set(0.0);
+    }
+    known.retain(|n| live.contains(n.as_str()));
+    known.extend(summaries.iter().map(|s| s.name.clone()));
+    drop(known);
+    handle.render()
+}
+
+static KNOWN_STREAMS: LazyLock<parking_lot::Mutex<std::collections::BTreeSet<String>>> =
+    LazyLock::new(Default::default);
