@@ -452,6 +452,39 @@ impl Viewer {
             .expect("send");
     }
 
+    /// Sends raw bytes as one binary message (for malformed input).
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tungstenite::Message::Binary(bytes.into()))
+            .await
+            .expect("send");
+    }
+
+    /// Reads until the server closes; returns the close code and reason. Panics on timeout.
+    pub async fn wait_close(&mut self, timeout: Duration) -> Option<(u16, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left.max(Duration::from_millis(1))).await {
+                Next::Message(_) => continue,
+                Next::Closed(c) => return c,
+            }
+        }
+    }
+
+    /// Keeps reading in the background (a viewer that keeps up), until dropped or closed.
+    /// Returns the task; abort it to disconnect.
+    pub fn drain(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = self.ws.next().await {
+                if matches!(m, tungstenite::Message::Close(_)) {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Receives until a message satisfies `pred`; returns everything received, that one last.
     pub async fn recv_until(
         &mut self,
@@ -470,6 +503,81 @@ impl Viewer {
             }
         }
     }
+}
+
+/// The dashboard's Server-Sent Events feed (`/api/events`), read as a client would.
+pub struct Feed {
+    lines: tokio::io::Lines<BufReader<tokio::net::TcpStream>>,
+}
+
+impl Feed {
+    /// Opens `/api/events?QUERY`.
+    pub async fn open(addr: &str, query: &str) -> Feed {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to the feed");
+        let req = format!(
+            "GET /api/events?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut lines = BufReader::new(s).lines();
+        let status = lines.next_line().await.expect("read").unwrap_or_default();
+        assert!(status.contains(" 200 "), "feed refused: {status}");
+        Feed { lines }
+    }
+
+    /// The next event: (name, JSON data). Chunked transfer framing lines are skipped.
+    pub async fn next(&mut self, timeout: Duration) -> (String, serde_json::Value) {
+        let deadline = Instant::now() + timeout;
+        let mut event = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = tokio::time::timeout(left, self.lines.next_line())
+                .await
+                .expect("no feed event in time")
+                .expect("read the feed")
+                .expect("the feed ended");
+            if let Some(e) = line.strip_prefix("event: ") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let v = serde_json::from_str(d).unwrap_or_else(|e| panic!("feed data {e}: {d}"));
+                return (event, v);
+            }
+        }
+    }
+
+    /// The next `snapshot` for which `pred` holds, within `timeout`.
+    pub async fn snapshot_where(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, self.next(left)).await;
+            let Ok((event, v)) = next else { break };
+            if event == "snapshot" {
+                if pred(&v) {
+                    return v;
+                }
+                last = v;
+            }
+        }
+        panic!("{what}: not seen within {timeout:?}; last snapshot: {last}");
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition, e.g.
+/// `metric(&text, "onair_viewer_disconnects_total{reason=\"stalled\"}")`.
+pub fn metric(exposition: &str, sample: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let rest = l.strip_prefix(sample)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
 }
 
 /// Microseconds since the Unix epoch of a SystemTime.

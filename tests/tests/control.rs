@@ -1,0 +1,225 @@
+//! The control plane in real headless Chromium, fed by real ffmpeg through the real server: the
+//! glass-to-glass latency a player reports, checked against an independent measure, and
+//! synchronized playback across two separate browser sessions.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use onair_protocol::wire::Message;
+use onair_tests::browser::{Browser, artifacts_dir};
+use onair_tests::{Feed, Profile, Publisher, Server, Viewer, require_player, unix_us};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+
+async fn open_watch(server: &Server, stream: &str, query: &str) -> Browser {
+    require_player();
+    let b = Browser::start().await.expect("start chromium");
+    b.goto(&format!("http://{}/watch/{stream}{query}", server.http))
+        .await
+        .expect("open the watch page");
+    b
+}
+
+/// Waits until the page's player stats satisfy `cond` (over `s`); returns them.
+async fn wait_stats(b: &Browser, cond: &str, timeout: Duration, what: &str) -> Value {
+    let js = format!(
+        "(() => {{ const p = window.onairPlayer; const s = p ? p.stats() : {{}}; \
+         const v = document.querySelector('video'); \
+         s.decodedFrames = v.getVideoPlaybackQuality().totalVideoFrames; \
+         if ({cond}) return s; throw new Error(JSON.stringify(s)); }})()"
+    );
+    b.wait_for(&js, timeout, what)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Lets the page play for `d` (a playback duration, not a synchronization).
+async fn play_for(b: &Browser, d: Duration) {
+    b.wait_for(
+        &format!(
+            "new Promise((r) => setTimeout(() => r(true), {}))",
+            d.as_millis()
+        ),
+        d + Duration::from_secs(5),
+        "playback",
+    )
+    .await
+    .expect("play");
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    assert!(!v.is_empty(), "no samples");
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+#[tokio::test]
+async fn reported_latency_agrees_with_an_independent_measure() {
+    let server = Server::start(&[]).await;
+    let _publisher = Publisher::start(&server.rtmp_url("cam"), Profile::default());
+
+    // The test's own viewer: how long frames take from ingest to a client here.
+    let delivery: Arc<Mutex<Vec<(Instant, f64)>>> = Arc::default();
+    let mut ws = Viewer::connect(&server.ws_url("cam")).await;
+    let recorder = {
+        let delivery = delivery.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = ws.recv(T).await;
+                if let Message::Media { header, .. } = r.msg()
+                    && header.track == 0
+                {
+                    let ms = unix_us(r.at).saturating_sub(header.ingest_us) as f64 / 1000.0;
+                    delivery.lock().expect("lock").push((Instant::now(), ms));
+                }
+            }
+        })
+    };
+
+    let b = open_watch(&server, "cam", "").await;
+    let playing = wait_stats(
+        &b,
+        "s.state === 'playing' && s.decodedFrames > 60 && s.latencyMs > 0",
+        T,
+        "playback with a known latency",
+    )
+    .await;
+    let viewer_id = num(&playing, "viewerId") as u64;
+    play_for(&b, Duration::from_secs(8)).await;
+
+    // For 10 s: the page's buffer ahead of the playhead every 250 ms, and what the player
+    // reported to the server, as the server's feed shows it each second.
+    let window = Instant::now();
+    let page = b.eval_async_with(
+        "const done = arguments[arguments.length - 1]; const out = []; \
+         const v = document.querySelector('video'); \
+         const id = setInterval(() => { const b = v.buffered; \
+           if (b.length) out.push({ ahead: (b.end(b.length - 1) - v.currentTime) * 1000, \
+             own: window.onairPlayer.latencyMs }); \
+           if (out.length === 40) { clearInterval(id); done(out); } }, 250);",
+        vec![],
+        Duration::from_secs(20),
+    );
+    let reports = async {
+        let mut feed = Feed::open(&server.http, "stream=cam&sort=id").await;
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let snap = feed
+                .snapshot_where(T, "the Chromium viewer's report", |s| {
+                    s["viewers"]["rows"].as_array().is_some_and(|rows| {
+                        rows.iter().any(|r| {
+                            r["id"] == viewer_id && r["report"]["age_ms"].as_u64() < Some(1500)
+                        })
+                    })
+                })
+                .await;
+            let rows = snap["viewers"]["rows"].as_array().expect("rows").clone();
+            let row = rows
+                .iter()
+                .find(|r| r["id"] == viewer_id)
+                .expect("the row");
+            assert_eq!(row["report"]["state"], "playing", "{row}");
+            got.push(num(&row["report"], "latency_ms"));
+        }
+        got
+    };
+    let (page, mut reported) = tokio::join!(page, reports);
+    let page = page.expect("sample the page");
+    let samples = page.as_array().expect("samples");
+    let mut ahead: Vec<f64> = samples.iter().map(|s| num(s, "ahead")).collect();
+    let mut own: Vec<f64> = samples.iter().map(|s| num(s, "own")).collect();
+    let mut delivered: Vec<f64> = delivery
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(at, _)| *at >= window)
+        .map(|(_, ms)| *ms)
+        .collect();
+    recorder.abort();
+
+    let reported_ms = median(&mut reported);
+    let independent_ms = median(&mut delivered) + median(&mut ahead);
+    let report = json!({
+        "reported_latency_ms_p50": reported_ms,
+        "page_latency_ms_p50": median(&mut own),
+        "delivery_ms_p50": median(&mut delivered),
+        "buffer_ahead_ms_p50": median(&mut ahead),
+        "independent_ms": independent_ms,
+        "reported_samples": reported,
+    });
+    let path = artifacts_dir().join("control-latency.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json")).expect("write");
+    eprintln!("latency report vs independent measure: {report}");
+    assert!(
+        (reported_ms - independent_ms).abs() <= 30.0,
+        "reported {reported_ms} ms vs independent {independent_ms} ms: {report}"
+    );
+    b.close().await.expect("close chromium");
+}
+
+#[tokio::test]
+async fn synchronized_viewers_show_the_same_frame() {
+    const SYNC_MS: f64 = 400.0;
+    let dir = tempdir();
+    let config = dir.join("onair.toml");
+    std::fs::write(
+        &config,
+        format!("[streams.together]\nsync = true\nlatency_ms = {SYNC_MS}\n"),
+    )
+    .expect("write config");
+    let config = config.to_string_lossy().to_string();
+    let server = Server::start(&["--config", &config]).await;
+    let _publisher = Publisher::start(&server.rtmp_url("together"), Profile::default());
+
+    // Two separate browser sessions, asking for very different latencies of their own: the
+    // stream's sync setting overrides both.
+    let a = open_watch(&server, "together", "?latency=150").await;
+    let b = open_watch(&server, "together", "?latency=1500").await;
+    let synced = format!(
+        "s.sync === true && s.targetLatencyMs === {SYNC_MS} && s.state === 'playing' && \
+         Math.abs(s.latencyMs - {SYNC_MS}) < 25"
+    );
+    for (page, name) in [(&a, "a"), (&b, "b")] {
+        wait_stats(page, &synced, Duration::from_secs(40), name).await;
+    }
+
+    // 10 s of pairs sampled at once from both pages: the server ingest time of what each shows,
+    // against the shared wall clock (same machine), brought to a common instant.
+    let js = "return { ingest: window.onairPlayer.stats().ingestMs, wall: Date.now() };";
+    let mut diffs = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let (sa, sb) = tokio::join!(a.eval(js), b.eval(js));
+        let (sa, sb) = (sa.expect("sample a"), sb.expect("sample b"));
+        // wall − ingest: how far behind the ingest clock each page is; equal when in sync.
+        let behind = |s: &Value| num(s, "wall") - num(s, "ingest");
+        diffs.push(behind(&sa) - behind(&sb));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let worst = diffs.iter().fold(0.0f64, |m, d| m.max(d.abs()));
+    let report = json!({ "sync_latency_ms": SYNC_MS, "diffs_ms": diffs, "worst_ms": worst });
+    let path = artifacts_dir().join("control-sync.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json")).expect("write");
+    eprintln!("synchronized playback: {report}");
+    assert!(diffs.len() >= 20, "{report}");
+    assert!(
+        worst <= 50.0,
+        "the two viewers drifted {worst} ms apart: {report}"
+    );
+    a.close().await.expect("close a");
+    b.close().await.expect("close b");
+}
+
+/// A fresh directory under the test artifacts, for config files.
+fn tempdir() -> std::path::PathBuf {
+    let dir = artifacts_dir().join(format!("control-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create dir");
+    dir
+}
