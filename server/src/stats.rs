@@ -69,6 +69,8 @@ pub struct StreamStats {
     pub live: bool,
     /// Synchronized playback is on for this stream.
     pub sync: bool,
+    /// The latency its viewers hold in sync.
+    pub sync_latency_ms: Option<u32>,
     pub publisher: Option<PublisherInfo>,
     pub uptime_s: Option<f64>,
     pub video: Option<VideoInfo>,
@@ -84,8 +86,8 @@ pub struct StreamStats {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportRow {
-    /// 0 when the player does not know it yet.
-    pub latency_ms: u32,
+    /// Null while the player does not know it yet.
+    pub latency_ms: Option<u32>,
     pub buffer_ms: u32,
     pub decoded_frames: u32,
     pub dropped_frames: u32,
@@ -99,7 +101,7 @@ pub struct ReportRow {
 impl ReportRow {
     fn of(s: &ViewerStats, at: Instant) -> Self {
         Self {
-            latency_ms: s.latency_ms,
+            latency_ms: (s.latency_ms > 0).then_some(s.latency_ms),
             buffer_ms: s.buffer_ms,
             decoded_frames: s.decoded_frames,
             dropped_frames: s.dropped_frames,
@@ -191,26 +193,16 @@ struct Previous {
 
 impl Stats {
     pub fn new(hub: Arc<Hub>, cfg: Arc<Config>) -> Arc<Self> {
-        let empty = Snapshot {
-            t: now_us() / 1000,
-            totals: Totals {
-                streams: 0,
-                live: 0,
-                viewers: 0,
-                bitrate_in_kbps: 0.0,
-                bitrate_out_kbps: 0.0,
-                latency_ms: None,
-            },
-            streams: Vec::new(),
-            viewers: Vec::new(),
-            common_json: String::new(),
-        };
-        Arc::new(Self {
+        let stats = Arc::new(Self {
             hub,
             cfg,
-            latest: watch::channel(Arc::new(empty)).0,
+            latest: watch::channel(Arc::new(Snapshot::empty())).0,
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
-        })
+        });
+        // Something true from the start: the hub as it is, with rates of zero.
+        let first = stats.take(&mut Previous::default());
+        stats.latest.send_replace(Arc::new(first));
+        stats
     }
 
     pub fn latest(&self) -> Arc<Snapshot> {
@@ -328,8 +320,10 @@ impl Stats {
             let (out_kbps, skips, latencies) =
                 per_stream.remove(summary.name.as_str()).unwrap_or_default();
             all_latencies.extend_from_slice(&latencies);
+            let policy = self.cfg.stream_settings(&summary.name);
             streams.push(StreamStats {
-                sync: self.cfg.stream_settings(&summary.name).sync,
+                sync: policy.sync,
+                sync_latency_ms: policy.sync.then_some(policy.latency_ms),
                 uptime_s: summary
                     .publisher
                     .as_ref()
@@ -425,6 +419,23 @@ struct PageJson<'a> {
 }
 
 impl Snapshot {
+    fn empty() -> Self {
+        Snapshot {
+            t: 0,
+            totals: Totals {
+                streams: 0,
+                live: 0,
+                viewers: 0,
+                bitrate_in_kbps: 0.0,
+                bitrate_out_kbps: 0.0,
+                latency_ms: None,
+            },
+            streams: Vec::new(),
+            viewers: Vec::new(),
+            common_json: "\"totals\":null,\"streams\":[]".into(),
+        }
+    }
+
     /// The feed message for one client: the shared part plus its page of viewers.
     pub fn feed_json(&self, page: &Page) -> String {
         let stream = page.stream.as_deref().filter(|s| !s.is_empty());
@@ -433,7 +444,12 @@ impl Snapshot {
             .iter()
             .filter(|v| stream.is_none_or(|s| v.stream == s))
             .collect();
-        let latency = |v: &ViewerRow| v.report.as_ref().map_or(-1, |r| i64::from(r.latency_ms));
+        let latency = |v: &ViewerRow| {
+            v.report
+                .as_ref()
+                .and_then(|r| r.latency_ms)
+                .map_or(-1, i64::from)
+        };
         match page.sort {
             Sort::Id => {}
             Sort::Latency => rows.sort_by_key(|v| std::cmp::Reverse(latency(v))),

@@ -1029,4 +1029,21 @@ impl Screenshot {
             .count();
         lit as f64 / n as f64
     }
+
+    /// Fraction (0–1) of pixels in colour, not grey: the largest channel exceeds the smallest
+    /// by more than `chroma`. A chart's lines against a dark background and grey axes.
+    pub fn fraction_colored(&self, chroma: u8) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return 0.0;
+        }
+        let colored = self
+            .pixels()
+            .filter(|p| {
+                let (hi, lo) = (p.iter().max(), p.iter().min());
+                hi.zip(lo).is_some_and(|(h, l)| h - l > chroma)
+            })
+            .count();
+        colored as f64 / n as f64
+    }
 }

@@ -1,6 +1,6 @@
 //! The control plane in real headless Chromium, fed by real ffmpeg through the real server: the
-//! glass-to-glass latency a player reports, checked against an independent measure, and
-//! synchronized playback across two separate browser sessions.
+//! glass-to-glass latency a player reports, checked against an independent measure,
+//! synchronized playback across two separate browser sessions, and the realtime dashboard.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -121,10 +121,7 @@ async fn reported_latency_agrees_with_an_independent_measure() {
                 })
                 .await;
             let rows = snap["viewers"]["rows"].as_array().expect("rows").clone();
-            let row = rows
-                .iter()
-                .find(|r| r["id"] == viewer_id)
-                .expect("the row");
+            let row = rows.iter().find(|r| r["id"] == viewer_id).expect("the row");
             assert_eq!(row["report"]["state"], "playing", "{row}");
             got.push(num(&row["report"], "latency_ms"));
         }
@@ -215,6 +212,82 @@ async fn synchronized_viewers_show_the_same_frame() {
     );
     a.close().await.expect("close a");
     b.close().await.expect("close b");
+}
+
+#[tokio::test]
+async fn dashboard_shows_the_viewers_and_draws_the_charts() {
+    let server = Server::start(&[]).await;
+    let _publisher = Publisher::start(&server.rtmp_url("cam"), Profile::default());
+    // 20 viewers: one Chromium player, 19 WebSocket clients that keep reading.
+    let watcher = open_watch(&server, "cam", "").await;
+    wait_stats(
+        &watcher,
+        "s.state === 'playing' && s.latencyMs > 0",
+        T,
+        "the Chromium viewer playing",
+    )
+    .await;
+    let mut readers = Vec::new();
+    for _ in 0..19 {
+        let mut v = Viewer::connect(&server.ws_url("cam")).await;
+        v.recv(T).await;
+        readers.push(v.drain());
+    }
+    assert_eq!(server.api("/api/streams").await[0]["viewers"], 20);
+    // Once the server's snapshot has them all and the player's report, open the dashboard.
+    let mut feed = Feed::open(&server.http, "").await;
+    feed.snapshot_where(T, "20 viewers, one reporting", |s| {
+        s["totals"]["viewers"] == 20 && s["totals"]["latency_ms"]["reporting"] == 1
+    })
+    .await;
+
+    let dash = Browser::start().await.expect("start chromium");
+    let opened = Instant::now();
+    dash.goto(&format!("http://{}/dashboard", server.http))
+        .await
+        .expect("open the dashboard");
+    let left = Duration::from_secs(3).saturating_sub(opened.elapsed());
+    let shown = dash
+        .wait_for(
+            "(() => { const d = window.onairDashboard;                const total = document.getElementById('viewers-total').textContent.trim();                const rows = document.querySelectorAll('#viewer-rows tr').length;                const streams = document.getElementById('stream-rows').textContent;                const s = { snapshots: d ? d.snapshots : 0, total, rows, streams };                if (s.snapshots >= 1 && total === '20' && rows === 20) return s;                throw new Error(JSON.stringify(s)); })()",
+            left,
+            "the dashboard showing 20 viewers",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let within = opened.elapsed();
+    assert!(
+        shown["streams"].as_str().is_some_and(|t| t.contains("cam")),
+        "{shown}"
+    );
+    dash.screenshot("dashboard").await.expect("screenshot");
+    // Each chart, as pixels: coloured lines over the dark background and grey axes.
+    let mut drawn = serde_json::Map::new();
+    for id in ["chart-viewers", "chart-bitrate", "chart-latency"] {
+        dash.eval(&format!(
+            "document.getElementById('{id}').scrollIntoView(); return true;"
+        ))
+        .await
+        .expect("scroll to the chart");
+        let shot = dash
+            .screenshot_element(&format!("#{id}"), &format!("dashboard-{id}"))
+            .await
+            .expect("screenshot a chart");
+        let colored = shot.fraction_colored(60);
+        drawn.insert(id.into(), json!(colored));
+        assert!(
+            colored > 0.004,
+            "{id}: no chart drawn ({:.4} of the pixels in colour): {}",
+            colored,
+            shot.path.display()
+        );
+    }
+    eprintln!("dashboard: 20 viewers shown {within:?} after opening; charts {drawn:?}");
+    for r in readers {
+        r.abort();
+    }
+    dash.close().await.expect("close the dashboard");
+    watcher.close().await.expect("close the viewer");
 }
 
 /// A fresh directory under the test artifacts, for config files.

@@ -119,11 +119,17 @@ async fn get_stream(State(app): State<App>, Path(name): Path<String>) -> Respons
 }
 
 /// The dashboard's feed: Server-Sent Events, a `history` event first (the charts' last minutes),
-/// then a `snapshot` every second with the client's page of the viewer table.
+/// then the latest `snapshot` at once and a new one every second, each with the client's page of
+/// the viewer table.
 async fn events(State(app): State<App>, Query(page): Query<Page>) -> Response {
     let history = serde_json::to_string(&app.stats.history()).unwrap_or_default();
-    let first = Event::default().event("history").data(history);
-    let updates = app.stats.subscribe();
+    // Reconnect after a second, not the browser's default of about three.
+    let first = Event::default()
+        .event("history")
+        .retry(Duration::from_secs(1))
+        .data(history);
+    let mut updates = app.stats.subscribe();
+    updates.mark_changed();
     let shutdown = app.shutdown.clone();
     let snapshots = futures_util::stream::unfold(
         (updates, page, shutdown),
