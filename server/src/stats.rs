@@ -237,7 +237,24 @@ impl Stats {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            let snap = self.take(&mut prev);
+            // O(viewers) work: off the runtime's worker threads, so that joins and the fan-out
+            // never wait behind it (with thousands of viewers it takes milliseconds).
+            let me = self.clone();
+            let started = Instant::now();
+            let Ok((snap, back)) = tokio::task::spawn_blocking(move || {
+                let snap = me.take(&mut prev);
+                (snap, prev)
+            })
+            .await
+            else {
+                return;
+            };
+            prev = back;
+            tracing::trace!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                viewers = snap.viewers.len(),
+                "stats snapshot"
+            );
             let mut history = self.history.lock();
             if history.len() == HISTORY {
                 history.pop_front();

@@ -167,6 +167,8 @@ enum End {
     Policy(String),
     /// An operator's `DELETE /api/viewers/ID`.
     Removed,
+    /// The same, during a write: no close frame, it would land inside a media frame.
+    RemovedMidWrite,
     Shutdown,
     /// Shutdown interrupted a write: a close frame now would land inside a media frame.
     ShutdownMidWrite,
@@ -185,7 +187,7 @@ impl std::fmt::Display for End {
             ),
             End::Protocol(e) => write!(f, "protocol error: {e}"),
             End::Policy(e) => write!(f, "refused: {e}"),
-            End::Removed => write!(f, "removed by the server's operator"),
+            End::Removed | End::RemovedMidWrite => write!(f, "removed by the server's operator"),
             End::Shutdown | End::ShutdownMidWrite => write!(f, "server shutting down"),
             End::WriteError(e) => write!(f, "write failed: {e}"),
         }
@@ -199,7 +201,7 @@ impl End {
             End::ClientGone(_) => DisconnectReason::ClientGone,
             End::Stalled(_) => DisconnectReason::Stalled,
             End::Protocol(_) | End::Policy(_) => DisconnectReason::Protocol,
-            End::Removed => DisconnectReason::Kicked,
+            End::Removed | End::RemovedMidWrite => DisconnectReason::Kicked,
             End::Shutdown | End::ShutdownMidWrite => DisconnectReason::Shutdown,
             End::WriteError(_) => DisconnectReason::WriteError,
         }
@@ -391,6 +393,7 @@ async fn write_loop(
         tokio::select! {
             r = write_all(wr, sink, &batch, cfg.stall_timeout) => if let Err(end) = r { return end },
             _ = shutdown.cancelled() => return End::ShutdownMidWrite,
+            _ = viewer.state.removed() => return End::RemovedMidWrite,
         }
         batch.clear();
     }

@@ -293,6 +293,22 @@ async fn main() -> Result<(), BoxError> {
     let peer = targets_list.iter().position(|t| *t == Target::Nms);
     if let Some(o) = onair {
         println!("{}", targets(&all[o], peer.map(|p| all[p].as_slice())));
+        for (run, r) in all[o].iter().enumerate() {
+            if let Some(d) = &r.dashboard {
+                println!(
+                    "Dashboard feed at {} viewers, run {}: first snapshot {:.1} ms after the \
+                     request, snapshot {} B (50 viewer rows), history {} B; viewers counted: \
+                     feed {}, /api/streams {}",
+                    r.viewers,
+                    run + 1,
+                    d.first_snapshot_ms,
+                    d.snapshot_bytes,
+                    d.history_bytes,
+                    d.viewers_feed,
+                    d.viewers_api
+                );
+            }
+        }
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&all)?)?;

@@ -129,6 +129,21 @@ pub struct Report {
     pub frames_min: u64,
     pub unstamped: u64,
     pub skips: u64,
+    /// onair's dashboard feed with every viewer connected (after the window).
+    pub dashboard: Option<DashboardProbe>,
+}
+
+/// The dashboard feed at full load: what one operator's browser gets.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DashboardProbe {
+    /// Request to the first snapshot (history comes before it).
+    pub first_snapshot_ms: f64,
+    /// JSON bytes of one snapshot (50 viewer rows of the page) and of the history.
+    pub snapshot_bytes: usize,
+    pub history_bytes: usize,
+    /// Viewers the snapshot counts, and `/api/streams` counts.
+    pub viewers_feed: u64,
+    pub viewers_api: u64,
 }
 
 impl Report {
@@ -334,6 +349,11 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
     let frames_published = feed.published.load(Ordering::Relaxed) - published0;
     let rss_full = rss_bytes(pid)?;
     feed.check().await?;
+    let dashboard = match server {
+        // A build without the feed (an older onair in an A/B run) just has no figures.
+        Running::Onair(s) => tokio::spawn(probe_dashboard(s.http.clone())).await.ok(),
+        Running::Nms(_) => None,
+    };
 
     shared.stop.cancel();
     let mut stats = Vec::with_capacity(tasks.len());
@@ -346,6 +366,7 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
         plan,
         stats,
         Summary {
+            dashboard,
             stream_kbps,
             window_s,
             cpu_s,
@@ -357,7 +378,28 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
     ))
 }
 
+/// Opens the dashboard's feed as a browser would and times its first snapshot.
+async fn probe_dashboard(http: String) -> DashboardProbe {
+    let asked = Instant::now();
+    let mut feed = crate::Feed::open(&http, "limit=50").await;
+    let (_, history) = feed.next(Duration::from_secs(5)).await;
+    let (_, snapshot) = feed.next(Duration::from_secs(5)).await;
+    let first_snapshot_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    let (_, body) = crate::http_get(&http, "/api/streams")
+        .await
+        .expect("GET /api/streams");
+    let api: serde_json::Value = serde_json::from_str(&body).expect("JSON from /api/streams");
+    DashboardProbe {
+        first_snapshot_ms,
+        snapshot_bytes: snapshot.to_string().len(),
+        history_bytes: history.to_string().len(),
+        viewers_feed: snapshot["totals"]["viewers"].as_u64().unwrap_or(0),
+        viewers_api: api[0]["viewers"].as_u64().unwrap_or(0),
+    }
+}
+
 struct Summary {
+    dashboard: Option<DashboardProbe>,
     stream_kbps: u64,
     window_s: f64,
     cpu_s: f64,
@@ -380,6 +422,7 @@ fn summarize(server: &Running, plan: &Plan, stats: Vec<ViewerStats>, s: Summary)
         viewers: stats.len(),
         burst,
         stream_kbps: s.stream_kbps,
+        dashboard: s.dashboard,
         window_s: s.window_s,
         cpu_s: s.cpu_s,
         rss_idle: s.rss_idle,
