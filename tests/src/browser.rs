@@ -286,6 +286,17 @@ impl Browser {
         self.run_script(js, args, true, timeout).await
     }
 
+    /// Lets `d` pass on the page's own clock: a playback duration, not a synchronization.
+    pub async fn play_for(&self, d: Duration) -> Result<(), BoxError> {
+        let js = format!(
+            "new Promise((r) => setTimeout(() => r(true), {}))",
+            d.as_millis()
+        );
+        self.wait_for(&js, d + Duration::from_secs(5), "playback")
+            .await
+            .map(|_| ())
+    }
+
     /// Waits, inside the page, until the JavaScript expression `expr` is truthy, and returns its
     /// value (as JSON). `expr` may evaluate to a promise (it is awaited), and may throw while the
     /// page is not ready (a throw counts as "not yet"). It is checked on every animation frame,

@@ -34,20 +34,6 @@ async fn wait_stats(b: &Browser, cond: &str, timeout: Duration, what: &str) -> V
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Lets the page play for `d` (a playback duration, not a synchronization).
-async fn play_for(b: &Browser, d: Duration) {
-    b.wait_for(
-        &format!(
-            "new Promise((r) => setTimeout(() => r(true), {}))",
-            d.as_millis()
-        ),
-        d + Duration::from_secs(5),
-        "playback",
-    )
-    .await
-    .expect("play");
-}
-
 fn median(v: &mut [f64]) -> f64 {
     assert!(!v.is_empty(), "no samples");
     v.sort_by(f64::total_cmp);
@@ -92,7 +78,7 @@ async fn reported_latency_agrees_with_an_independent_measure() {
     )
     .await;
     let viewer_id = num(&playing, "viewerId") as u64;
-    play_for(&b, Duration::from_secs(8)).await;
+    b.play_for(Duration::from_secs(8)).await.expect("play");
 
     // For 10 s: the page's buffer ahead of the playhead every 250 ms, and what the player
     // reported to the server, as the server's feed shows it each second.

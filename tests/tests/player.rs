@@ -165,16 +165,7 @@ async fn watch_page_plays_audio_and_video_at_the_target_latency() {
 
     // Held latency: after 20 s of playback, sample the page's live latency for 5 s.
     let left = Duration::from_secs(20).saturating_sub(started.elapsed());
-    b.wait_for(
-        &format!(
-            "new Promise((r) => setTimeout(() => r(true), {}))",
-            left.as_millis()
-        ),
-        left + Duration::from_secs(5),
-        "20 s of playback",
-    )
-    .await
-    .expect("play for 20 s");
+    b.play_for(left).await.expect("play for 20 s");
     let samples = b
         .eval_async(&format!(
             "const done = arguments[arguments.length - 1]; const out = []; \
