@@ -1085,7 +1085,12 @@ impl Inner {
             stalls: self.stalls,
             bandwidth_kbps: self.bitrate_kbps.max(0.0) as u32,
             rendition: 0,
-            state: self.state.code(),
+            // A viewer who paused is not playing live: its growing latency is its choice.
+            state: if self.state == State::Playing && self.video.paused() {
+                3
+            } else {
+                self.state.code()
+            },
         }));
     }
 

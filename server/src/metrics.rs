@@ -20,17 +20,19 @@ pub enum DisconnectReason {
     ClientGone,
     Stalled,
     Protocol,
+    Refused,
     Kicked,
     Shutdown,
     WriteError,
 }
 
 impl DisconnectReason {
-    const ALL: [DisconnectReason; 7] = [
+    const ALL: [DisconnectReason; 8] = [
         Self::ClientClosed,
         Self::ClientGone,
         Self::Stalled,
         Self::Protocol,
+        Self::Refused,
         Self::Kicked,
         Self::Shutdown,
         Self::WriteError,
@@ -42,6 +44,7 @@ impl DisconnectReason {
             Self::ClientGone => "client_gone",
             Self::Stalled => "stalled",
             Self::Protocol => "protocol_error",
+            Self::Refused => "refused",
             Self::Kicked => "removed_by_operator",
             Self::Shutdown => "shutdown",
             Self::WriteError => "write_error",
@@ -121,7 +124,6 @@ fn describe() {
     );
     describe_gauge!("onair_streams_live", "Streams with a publisher");
     describe_gauge!("onair_viewers", "Connected WebSocket viewers");
-    describe_gauge!("onair_stream_viewers", "Connected viewers per stream");
     describe_counter!(
         "onair_ingest_bytes_total",
         Unit::Bytes,
@@ -161,25 +163,27 @@ fn describe() {
 }
 
 /// Renders the exposition: the hub's gauges first, read now.
+///
+/// The per-stream series is written here by hand rather than registered: a registered labelled
+/// series lives in the recorder for good, and anyone can make up stream names (a viewer of an
+/// unknown name creates a waiting stream), so the registry would grow without bound. Written
+/// from the hub at each scrape, a stream's series goes when the stream goes. Stream names are
+/// a safe alphabet (`valid_stream_name`), so they need no escaping in a label.
 pub fn render(handle: &PrometheusHandle, hub: &Hub) -> String {
     let summaries = hub.summaries();
     metrics::gauge!("onair_streams").set(summaries.len() as f64);
     metrics::gauge!("onair_streams_live").set(summaries.iter().filter(|s| s.live).count() as f64);
     metrics::gauge!("onair_viewers").set(summaries.iter().map(|s| s.viewers).sum::<u64>() as f64);
+    let mut out = handle.render();
+    out.push_str(
+        "# HELP onair_stream_viewers Connected viewers per stream\n\
+         # TYPE onair_stream_viewers gauge\n",
+    );
     for s in &summaries {
-        metrics::gauge!("onair_stream_viewers", "stream" => s.name.clone()).set(s.viewers as f64);
+        out.push_str(&format!(
+            "onair_stream_viewers{{stream=\"{}\"}} {}\n",
+            s.name, s.viewers
+        ));
     }
-    // Streams that are gone must not linger with their last count.
-    let live: std::collections::HashSet<&str> = summaries.iter().map(|s| s.name.as_str()).collect();
-    let mut known = KNOWN_STREAMS.lock();
-    for gone in known.iter().filter(|n| !live.contains(n.as_str())) {
-        metrics::gauge!("onair_stream_viewers", "stream" => gone.clone()).set(0.0);
-    }
-    known.retain(|n| live.contains(n.as_str()));
-    known.extend(summaries.iter().map(|s| s.name.clone()));
-    drop(known);
-    handle.render()
+    out
 }
-
-static KNOWN_STREAMS: LazyLock<parking_lot::Mutex<std::collections::BTreeSet<String>>> =
-    LazyLock::new(Default::default);

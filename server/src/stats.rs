@@ -148,6 +148,12 @@ pub struct Snapshot {
     /// Every viewer, in id order.
     #[serde(skip)]
     pub viewers: Vec<ViewerRow>,
+    /// Indices into `viewers`, worst latency first and fastest first: sorted once here rather
+    /// than for every dashboard.
+    #[serde(skip)]
+    by_latency: Vec<u32>,
+    #[serde(skip)]
+    by_throughput: Vec<u32>,
     /// `"totals":…,"streams":…` serialized once for every feed client.
     #[serde(skip)]
     pub common_json: String,
@@ -374,11 +380,25 @@ impl Stats {
             serde_json::to_string(&totals).unwrap_or_else(|_| "null".into()),
             serde_json::to_string(&streams).unwrap_or_else(|_| "[]".into()),
         );
+        let order = |key: &dyn Fn(&ViewerRow) -> f64| {
+            let mut idx: Vec<u32> = (0..viewers.len() as u32).collect();
+            idx.sort_by(|&a, &b| key(&viewers[b as usize]).total_cmp(&key(&viewers[a as usize])));
+            idx
+        };
+        let by_latency = order(&|v| {
+            v.report
+                .as_ref()
+                .and_then(|r| r.latency_ms)
+                .map_or(-1.0, f64::from)
+        });
+        let by_throughput = order(&|v| v.send_kbps);
         Snapshot {
             t: now_ms,
             totals,
             streams,
             viewers,
+            by_latency,
+            by_throughput,
             common_json,
         }
     }
@@ -425,14 +445,16 @@ pub struct Page {
 pub const MAX_PAGE: usize = 200;
 const DEFAULT_PAGE: usize = 50;
 
+/// One page of the viewer table.
 #[derive(Serialize)]
-struct PageJson<'a> {
-    total: usize,
-    offset: usize,
-    limit: usize,
-    stream: Option<&'a str>,
-    sort: Sort,
-    rows: Vec<&'a ViewerRow>,
+pub struct ViewerPage<'a> {
+    /// Viewers matching the filter.
+    pub total: usize,
+    pub offset: usize,
+    pub limit: usize,
+    pub stream: Option<String>,
+    pub sort: Sort,
+    pub rows: Vec<&'a ViewerRow>,
 }
 
 impl Snapshot {
@@ -449,41 +471,47 @@ impl Snapshot {
             },
             streams: Vec::new(),
             viewers: Vec::new(),
+            by_latency: Vec::new(),
+            by_throughput: Vec::new(),
             common_json: "\"totals\":null,\"streams\":[]".into(),
+        }
+    }
+
+    /// One page of the viewer table, filtered by stream and sorted as asked.
+    pub fn page(&self, page: &Page) -> ViewerPage<'_> {
+        let stream = page.stream.as_deref().filter(|s| !s.is_empty());
+        let matching = |v: &&ViewerRow| stream.is_none_or(|s| v.stream == s);
+        let ordered: Box<dyn Iterator<Item = &ViewerRow>> = match page.sort {
+            Sort::Id => Box::new(self.viewers.iter()),
+            Sort::Latency => Box::new(self.by_latency.iter().map(|&i| &self.viewers[i as usize])),
+            Sort::Throughput => Box::new(
+                self.by_throughput
+                    .iter()
+                    .map(|&i| &self.viewers[i as usize]),
+            ),
+        };
+        let limit = page.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        let mut total = 0;
+        let mut rows = Vec::with_capacity(limit);
+        for v in ordered.filter(matching) {
+            if total >= page.offset && rows.len() < limit {
+                rows.push(v);
+            }
+            total += 1;
+        }
+        ViewerPage {
+            total,
+            offset: page.offset.min(total),
+            limit,
+            stream: stream.map(str::to_owned),
+            sort: page.sort,
+            rows,
         }
     }
 
     /// The feed message for one client: the shared part plus its page of viewers.
     pub fn feed_json(&self, page: &Page) -> String {
-        let stream = page.stream.as_deref().filter(|s| !s.is_empty());
-        let mut rows: Vec<&ViewerRow> = self
-            .viewers
-            .iter()
-            .filter(|v| stream.is_none_or(|s| v.stream == s))
-            .collect();
-        let latency = |v: &ViewerRow| {
-            v.report
-                .as_ref()
-                .and_then(|r| r.latency_ms)
-                .map_or(-1, i64::from)
-        };
-        match page.sort {
-            Sort::Id => {}
-            Sort::Latency => rows.sort_by_key(|v| std::cmp::Reverse(latency(v))),
-            Sort::Throughput => rows.sort_by(|a, b| b.send_kbps.total_cmp(&a.send_kbps)),
-        }
-        let total = rows.len();
-        let limit = page.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-        let offset = page.offset.min(total);
-        let rows = rows.into_iter().skip(offset).take(limit).collect();
-        let viewers = PageJson {
-            total,
-            offset,
-            limit,
-            stream,
-            sort: page.sort,
-            rows,
-        };
+        let viewers = self.page(page);
         format!(
             "{{\"t\":{},{},\"viewers\":{}}}",
             self.t,

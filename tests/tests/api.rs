@@ -198,9 +198,10 @@ async fn api_and_metrics_count_what_the_hub_has_and_viewers_can_be_removed() {
     assert!(rows[0]["bytes_sent"].as_u64() > Some(0));
     assert_eq!(rows[1]["report"], Value::Null, "no report from the others");
 
-    // The stream's detail lists its viewers.
+    // The stream's detail lists its viewers, paged like the feed.
     let detail = server.api("/api/streams/cam").await;
-    let listed: Vec<u64> = detail["viewers"]
+    assert_eq!(detail["viewers"]["total"], 5, "{detail}");
+    let listed: Vec<u64> = detail["viewers"]["rows"]
         .as_array()
         .expect("viewers")
         .iter()
@@ -322,7 +323,9 @@ async fn malformed_viewer_messages_close_with_a_reason_and_spare_everyone_else()
             "too many messages",
         ),
     ];
-    let bad_count = cases.len();
+    let protocol_errors = cases.iter().filter(|c| c.2 == 1002).count();
+    let refused = cases.iter().filter(|c| c.2 == 1008).count();
+    assert_eq!((protocol_errors, refused), (3, 4));
     for (what, messages, code, reason) in cases {
         let (mut bad, _) = viewer(&server, "cam").await;
         for m in messages {
@@ -355,7 +358,22 @@ async fn malformed_viewer_messages_close_with_a_reason_and_spare_everyone_else()
             &text,
             "onair_viewer_disconnects_total{reason=\"protocol_error\"}"
         ),
-        Some(bad_count as f64),
+        Some(protocol_errors as f64),
         "{text}"
+    );
+    assert_eq!(
+        metric(&text, "onair_viewer_disconnects_total{reason=\"refused\"}"),
+        Some(refused as f64),
+        "{text}"
+    );
+    // Only the good viewer's two reports were ever recorded: the refused ones never were.
+    assert_eq!(
+        metric(&text, "onair_viewer_reports_total"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "onair_viewer_latency_seconds_count"),
+        Some(2.0)
     );
 }

@@ -101,7 +101,8 @@ async fn reported_latency_agrees_with_an_independent_measure() {
                 .snapshot_where(T, "the Chromium viewer's report", |s| {
                     s["viewers"]["rows"].as_array().is_some_and(|rows| {
                         rows.iter().any(|r| {
-                            r["id"] == viewer_id && r["report"]["age_ms"].as_u64() < Some(1500)
+                            r["id"] == viewer_id
+                                && r["report"]["age_ms"].as_u64().is_some_and(|a| a < 1500)
                         })
                     })
                 })

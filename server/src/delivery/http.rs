@@ -25,7 +25,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::Config;
 use crate::hub::{Hub, StreamSummary};
-use crate::stats::{Page, Stats, StreamStats, ViewerRow};
+use crate::stats::{Page, Stats, StreamStats, ViewerPage};
 
 #[derive(Clone)]
 pub struct App {
@@ -90,30 +90,31 @@ async fn list_streams(State(app): State<App>) -> impl IntoResponse {
     axum::Json(app.hub.summaries())
 }
 
-/// One stream: the hub's live summary, the last second's rates and latency, and its viewers.
+/// One stream: the hub's live summary, the last second's rates and latency, and a page of its
+/// viewers (`?offset=&limit=&sort=`, as the feed; 50 by default, at most 200).
 #[derive(serde::Serialize)]
-struct StreamDetail {
+struct StreamDetail<'a> {
     #[serde(flatten)]
     summary: StreamSummary,
-    /// From the last stats period (null in a stream's first second).
-    stats: Option<StreamStats>,
-    viewers: Vec<ViewerRow>,
+    /// From the last stats period.
+    stats: Option<&'a StreamStats>,
+    viewers: ViewerPage<'a>,
 }
 
-async fn get_stream(State(app): State<App>, Path(name): Path<String>) -> Response {
+async fn get_stream(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(mut page): Query<Page>,
+) -> Response {
     let Some(s) = app.hub.stream(&name) else {
         return (StatusCode::NOT_FOUND, format!("no stream named {name:?}\n")).into_response();
     };
     let snap = app.stats.latest();
+    page.stream = Some(name.clone());
     axum::Json(StreamDetail {
         summary: StreamSummary::of(&s),
-        stats: snap.streams.iter().find(|x| x.name == name).cloned(),
-        viewers: snap
-            .viewers
-            .iter()
-            .filter(|v| v.stream == name)
-            .cloned()
-            .collect(),
+        stats: snap.streams.iter().find(|x| x.name == name),
+        viewers: snap.page(&page),
     })
     .into_response()
 }

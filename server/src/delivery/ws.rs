@@ -167,7 +167,8 @@ enum End {
     Policy(String),
     /// An operator's `DELETE /api/viewers/ID`.
     Removed,
-    /// The same, during a write: no close frame, it would land inside a media frame.
+    /// The same, and the write in flight did not finish within a second: no close frame, it
+    /// would land inside a media frame.
     RemovedMidWrite,
     Shutdown,
     /// Shutdown interrupted a write: a close frame now would land inside a media frame.
@@ -200,7 +201,8 @@ impl End {
             End::ClientClosed => DisconnectReason::ClientClosed,
             End::ClientGone(_) => DisconnectReason::ClientGone,
             End::Stalled(_) => DisconnectReason::Stalled,
-            End::Protocol(_) | End::Policy(_) => DisconnectReason::Protocol,
+            End::Protocol(_) => DisconnectReason::Protocol,
+            End::Policy(_) => DisconnectReason::Refused,
             End::Removed | End::RemovedMidWrite => DisconnectReason::Kicked,
             End::Shutdown | End::ShutdownMidWrite => DisconnectReason::Shutdown,
             End::WriteError(_) => DisconnectReason::WriteError,
@@ -321,6 +323,8 @@ async fn write_loop(
         tokio::pin!(notified);
         notified.as_mut().enable();
 
+        // Everything before the cursor has been written: the rest is this viewer's backlog.
+        sink.set_position(cursor.next());
         let room = MAX_IOV.saturating_sub(batch.len());
         if rendition.read(&mut cursor, &mut batch, room, MAX_BATCH_BYTES) {
             viewer.state.count_skip();
@@ -329,7 +333,6 @@ async fn write_loop(
                 "viewer fell behind; skipped to the next keyframe"
             );
         }
-        sink.set_position(cursor.next());
         let mut closed = None;
         while batch.len() < MAX_IOV {
             match rx.try_recv() {
@@ -390,10 +393,21 @@ async fn write_loop(
             let _ = write_all(wr, sink, &batch, Duration::from_secs(1)).await;
             return end;
         }
-        tokio::select! {
-            r = write_all(wr, sink, &batch, cfg.stall_timeout) => if let Err(end) = r { return end },
-            _ = shutdown.cancelled() => return End::ShutdownMidWrite,
-            _ = viewer.state.removed() => return End::RemovedMidWrite,
+        {
+            let write = write_all(wr, sink, &batch, cfg.stall_timeout);
+            tokio::pin!(write);
+            tokio::select! {
+                r = &mut write => if let Err(end) = r { return end },
+                _ = shutdown.cancelled() => return End::ShutdownMidWrite,
+                _ = viewer.state.removed() => {
+                    // Finish what is in flight (a slow viewer is the one an operator removes), so
+                    // that the close frame with its reason can follow.
+                    return match tokio::time::timeout(Duration::from_secs(1), write).await {
+                        Ok(Ok(())) => End::Removed,
+                        _ => End::RemovedMidWrite,
+                    };
+                }
+            }
         }
         batch.clear();
     }
@@ -466,6 +480,10 @@ async fn read_loop(
             }
             Err(e) => break End::Protocol(e.to_string()),
         };
+        // Every frame counts, pings too: each one costs us a write.
+        if let Err(end) = client.charge() {
+            break end;
+        }
         match frame.opcode {
             OpCode::Close => break End::ClientClosed,
             OpCode::Binary => match client.handle(&frame.payload) {
@@ -495,11 +513,8 @@ struct Client {
 }
 
 impl Client {
-    /// Handles one message from the viewer; returns a reply to send, if any, or why the
-    /// connection must close. A bad message never reaches shared state: it is checked whole
-    /// before anything is recorded.
-    fn handle(&mut self, buf: &[u8]) -> Result<Option<Bytes>, End> {
-        let t1 = now_us();
+    /// Takes one frame from the token bucket; a viewer out of tokens is flooding.
+    fn charge(&mut self) -> Result<(), End> {
         let now = std::time::Instant::now();
         self.budget = (self.budget
             + now.duration_since(self.refilled).as_secs_f64() * MESSAGE_RATE)
@@ -511,6 +526,14 @@ impl Client {
             )));
         }
         self.budget -= 1.0;
+        Ok(())
+    }
+
+    /// Handles one message from the viewer; returns a reply to send, if any, or why the
+    /// connection must close. A bad message never reaches shared state: it is checked whole
+    /// before anything is recorded.
+    fn handle(&mut self, buf: &[u8]) -> Result<Option<Bytes>, End> {
+        let t1 = now_us();
         let message = Message::decode(buf)
             .map_err(|e| End::Protocol(format!("bad message from viewer: {e}")))?;
         match message {

@@ -470,7 +470,8 @@ impl ViewerState {
     /// Adds the bytes sent since the last call to `onair_viewer_bytes_sent_total`.
     pub fn account_bytes(&self) {
         let sent = self.bytes_sent();
-        let before = self.accounted.swap(sent, Ordering::AcqRel);
+        // fetch_max: whoever comes second (the stats task, the viewer leaving) adds nothing.
+        let before = self.accounted.fetch_max(sent, Ordering::AcqRel);
         METRICS.bytes_out.increment(sent.saturating_sub(before));
     }
 
