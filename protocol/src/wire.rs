@@ -78,7 +78,7 @@ pub enum TrackKind {
     Audio = 1,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrackParams {
     Video {
         width: u16,

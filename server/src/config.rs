@@ -87,6 +87,26 @@ pub struct Settings {
     )]
     pub admin_token: Option<String>,
 
+    /// LL-HLS part target, ms: how often a new part is ready (and the latency floor of HLS
+    /// players, which hold back three parts). [default: 200]
+    #[arg(long, env = "ONAIR_HLS_PART_MS", value_name = "MS")]
+    pub hls_part_ms: Option<u32>,
+
+    /// LL-HLS segment target, ms; segments start at keyframes, so a longer GOP makes longer
+    /// segments. [default: 2000]
+    #[arg(long, env = "ONAIR_HLS_SEGMENT_MS", value_name = "MS")]
+    pub hls_segment_ms: Option<u32>,
+
+    /// Complete segments each HLS playlist keeps, in memory. [default: 10: 20 s, room for
+    /// delta updates, which skip what is older than six segments]
+    #[arg(long, env = "ONAIR_HLS_SEGMENTS", value_name = "N")]
+    pub hls_segments: Option<u32>,
+
+    /// How long an ended stream's HLS stays served (players finish, CDNs revalidate) before its
+    /// URLs answer 404. [default: 30000]
+    #[arg(long, env = "ONAIR_HLS_GRACE_MS", value_name = "MS")]
+    pub hls_grace_ms: Option<u64>,
+
     /// Directory with the web pages (`index.html`, `watch.html`) and the built player
     /// (`player/`, made by `make player`). [default: web, the repository's web/ when run from
     /// the checkout as `make run` does]
@@ -139,6 +159,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub web_dir: PathBuf,
     pub admin_token: Option<String>,
+    pub hls_part_ms: u32,
+    pub hls_segment_ms: u32,
+    pub hls_segments: u32,
+    pub hls_grace: Duration,
     pub log: String,
     pub streams: BTreeMap<String, StreamSettings>,
 }
@@ -193,6 +217,10 @@ impl Config {
             allowed_origins: pick!(allowed_origins, Vec::new()),
             web_dir: pick!(web_dir, PathBuf::from("web")),
             admin_token: cli.admin_token.or(file.admin_token),
+            hls_part_ms: pick!(hls_part_ms, 200),
+            hls_segment_ms: pick!(hls_segment_ms, 2000),
+            hls_segments: pick!(hls_segments, 10),
+            hls_grace: Duration::from_millis(pick!(hls_grace_ms, 30_000)),
             log: pick!(log, "info".to_string()),
             streams: cli.streams.or(file.streams).unwrap_or_default(),
         };
@@ -235,6 +263,18 @@ impl Config {
         }
         if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return invalid("admin_token", "must be at least 16 characters");
+        }
+        if !(50..=5000).contains(&self.hls_part_ms) {
+            return invalid("hls_part_ms", "must be between 50 and 5000");
+        }
+        if self.hls_segment_ms < 2 * self.hls_part_ms || self.hls_segment_ms > 60_000 {
+            return invalid(
+                "hls_segment_ms",
+                "must be at least two parts (2 × hls_part_ms) and at most 60000",
+            );
+        }
+        if !(3..=1000).contains(&self.hls_segments) {
+            return invalid("hls_segments", "must be between 3 and 1000");
         }
         for (name, s) in &self.streams {
             if name != "*" && !crate::hub::valid_stream_name(name) {

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod delivery;
+pub mod hls;
 pub mod hub;
 pub mod ingest;
 pub mod metrics;

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use onair_server::config::Config;
 use onair_server::delivery::http::{self, App};
+use onair_server::hls::Hls;
+use onair_server::hls::segmenter::Settings;
 use onair_server::hub::{Hub, Limits};
 use onair_server::ingest::rtmp;
 use onair_server::stats::Stats;
@@ -71,10 +73,23 @@ async fn run(cfg: Config) -> Result<(), String> {
     let tracker = TaskTracker::new();
     let stats = Stats::new(hub.clone(), cfg.clone());
     tracker.spawn(stats.clone().run(shutdown.clone()));
+    let hls = Hls::new(
+        Settings {
+            part_target_ms: cfg.hls_part_ms,
+            segment_target_ms: cfg.hls_segment_ms,
+            window: cfg.hls_segments as usize,
+        },
+        cfg.hls_grace,
+    );
+    tracker.spawn(
+        hls.clone()
+            .run(hub.clone(), shutdown.clone(), tracker.clone()),
+    );
     let app = App {
         hub: hub.clone(),
         cfg: cfg.clone(),
         stats,
+        hls,
         prometheus,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -32,6 +32,7 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub cfg: Arc<Config>,
     pub stats: Arc<Stats>,
+    pub hls: Arc<crate::hls::Hls>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -65,6 +66,14 @@ pub fn router(app: App) -> Router {
         .route("/api/viewers/{id}", axum::routing::delete(delete_viewer))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .route(
+            "/hls/{stream}/index.m3u8",
+            get(super::hls::media_playlist).options(super::hls::preflight),
+        )
+        .route(
+            "/hls/{stream}/{epoch}/{file}",
+            get(super::hls::media_file).options(super::hls::preflight),
+        )
         .route("/", page("index.html"))
         .route("/watch/{stream}", page("watch.html"))
         .route("/dashboard", page("dashboard.html"))

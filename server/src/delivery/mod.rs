@@ -1,5 +1,6 @@
 //! Delivery: everything that reads from the hub. HTTP server and routes in [`http`], WebSocket
 //! viewers in [`ws`].
 
+pub mod hls;
 pub mod http;
 pub mod ws;

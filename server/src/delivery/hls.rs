@@ -1,0 +1,386 @@
+//! LL-HLS over HTTP: playlists (with blocking reload and delta updates), init segments,
+//! segments and parts, from the packager's memory.
+//!
+//! Made to sit behind a CDN: everything under a packager's epoch is immutable and says so;
+//! playlists are cacheable for about a part, and blocking requests per query string (the same
+//! `_HLS_msn`/`_HLS_part` always gets a playlist that has that part). CORS is open, since players
+//! are embedded anywhere, and segments and parts take byte ranges.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::http::App;
+use crate::hls::{HlsStream, playlist};
+
+const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Segments further ahead than this are a client bug, not a wait (the spec's 400).
+const MAX_AHEAD_SEGMENTS: u64 = 2;
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct PlaylistQuery {
+    #[serde(rename = "_HLS_msn")]
+    msn: Option<u64>,
+    #[serde(rename = "_HLS_part")]
+    part: Option<u64>,
+    #[serde(rename = "_HLS_skip")]
+    skip: Option<String>,
+}
+
+fn cors(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Content-Length, Content-Range, ETag, Age, X-Onair-Ready-Us"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    cors((status, [(header::CACHE_CONTROL, "no-store")], msg).into_response())
+}
+
+fn no_stream(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("404: no HLS for stream {name:?}: nobody publishes it (or it ended)\n"),
+    )
+}
+
+/// CORS preflight (a `Range` header makes one).
+pub async fn preflight() -> Response {
+    let mut r = cors(StatusCode::NO_CONTENT.into_response());
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Range, If-None-Match"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    r
+}
+
+/// Whether the playlist already has segment `msn` (and its part `part`, if asked).
+fn has(hls: &HlsStream, msn: u64, part: Option<u64>) -> bool {
+    hls.read(|s| {
+        s.segments().iter().any(|g| {
+            g.msn > msn
+                || (g.msn == msn && (g.complete || part.is_none_or(|p| (g.parts.len() as u64) > p)))
+        })
+    })
+}
+
+/// `GET /hls/STREAM/index.m3u8[?_HLS_msn=M[&_HLS_part=P]][&_HLS_skip=YES]`.
+pub async fn media_playlist(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<PlaylistQuery>,
+) -> Response {
+    let Some(hls) = app.hls.stream(&name) else {
+        return no_stream(&name);
+    };
+    let skip = match q.skip.as_deref() {
+        None => false,
+        Some("YES") | Some("v2") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("_HLS_skip={other:?}: only YES is supported\n"),
+            );
+        }
+    };
+    let blocking = q.msn.is_some();
+    if let Some(msn) = q.msn {
+        let (last, td) = hls.read(|s| {
+            (
+                s.segments().back().map_or(0, |g| g.msn),
+                playlist::target_duration(s),
+            )
+        });
+        if msn > last + MAX_AHEAD_SEGMENTS {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("_HLS_msn={msn} is too far ahead: the last segment is {last}\n"),
+            );
+        }
+        // Held until that part exists, for at most three target durations (the spec's bound).
+        let mut updates = hls.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3 * td);
+        while !has(&hls, msn, q.part) {
+            tokio::select! {
+                r = updates.changed() => if r.is_err() { return no_stream(&name) },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("segment {msn} part {:?} did not come in time\n", q.part),
+                    );
+                }
+                _ = app.shutdown.cancelled() => {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+                }
+            }
+        }
+    } else if q.part.is_some() {
+        return error(StatusCode::BAD_REQUEST, "_HLS_part needs _HLS_msn\n".into());
+    }
+    let body = hls.playlist(playlist::Variant { skip });
+    let part_target_ms = hls.read(|s| s.settings().part_target_ms);
+    // A blocking answer for a given part never goes out of date for that query; a plain one is
+    // good for about a part (max-age has whole seconds).
+    let cache = if blocking {
+        "public, max-age=60".to_string()
+    } else {
+        format!(
+            "public, max-age={}",
+            u64::from(part_target_ms).div_ceil(1000)
+        )
+    };
+    cors(
+        (
+            [
+                (header::CONTENT_TYPE, PLAYLIST_TYPE.to_string()),
+                (header::CACHE_CONTROL, cache),
+            ],
+            body,
+        )
+            .into_response(),
+    )
+}
+
+/// What a media file name asks for.
+enum File {
+    Init(u32),
+    Segment(u64),
+    Part(u64),
+}
+
+fn parse_file(file: &str) -> Option<File> {
+    if let Some(id) = file
+        .strip_prefix("init")
+        .and_then(|f| f.strip_suffix(".mp4"))
+    {
+        return id.parse().ok().map(File::Init);
+    }
+    let stem = file.strip_suffix(".m4s")?;
+    if let Some(n) = stem.strip_prefix('s') {
+        return n.parse().ok().map(File::Segment);
+    }
+    stem.strip_prefix('p')?.parse().ok().map(File::Part)
+}
+
+/// `GET /hls/STREAM/EPOCH/{init<id>.mp4, s<msn>.m4s, p<seq>.m4s}`.
+pub async fn media_file(
+    State(app): State<App>,
+    Path((name, epoch, file)): Path<(String, u64, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(hls) = app.hls.stream(&name).filter(|h| h.epoch == epoch) else {
+        return no_stream(&name);
+    };
+    let Some(what) = parse_file(&file) else {
+        return error(StatusCode::NOT_FOUND, format!("404: no {file} here\n"));
+    };
+    let etag = format!("\"{epoch}-{file}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return cors(
+            (
+                StatusCode::NOT_MODIFIED,
+                [
+                    (header::ETAG, etag),
+                    (header::CACHE_CONTROL, IMMUTABLE.into()),
+                ],
+            )
+                .into_response(),
+        );
+    }
+    let (content_type, chunks, ready_us) = match what {
+        File::Init(id) => match hls.read(|s| s.init_by_id(id).map(|i| i.bytes.clone())) {
+            Some(b) => ("video/mp4", vec![b], None),
+            None => return error(StatusCode::NOT_FOUND, format!("404: no {file} here\n")),
+        },
+        File::Segment(msn) => {
+            let parts = hls.read(|s| {
+                s.segments()
+                    .iter()
+                    .find(|g| g.msn == msn && g.complete)
+                    .map(|g| g.parts.iter().map(|p| p.bytes.clone()).collect::<Vec<_>>())
+            });
+            match parts {
+                Some(p) => ("video/iso.segment", p, None),
+                None => return error(StatusCode::NOT_FOUND, format!("404: no {file} here\n")),
+            }
+        }
+        File::Part(seq) => match part(&app, &hls, seq).await {
+            Ok((bytes, ready)) => ("video/iso.segment", vec![bytes], Some(ready)),
+            Err(r) => return r,
+        },
+    };
+    let mut r = ranged(&headers, chunks);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Some(us) = ready_us
+        && let Ok(v) = HeaderValue::from_str(&us.to_string())
+    {
+        h.insert("x-onair-ready-us", v);
+    }
+    cors(r)
+}
+
+/// A part, waiting for it if it is the next one (the preload hint): a player asks for it
+/// before it exists, and gets it the moment it is complete.
+async fn part(app: &App, hls: &HlsStream, seq: u64) -> Result<(Bytes, u64), Response> {
+    let find = || {
+        hls.read(|s| {
+            let found = s
+                .segments()
+                .iter()
+                .flat_map(|g| g.parts.iter())
+                .find(|p| p.seq == seq)
+                .map(|p| (p.bytes.clone(), p.ready_us));
+            (found, s.next_part_seq(), s.init().is_some())
+        })
+    };
+    let mut updates = hls.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (found, next, live) = find();
+        if let Some(found) = found {
+            return Ok(found);
+        }
+        if seq < next || seq > next + 1 || !live {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("404: no part {seq} (the next one is {next})\n"),
+            ));
+        }
+        tokio::select! {
+            r = updates.changed() => if r.is_err() {
+                return Err(error(StatusCode::NOT_FOUND, "404: the stream ended\n".into()));
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("part {seq} did not come in time\n")));
+            }
+            _ = app.shutdown.cancelled() => {
+                return Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()));
+            }
+        }
+    }
+}
+
+/// The whole body, or the single byte range asked for (206), or 416. The chunks are the parts'
+/// own buffers: nothing is copied to serve a segment.
+fn ranged(headers: &HeaderMap, chunks: Vec<Bytes>) -> Response {
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| parse_range(v, total));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, total),
+        Some(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Some(None) => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{total}"))],
+            )
+                .into_response();
+        }
+    };
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    for c in chunks {
+        let len = c.len() as u64;
+        let (lo, hi) = (start.max(offset), end.min(offset + len));
+        if lo < hi {
+            out.push(c.slice((lo - offset) as usize..(hi - offset) as usize));
+        }
+        offset += len;
+    }
+    let body = Body::from_stream(futures_util::stream::iter(
+        out.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&(end - start).to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", end - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+/// `bytes=a-b`, `bytes=a-`, `bytes=-n` over `total` bytes, as a half-open range; None if it
+/// cannot be satisfied or is not a single range.
+fn parse_range(v: &str, total: u64) -> Option<(u64, u64)> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        (total.saturating_sub(n), total)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            total
+        } else {
+            b.parse::<u64>().ok()?.saturating_add(1).min(total)
+        };
+        (start, end)
+    };
+    (start < end).then_some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 100)));
+        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 1000)));
+        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 1000)));
+        assert_eq!(parse_range("bytes=990-2000", 1000), Some((990, 1000)));
+        assert_eq!(parse_range("bytes=1000-", 1000), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("items=0-1", 1000), None);
+    }
+
+    #[test]
+    fn file_names() {
+        assert!(matches!(parse_file("init3.mp4"), Some(File::Init(3))));
+        assert!(matches!(parse_file("s12.m4s"), Some(File::Segment(12))));
+        assert!(matches!(parse_file("p7.m4s"), Some(File::Part(7))));
+        assert!(parse_file("x.m4s").is_none());
+        assert!(parse_file("p-1.m4s").is_none());
+    }
+}

@@ -1,0 +1,226 @@
+//! LL-HLS from memory: one packager per live stream, subscribed to its source rendition like a
+//! viewer, boxing parts and segments with the same fMP4 muxer as the browser player. Nothing
+//! is written to disk; a window of segments is kept, and a stream that ends is served for a
+//! grace period, then forgotten (its URLs answer 404).
+//!
+//! URLs: `/hls/STREAM/index.m3u8`, and below `/hls/STREAM/EPOCH/` the init segments, segments
+//! and parts it lists. EPOCH identifies one packager run, so the URLs of a stream published
+//! again later never collide with cached copies of the earlier one: everything under it is
+//! immutable.
+
+pub mod playlist;
+pub mod segmenter;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use onair_protocol::wire::{Message, StatusCode};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::{Hub, Stream, now_us};
+use segmenter::{Frame, Segmenter, Settings};
+
+/// The HLS side of the server: a packager per stream.
+pub struct Hls {
+    settings: Settings,
+    grace: Duration,
+    streams: DashMap<String, Arc<HlsStream>>,
+}
+
+/// One stream's packaged window, shared by its packager and the HTTP handlers.
+pub struct HlsStream {
+    /// Unix ms when this packager started: the URLs' directory.
+    pub epoch: u64,
+    source: Arc<Stream>,
+    segmenter: RwLock<Segmenter>,
+    /// Bumped on every new part or segment; blocked requests wait on it.
+    version: watch::Sender<u64>,
+    /// The last rendered playlists (full, delta) and the version they show.
+    cache: Mutex<Option<(u64, Bytes, Bytes)>>,
+}
+
+impl HlsStream {
+    pub fn read<T>(&self, f: impl FnOnce(&Segmenter) -> T) -> T {
+        f(&self.segmenter.read())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The media playlist, rendered once per change however many clients ask.
+    pub fn playlist(&self, variant: playlist::Variant) -> Bytes {
+        let version = *self.version.borrow();
+        let mut cache = self.cache.lock();
+        let fresh = match cache.as_ref() {
+            Some((v, full, delta)) if *v == version => (full.clone(), delta.clone()),
+            _ => {
+                let prefix = format!("{}/", self.epoch);
+                let (full, delta) = self.read(|s| {
+                    (
+                        playlist::media_playlist(s, &prefix, playlist::Variant { skip: false }),
+                        playlist::media_playlist(s, &prefix, playlist::Variant { skip: true }),
+                    )
+                });
+                let (full, delta) = (Bytes::from(full), Bytes::from(delta));
+                *cache = Some((version, full.clone(), delta.clone()));
+                (full, delta)
+            }
+        };
+        if variant.skip { fresh.1 } else { fresh.0 }
+    }
+}
+
+impl Hls {
+    pub fn new(settings: Settings, grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            grace,
+            streams: DashMap::new(),
+        })
+    }
+
+    pub fn stream(&self, name: &str) -> Option<Arc<HlsStream>> {
+        self.streams.get(name).map(|s| s.value().clone())
+    }
+
+    /// Starts a packager for every stream a publisher claims, until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let mut published = hub.on_publish();
+        loop {
+            let stream = tokio::select! {
+                s = published.recv() => match s {
+                    Ok(s) => s,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "hls: publish events missed");
+                        continue;
+                    }
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            // A packager already on this very stream object follows the republish by itself.
+            if self
+                .stream(&stream.name)
+                .is_some_and(|h| Arc::ptr_eq(&h.source, &stream))
+            {
+                continue;
+            }
+            let hls = Arc::new(HlsStream {
+                epoch: now_us() / 1000,
+                source: stream.clone(),
+                segmenter: RwLock::new(Segmenter::new(self.settings)),
+                version: watch::channel(0).0,
+                cache: Mutex::new(None),
+            });
+            self.streams.insert(stream.name.clone(), hls.clone());
+            tracker.spawn(package(self.clone(), hls, shutdown.clone()));
+        }
+    }
+
+    fn remove(&self, hls: &Arc<HlsStream>) {
+        self.streams
+            .remove_if(&hls.source.name, |_, h| Arc::ptr_eq(h, hls));
+    }
+}
+
+/// Strips the WebSocket frame header the hub's messages carry.
+fn unframe(frame: &[u8]) -> Option<&[u8]> {
+    let len = *frame.get(1)? & 0x7f;
+    let start = match len {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    frame.get(start..)
+}
+
+/// Follows the stream's source rendition and packages it, until the stream has been gone for
+/// the grace period (or shutdown).
+async fn package(hls: Arc<Hls>, me: Arc<HlsStream>, shutdown: CancellationToken) {
+    let name = me.source.name.clone();
+    let Some(rendition) = me.source.rendition(0).cloned() else {
+        return;
+    };
+    tracing::info!(stream = %name, epoch = me.epoch, "hls: packaging");
+    let mut batch = Vec::new();
+    let mut cursor = rendition.join(&mut batch);
+    let mut ended: Option<tokio::time::Instant> = None;
+    loop {
+        let notified = rendition.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        rendition.read(&mut cursor, &mut batch, 256, 8 << 20);
+        if batch.is_empty() {
+            let deadline = ended.map(|at| at + hls.grace);
+            tokio::select! {
+                _ = &mut notified => continue,
+                _ = shutdown.cancelled() => break,
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if deadline.is_some() => {
+                    tracing::info!(stream = %name, "hls: stream ended; its playlist is gone");
+                    break;
+                }
+            }
+        }
+        let mut changed = false;
+        {
+            let mut seg = me.segmenter.write();
+            let now = now_us();
+            for frame in batch.drain(..) {
+                let Some(body) = unframe(&frame) else {
+                    continue;
+                };
+                match Message::decode(body) {
+                    Ok(Message::Media { header, payload }) => {
+                        let f = Frame {
+                            track: header.track,
+                            keyframe: header.keyframe,
+                            dts: header.dts,
+                            cts: header.cts,
+                            ingest_us: header.ingest_us,
+                            payload,
+                        };
+                        match seg.push(&f, now) {
+                            Ok(closed) => changed |= closed,
+                            Err(e) => {
+                                tracing::warn!(stream = %name, error = %e, "hls: frame dropped")
+                            }
+                        }
+                    }
+                    Ok(Message::Init(init)) => {
+                        if let Err(e) = seg.set_init(&init) {
+                            tracing::warn!(stream = %name, error = %e, "hls: cannot package this stream");
+                        }
+                        changed = true;
+                        ended = None;
+                    }
+                    Ok(Message::Status(s)) => match s.code {
+                        StatusCode::Waiting | StatusCode::Ended => {
+                            seg.end_of_media();
+                            changed = true;
+                            ended.get_or_insert_with(tokio::time::Instant::now);
+                        }
+                        StatusCode::Live | StatusCode::Republished => ended = None,
+                        StatusCode::Skipped => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        if changed {
+            me.version.send_modify(|v| *v += 1);
+        }
+    }
+    hls.remove(&me);
+}

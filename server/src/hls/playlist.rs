@@ -1,0 +1,166 @@
+//! LL-HLS media playlists, written by hand: m3u8-rs has none of the low-latency tags (PART,
+//! PRELOAD-HINT, SERVER-CONTROL, SKIP).
+
+use std::fmt::Write as _;
+
+use super::segmenter::Segmenter;
+
+/// What a playlist request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Variant {
+    /// `_HLS_skip=YES`: a delta update, with the oldest segments replaced by EXT-X-SKIP.
+    pub skip: bool,
+}
+
+/// EXT-X-TARGETDURATION: the configured target, or more if a segment (a long GOP) is longer.
+pub fn target_duration(s: &Segmenter) -> u64 {
+    let configured = u64::from(s.settings().segment_target_ms).div_ceil(1000);
+    let longest = s
+        .segments()
+        .iter()
+        .filter(|g| g.complete)
+        .map(|g| g.duration_s.round() as u64)
+        .max()
+        .unwrap_or(0);
+    configured.max(longest).max(1)
+}
+
+/// How far back from the end segments may be skipped in a delta update: six target durations,
+/// the least the spec allows.
+pub fn skip_until_s(s: &Segmenter) -> f64 {
+    6.0 * target_duration(s) as f64
+}
+
+/// The media playlist. `prefix` goes before every URI (the packager's epoch directory).
+pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
+    let td = target_duration(s);
+    let part_target = f64::from(s.settings().part_target_ms) / 1000.0;
+    let segments = s.segments();
+    let mut out = String::with_capacity(4096);
+    let first_msn = segments.front().map_or(0, |g| g.msn);
+    let _ = write!(
+        out,
+        "#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-TARGETDURATION:{td}\n\
+         #EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={:.3},CAN-SKIP-UNTIL={:.1}\n\
+         #EXT-X-PART-INF:PART-TARGET={part_target:.3}\n\
+         #EXT-X-MEDIA-SEQUENCE:{first_msn}\n#EXT-X-DISCONTINUITY-SEQUENCE:{}\n",
+        3.0 * part_target,
+        skip_until_s(s),
+        s.discontinuity_seq(),
+    );
+
+    // Segments older than CAN-SKIP-UNTIL from the end may be skipped; parts are listed for the
+    // last three target durations only (older ones are in their whole segments).
+    let total: f64 = segments.iter().map(|g| g.duration_s).sum();
+    let mut skipped = 0;
+    if variant.skip {
+        let mut start = 0.0;
+        for g in segments {
+            if !g.complete || total - start <= skip_until_s(s) || g.discontinuity {
+                break;
+            }
+            start += g.duration_s;
+            skipped += 1;
+        }
+        if skipped > 0 {
+            let _ = writeln!(out, "#EXT-X-SKIP:SKIPPED-SEGMENTS={skipped}");
+        }
+    }
+    let parts_from = {
+        let mut from_end = 0.0;
+        let mut i = segments.len();
+        while i > 0 && from_end < 3.0 * td as f64 {
+            i -= 1;
+            from_end += segments[i].duration_s;
+        }
+        i
+    };
+    let mut map = None;
+    let mut start = 0.0;
+    for (i, g) in segments.iter().enumerate() {
+        let seg_start = start;
+        start += g.duration_s;
+        if i < skipped {
+            map = Some(g.init_id);
+            continue;
+        }
+        if g.discontinuity {
+            out.push_str("#EXT-X-DISCONTINUITY\n");
+        }
+        if map != Some(g.init_id) || i == skipped {
+            let _ = writeln!(out, "#EXT-X-MAP:URI=\"{prefix}init{}.mp4\"", g.init_id);
+            map = Some(g.init_id);
+        }
+        let _ = writeln!(
+            out,
+            "#EXT-X-PROGRAM-DATE-TIME:{}",
+            iso8601(g.program_date_ms)
+        );
+        let _ = seg_start;
+        if i >= parts_from || !g.complete {
+            for p in &g.parts {
+                let _ = write!(
+                    out,
+                    "#EXT-X-PART:DURATION={:.5},URI=\"{prefix}p{}.m4s\"",
+                    p.duration_s, p.seq
+                );
+                out.push_str(if p.independent {
+                    ",INDEPENDENT=YES\n"
+                } else {
+                    "\n"
+                });
+            }
+        }
+        if g.complete {
+            let _ = write!(
+                out,
+                "#EXTINF:{:.5},\n{prefix}s{}.m4s\n",
+                g.duration_s, g.msn
+            );
+        }
+    }
+    if s.init().is_some() {
+        let _ = writeln!(
+            out,
+            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{prefix}p{}.m4s\"",
+            s.next_part_seq()
+        );
+    }
+    out
+}
+
+/// Unix milliseconds as ISO 8601 UTC with milliseconds.
+pub fn iso8601(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso8601(1_795_223_845_500), "2026-11-21T01:17:25.500Z");
+    }
+}
