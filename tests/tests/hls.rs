@@ -1,0 +1,441 @@
+//! LL-HLS against the real binary with real ffmpeg publishing: ffprobe and ffmpeg read it (a
+//! zerolatency and a B-frame stream), the playlists are checked tag by tag and every URI they
+//! list is fetched, blocking reload is timed against the moment each part was ready, and hls.js
+//! plays it in headless Chromium at low latency.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use onair_tests::browser::{Browser, artifacts_dir};
+use onair_tests::{HttpResponse, Profile, Publisher, Server, http_fetch, require_tool, unix_us};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A media playlist, parsed.
+#[derive(Debug, Default)]
+struct Playlist {
+    target_duration: f64,
+    part_target: f64,
+    media_sequence: u64,
+    skipped: u64,
+    maps: Vec<String>,
+    /// Complete segments: (uri, EXTINF, the parts listed before it).
+    segments: Vec<(String, f64, Vec<PartEntry>)>,
+    /// Parts of the segment still open.
+    open_parts: Vec<PartEntry>,
+    hint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct PartEntry {
+    uri: String,
+    duration: f64,
+    independent: bool,
+}
+
+fn attr<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    let rest = &line[at..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        quoted.split('"').next()
+    } else {
+        rest.split(',').next()
+    }
+}
+
+fn parse(text: &str) -> Playlist {
+    let mut p = Playlist::default();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("#EXTM3U"), "{text}");
+    let mut parts = Vec::new();
+    while let Some(line) = lines.next() {
+        let num = |s: &str| s.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+        if let Some(v) = line.strip_prefix("#EXT-X-TARGETDURATION:") {
+            p.target_duration = num(v);
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PART-INF:") {
+            p.part_target = num(attr(v, "PART-TARGET").expect("PART-TARGET"));
+        } else if let Some(v) = line.strip_prefix("#EXT-X-MEDIA-SEQUENCE:") {
+            p.media_sequence = num(v) as u64;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-SKIP:") {
+            p.skipped = num(attr(v, "SKIPPED-SEGMENTS").expect("SKIPPED-SEGMENTS")) as u64;
+        } else if let Some(v) = line.strip_prefix("#EXT-X-MAP:") {
+            p.maps.push(attr(v, "URI").expect("URI").to_string());
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PART:") {
+            parts.push(PartEntry {
+                uri: attr(v, "URI").expect("URI").to_string(),
+                duration: num(attr(v, "DURATION").expect("DURATION")),
+                independent: attr(v, "INDEPENDENT") == Some("YES"),
+            });
+        } else if let Some(v) = line.strip_prefix("#EXTINF:") {
+            let d = num(v.trim_end_matches(','));
+            let uri = lines
+                .next()
+                .expect("a segment URI after EXTINF")
+                .to_string();
+            p.segments.push((uri, d, std::mem::take(&mut parts)));
+        } else if let Some(v) = line.strip_prefix("#EXT-X-PRELOAD-HINT:") {
+            assert_eq!(attr(v, "TYPE"), Some("PART"), "{line}");
+            p.hint = Some(attr(v, "URI").expect("URI").to_string());
+        }
+    }
+    p.open_parts = parts;
+    p
+}
+
+async fn get(server: &Server, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    http_fetch(&server.http, "GET", path, headers)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// The playlist, held until segment `msn` (part `part`) exists.
+async fn playlist(server: &Server, stream: &str, query: &str) -> (Playlist, String) {
+    let r = get(server, &format!("/hls/{stream}/index.m3u8{query}"), &[]).await;
+    assert_eq!(r.status, 200, "{query}: {}", r.text());
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/vnd.apple.mpegurl")
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    let text = r.text();
+    (parse(&text), text)
+}
+
+/// Waits for the packager, then for `segments` complete segments.
+async fn wait_segments(server: &Server, stream: &str, segments: u64) -> Playlist {
+    server.wait_log("hls: packaging", T).await;
+    let mut last = None;
+    for msn in 0..=segments {
+        last = Some(
+            playlist(server, stream, &format!("?_HLS_msn={msn}"))
+                .await
+                .0,
+        );
+    }
+    last.expect("a playlist")
+}
+
+fn url(server: &Server, stream: &str) -> String {
+    format!("http://{}/hls/{stream}/index.m3u8", server.http)
+}
+
+async fn read_with_ffmpeg(profile: Profile, name: &str) {
+    require_tool("ffprobe");
+    let server = Server::start(&[]).await;
+    let _publisher = Publisher::start(&server.rtmp_url(name), profile);
+    wait_segments(&server, name, 3).await;
+    let probe = tokio::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name,width,height",
+        ])
+        .args(["-of", "json", &url(&server, name)])
+        .output()
+        .await
+        .expect("run ffprobe");
+    assert!(
+        probe.status.success() && probe.stderr.is_empty(),
+        "{name}: ffprobe: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let found: Value = serde_json::from_slice(&probe.stdout).expect("ffprobe json");
+    let streams = found["streams"].as_array().expect("streams");
+    let video = streams
+        .iter()
+        .find(|s| s["codec_name"] == "h264")
+        .unwrap_or_else(|| panic!("{name}: no h264 in {found}"));
+    assert_eq!(
+        (video["width"].as_u64(), video["height"].as_u64()),
+        (
+            Some(u64::from(profile.width)),
+            Some(u64::from(profile.height))
+        )
+    );
+    assert!(
+        streams.iter().any(|s| s["codec_name"] == "aac"),
+        "{name}: no aac in {found}"
+    );
+    let decode = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-i", &url(&server, name)])
+        .args(["-t", "5", "-f", "null", "-"])
+        .output()
+        .await
+        .expect("run ffmpeg");
+    let errors = String::from_utf8_lossy(&decode.stderr);
+    assert!(
+        decode.status.success() && errors.trim().is_empty(),
+        "{name}: ffmpeg reports errors:\n{errors}"
+    );
+}
+
+#[tokio::test]
+async fn ffprobe_and_ffmpeg_read_a_zerolatency_stream() {
+    read_with_ffmpeg(Profile::default(), "zl").await;
+}
+
+#[tokio::test]
+async fn ffprobe_and_ffmpeg_read_a_bframe_stream() {
+    let profile = Profile {
+        zerolatency: false,
+        ..Profile::default()
+    };
+    read_with_ffmpeg(profile, "bf").await;
+}
+
+#[tokio::test]
+async fn playlists_list_only_what_exists_and_blocking_reload_waits_for_the_part() {
+    let server = Server::start(&[
+        "--hls-segment-ms",
+        "1000",
+        "--hls-part-ms",
+        "200",
+        "--hls-segments",
+        "10",
+        "--hls-grace-ms",
+        "1000",
+    ])
+    .await;
+    let publisher = Publisher::start(&server.rtmp_url("cam"), Profile::default());
+    // Enough segments for the window to slide and a delta update to skip some.
+    let first = wait_segments(&server, "cam", 12).await;
+    let (p, text) = playlist(&server, "cam", "").await;
+    assert!(text.contains("#EXT-X-VERSION:9"), "{text}");
+    assert!(
+        text.contains("CAN-BLOCK-RELOAD=YES") && text.contains("PART-HOLD-BACK=0.600"),
+        "{text}"
+    );
+    assert!(text.contains("#EXT-X-PROGRAM-DATE-TIME:"), "{text}");
+    assert_eq!((p.target_duration, p.part_target), (1.0, 0.2));
+    assert_eq!(p.segments.len(), 10, "the window: {text}");
+    assert!(p.media_sequence > 0, "the window slid");
+    assert!(p.media_sequence >= first.media_sequence);
+
+    // Every URI listed exists, with the headers a CDN needs.
+    let base = "/hls/cam/";
+    for map in &p.maps {
+        let r = get(&server, &format!("{base}{map}"), &[]).await;
+        assert_eq!(
+            (r.status, r.header("content-type")),
+            (200, Some("video/mp4"))
+        );
+        assert_eq!(&r.body[4..8], b"ftyp");
+    }
+    for (uri, duration, parts) in &p.segments {
+        assert!(
+            duration.round() <= p.target_duration && *duration > 0.5,
+            "segment {uri} of {duration} s"
+        );
+        let seg = get(&server, &format!("{base}{uri}"), &[]).await;
+        assert_eq!(seg.status, 200, "{uri}");
+        assert_eq!(
+            seg.header("cache-control"),
+            Some("public, max-age=31536000, immutable")
+        );
+        assert!(seg.header("etag").is_some());
+        assert_eq!(seg.header("access-control-allow-origin"), Some("*"));
+        assert_eq!(&seg.body[4..8], b"moof", "{uri}");
+        if !parts.is_empty() {
+            // A segment is its parts, back to back.
+            let mut joined = Vec::new();
+            for part in parts {
+                assert!(part.duration <= p.part_target + 1e-3, "{part:?}");
+                let r = get(&server, &format!("{base}{}", part.uri), &[]).await;
+                assert_eq!(r.status, 200, "{part:?}");
+                joined.extend_from_slice(&r.body);
+            }
+            assert!(parts[0].independent, "{uri} starts at a keyframe");
+            assert_eq!(joined, seg.body, "{uri} is not its parts");
+        }
+    }
+
+    // Byte ranges, conditional requests, and refusals.
+    let (last_seg, _, _) = p.segments.last().expect("a segment");
+    let path = format!("{base}{last_seg}");
+    let whole = get(&server, &path, &[]).await;
+    let r = get(&server, &path, &[("Range", "bytes=10-109")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, whole.body[10..110]);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 10-109/{}", whole.body.len()).as_str())
+    );
+    let r = get(&server, &path, &[("Range", "bytes=99999999-")]).await;
+    assert_eq!(r.status, 416);
+    let etag = whole.header("etag").expect("etag").to_string();
+    let r = get(&server, &path, &[("If-None-Match", &etag)]).await;
+    assert_eq!(r.status, 304);
+    let last_msn = p.media_sequence + p.segments.len() as u64;
+    let r = get(
+        &server,
+        &format!("/hls/cam/index.m3u8?_HLS_msn={}", last_msn + 10),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "too far ahead");
+    let r = get(&server, "/hls/cam/index.m3u8?_HLS_part=1", &[]).await;
+    assert_eq!(r.status, 400, "a part without a segment");
+
+    // Delta update: the oldest segments are skipped.
+    let (delta, delta_text) = playlist(&server, "cam", "?_HLS_skip=YES").await;
+    assert!(delta.skipped >= 1, "{delta_text}");
+    assert!(delta.segments.len() < p.segments.len());
+
+    // Blocking reload, part after part: each answer comes when the next part is ready, lists
+    // it, and the preload hint always named it.
+    let mut report = Vec::new();
+    let (mut cur, _) = playlist(&server, "cam", "").await;
+    for _ in 0..15 {
+        let msn = cur.media_sequence + cur.skipped + cur.segments.len() as u64;
+        let part = cur.open_parts.len();
+        let hint = cur.hint.clone().expect("a preload hint");
+        let asked = SystemTime::now();
+        let (next, text) =
+            playlist(&server, "cam", &format!("?_HLS_msn={msn}&_HLS_part={part}")).await;
+        let answered = SystemTime::now();
+        // The part asked for is the one the hint named (in this segment, or starting the next).
+        let listed: Vec<&PartEntry> = next
+            .segments
+            .iter()
+            .flat_map(|s| s.2.iter())
+            .chain(next.open_parts.iter())
+            .collect();
+        assert!(
+            listed.iter().any(|p| p.uri == hint),
+            "the hinted {hint} is not listed after the wait:\n{text}"
+        );
+        let r = get(&server, &format!("{base}{hint}"), &[]).await;
+        assert_eq!(r.status, 200);
+        let ready: u64 = r
+            .header("x-onair-ready-us")
+            .and_then(|v| v.parse().ok())
+            .expect("x-onair-ready-us");
+        let (asked, answered) = (unix_us(asked), unix_us(answered));
+        report.push(json!({
+            "waited_ms": (answered - asked) as f64 / 1000.0,
+            "after_ready_ms": (answered as f64 - ready as f64) / 1000.0,
+            "asked_before_ready": asked < ready,
+        }));
+        assert!(answered >= ready, "answered before the part was ready");
+        assert!(
+            answered - ready <= 50_000,
+            "answered {} ms after the part was ready",
+            (answered - ready) / 1000
+        );
+        assert!(
+            answered - asked <= 200_000 + 50_000,
+            "waited {} ms for the next part",
+            (answered - asked) / 1000
+        );
+        cur = next;
+    }
+    let blocked = report
+        .iter()
+        .filter(|r| r["asked_before_ready"] == true)
+        .count();
+    assert!(blocked >= 12, "requests did not block: {report:?}");
+
+    // A preload-hinted part asked for before it exists is held until it is complete.
+    let (now, _) = playlist(&server, "cam", "").await;
+    let hint = now.hint.expect("a preload hint");
+    let asked = unix_us(SystemTime::now());
+    let r = get(&server, &format!("{base}{hint}"), &[]).await;
+    let answered = unix_us(SystemTime::now());
+    assert_eq!(r.status, 200);
+    let ready: u64 = r
+        .header("x-onair-ready-us")
+        .and_then(|v| v.parse().ok())
+        .expect("x-onair-ready-us");
+    assert!(asked < ready && answered >= ready && answered - ready <= 50_000);
+    let path = artifacts_dir().join("hls-blocking.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json")).expect("write");
+
+    // The stream ends: after the grace period its URLs are gone.
+    publisher.kill().await;
+    server
+        .wait_log("hls: stream ended; its playlist is gone", T)
+        .await;
+    let r = get(&server, "/hls/cam/index.m3u8", &[]).await;
+    assert_eq!(r.status, 404);
+    let r = get(&server, &path_of(&p), &[]).await;
+    assert_eq!(r.status, 404);
+}
+
+fn path_of(p: &Playlist) -> String {
+    format!("/hls/cam/{}", p.segments[0].0)
+}
+
+#[tokio::test]
+async fn hlsjs_plays_it_in_chromium_at_low_latency() {
+    let server = Server::start(&[]).await;
+    let _publisher = Publisher::start(&server.rtmp_url("cam"), Profile::default());
+    wait_segments(&server, "cam", 1).await;
+    let b = Browser::start().await.expect("start chromium");
+    b.goto(&format!("http://{}/", server.http))
+        .await
+        .expect("open a page of the server");
+    let started = Instant::now();
+    b.eval_async(&format!(
+        "const done = arguments[arguments.length - 1]; \
+         const s = document.createElement('script'); s.src = '/vendor/hlsjs/hls.min.js'; \
+         s.onerror = () => done('cannot load hls.js'); \
+         s.onload = () => {{ \
+           const v = document.createElement('video'); v.id = 'hlsvideo'; v.muted = true; \
+           v.autoplay = true; v.width = 640; v.height = 360; document.body.prepend(v); \
+           const hls = new Hls({{ lowLatencyMode: true }}); window.hls = hls; window.hlsErrors = []; \
+           hls.on(Hls.Events.ERROR, (e, d) => window.hlsErrors.push({{ fatal: d.fatal, type: d.type, details: d.details }})); \
+           hls.loadSource('{}'); hls.attachMedia(v); v.play().catch(() => {{}}); done(true); }}; \
+         document.head.append(s);",
+        url(&server, "cam")
+    ))
+    .await
+    .expect("start hls.js");
+    let state = "(() => { const v = document.getElementById('hlsvideo'); \
+        return { frames: v.getVideoPlaybackQuality().totalVideoFrames, time: v.currentTime, \
+          latency: window.hls.latency, errors: window.hlsErrors, \
+          fatal: window.hlsErrors.filter((e) => e.fatal).length, \
+          error: v.error ? v.error.message : null }; })()";
+    let first = b
+        .wait_for(
+            &format!("(() => {{ const s = {state}; if (s.fatal) return s; if (s.frames > 30) return s; throw new Error(JSON.stringify(s)); }})()"),
+            T,
+            "hls.js decoding frames",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first["fatal"], 0, "{first}");
+    b.play_for(Duration::from_secs(20).saturating_sub(started.elapsed()))
+        .await
+        .expect("play");
+    let after = b
+        .eval(&format!("return {state};"))
+        .await
+        .expect("read hls.js");
+    let shot = b
+        .screenshot_element("#hlsvideo", "hls-hlsjs")
+        .await
+        .expect("screenshot");
+    let report = json!({ "after_20s": after, "played_s": started.elapsed().as_secs_f64() });
+    std::fs::write(
+        artifacts_dir().join("hls-hlsjs.json"),
+        serde_json::to_string_pretty(&report).expect("json"),
+    )
+    .expect("write");
+    eprintln!("hls.js: {report}");
+    assert_eq!(after["fatal"], 0, "{after}");
+    assert_eq!(after["error"], Value::Null, "{after}");
+    let frames = after["frames"].as_f64().expect("frames");
+    assert!(
+        frames >= first["frames"].as_f64().unwrap_or(0.0) + 300.0,
+        "frames did not keep coming: {after}"
+    );
+    let latency = after["latency"].as_f64().expect("latency");
+    assert!(latency <= 1.5, "hls.js latency {latency} s: {after}");
+    assert!(
+        shot.distinct_colors() > 50 && shot.fraction_non_black(30) > 0.5,
+        "the video looks blank: {}",
+        shot.path.display()
+    );
+    b.close().await.expect("close chromium");
+}
