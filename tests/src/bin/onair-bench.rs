@@ -45,6 +45,12 @@ struct Args {
     /// Also write every report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// LL-HLS clients in the HLS run (onair only; 0 skips it).
+    #[arg(long, default_value_t = 200)]
+    hls_clients: usize,
+    /// Measuring window of the HLS run.
+    #[arg(long, default_value_t = 30)]
+    hls_window_secs: u64,
 }
 
 type Row = (&'static str, fn(&Report) -> Option<f64>, usize);
@@ -310,8 +316,46 @@ async fn main() -> Result<(), BoxError> {
             }
         }
     }
+    let mut hls = None;
+    if args.hls_clients > 0 && onair.is_some() {
+        eprintln!("bench: LL-HLS, {} clients ...", args.hls_clients);
+        let r = load::hls::run(
+            &env,
+            clip.clone(),
+            args.hls_clients,
+            Duration::from_secs(args.hls_window_secs),
+        )
+        .await?;
+        println!(
+            "\n### LL-HLS: {} clients polling with blocking reload, {:.0} s window\n\n\
+             | metric | onair |\n|---|---:|\n\
+             | server CPU, % of one core | {:.1} |\n\
+             | server CPU per client, % of one core | {:.3} |\n\
+             | parts received per client per second | {:.2} |\n\
+             | playlists served | {} |\n\
+             | part availability (ready → client has it) p50, ms | {:.2} |\n\
+             | part availability p99, ms | {:.2} |\n\
+             | part availability max, ms | {:.2} |\n\
+             | failed requests | {} |\n",
+            r.clients,
+            r.window_s,
+            100.0 * r.cpu_s / r.window_s,
+            r.cpu_pct_per_client,
+            r.parts_per_client_s,
+            r.playlists,
+            r.availability_ms.p50,
+            r.availability_ms.p99,
+            r.availability_ms.max,
+            r.failed,
+        );
+        if !r.errors.is_empty() {
+            eprintln!("bench: HLS errors, e.g. {:?}", r.errors);
+        }
+        hls = Some(r);
+    }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
+        let out = serde_json::json!({ "fanout": all, "hls": hls });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
 }

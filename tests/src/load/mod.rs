@@ -14,6 +14,7 @@
 //! clock the pacer wrote into the frame's SEI just before handing it to the publishing ffmpeg.
 
 pub mod flv;
+pub mod hls;
 pub mod nms;
 pub mod source;
 pub mod viewers;
@@ -81,7 +82,7 @@ pub struct Pcts {
 
 impl Pcts {
     /// From samples in µs, in ms.
-    fn from_us(mut v: Vec<u32>) -> Pcts {
+    pub(crate) fn from_us(mut v: Vec<u32>) -> Pcts {
         if v.is_empty() {
             return Pcts::default();
         }
