@@ -265,7 +265,8 @@ async fn not_found(uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         format!(
             "404: nothing at {}. Pages are /, /watch/STREAM and /dashboard, WebSocket play is at \
-             /ws/STREAM, the API at /api/streams, metrics at /metrics\n",
+             /ws/STREAM, HLS at /hls/STREAM/index.m3u8, the API at /api/streams, metrics at \
+             /metrics\n",
             uri.path()
         ),
     )
