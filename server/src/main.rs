@@ -80,10 +80,9 @@ async fn run(cfg: Config) -> Result<(), String> {
             window: cfg.hls_segments as usize,
         },
         cfg.hls_grace,
-    );
-    tracker.spawn(
-        hls.clone()
-            .run(hub.clone(), shutdown.clone(), tracker.clone()),
+        hub.clone(),
+        shutdown.clone(),
+        tracker.clone(),
     );
     let app = App {
         hub: hub.clone(),

@@ -103,7 +103,7 @@ async fn playlist(server: &Server, stream: &str, query: &str) -> (Playlist, Stri
 
 /// Waits for the packager, then for `segments` complete segments.
 async fn wait_segments(server: &Server, stream: &str, segments: u64) -> Playlist {
-    server.wait_log("hls: packaging", T).await;
+    server.wait_log("publishing", T).await;
     let mut last = None;
     for msn in 0..=segments {
         last = Some(
@@ -330,6 +330,12 @@ async fn playlists_list_only_what_exists_and_blocking_reload_waits_for_the_part(
         );
         cur = next;
     }
+    // Three seconds of 1 s segments later, the window has slid on.
+    assert!(
+        cur.media_sequence > p.media_sequence,
+        "EXT-X-MEDIA-SEQUENCE stayed at {}",
+        p.media_sequence
+    );
     let blocked = report
         .iter()
         .filter(|r| r["asked_before_ready"] == true)

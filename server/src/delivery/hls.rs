@@ -75,6 +75,10 @@ pub async fn preflight() -> Response {
     r
 }
 
+fn has_parts(s: &crate::hls::segmenter::Segmenter) -> bool {
+    s.segments().iter().any(|g| !g.parts.is_empty())
+}
+
 /// Whether the playlist already has segment `msn` (and its part `part`, if asked).
 fn has(hls: &HlsStream, msn: u64, part: Option<u64>) -> bool {
     hls.read(|s| {
@@ -91,9 +95,24 @@ pub async fn media_playlist(
     Path(name): Path<String>,
     Query(q): Query<PlaylistQuery>,
 ) -> Response {
-    let Some(hls) = app.hls.stream(&name) else {
+    let Some(hls) = app.hls.stream_or_start(&name) else {
         return no_stream(&name);
     };
+    // A packager that just started boxes the GOP cache at once: wait for its first part rather
+    // than answer with an empty playlist.
+    if !hls.read(has_parts) {
+        let mut updates = hls.subscribe();
+        let wait =
+            Duration::from_millis(u64::from(hls.read(|s| s.settings().segment_target_ms)) + 2000);
+        let _ = tokio::time::timeout(wait, async {
+            while !hls.read(has_parts) {
+                if updates.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
     let skip = match q.skip.as_deref() {
         None => false,
         Some("YES") | Some("v2") => true,

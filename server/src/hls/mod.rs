@@ -3,6 +3,10 @@
 //! is written to disk; a window of segments is kept, and a stream that ends is served for a
 //! grace period, then forgotten (its URLs answer 404).
 //!
+//! A packager starts with the first HLS request for a stream, not with every publish: a stream
+//! nobody watches over HLS costs no window of segments. Starting late costs the first client
+//! nothing, since the packager joins from the GOP cache and boxes it at once.
+//!
 //! URLs: `/hls/STREAM/index.m3u8`, and below `/hls/STREAM/EPOCH/` the init segments, segments
 //! and parts it lists. EPOCH identifies one packager run, so the URLs of a stream published
 //! again later never collide with cached copies of the earlier one: everything under it is
@@ -30,6 +34,9 @@ pub struct Hls {
     settings: Settings,
     grace: Duration,
     streams: DashMap<String, Arc<HlsStream>>,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 /// One stream's packaged window, shared by its packager and the HTTP handlers.
@@ -77,54 +84,53 @@ impl HlsStream {
 }
 
 impl Hls {
-    pub fn new(settings: Settings, grace: Duration) -> Arc<Self> {
+    pub fn new(
+        settings: Settings,
+        grace: Duration,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             grace,
             streams: DashMap::new(),
+            hub,
+            shutdown,
+            tracker,
         })
     }
 
+    /// The packaged stream, if one is running or in its grace period.
     pub fn stream(&self, name: &str) -> Option<Arc<HlsStream>> {
         self.streams.get(name).map(|s| s.value().clone())
     }
 
-    /// Starts a packager for every stream a publisher claims, until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        hub: Arc<Hub>,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        let mut published = hub.on_publish();
-        loop {
-            let stream = tokio::select! {
-                s = published.recv() => match s {
-                    Ok(s) => s,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "hls: publish events missed");
-                        continue;
-                    }
-                    Err(_) => return,
-                },
-                _ = shutdown.cancelled() => return,
-            };
-            // A packager already on this very stream object follows the republish by itself.
-            if self
-                .stream(&stream.name)
-                .is_some_and(|h| Arc::ptr_eq(&h.source, &stream))
-            {
-                continue;
+    /// The packaged stream, starting its packager if the stream is live and has none yet (or
+    /// only one left from an earlier publish of the same name).
+    pub fn stream_or_start(self: &Arc<Self>, name: &str) -> Option<Arc<HlsStream>> {
+        let current = self.hub.stream(name);
+        let live = current.as_ref().filter(|s| s.publisher().is_some());
+        let entry = self.streams.entry(name.to_string());
+        match (entry, live) {
+            (dashmap::Entry::Occupied(e), Some(s)) if Arc::ptr_eq(&e.get().source, s) => {
+                Some(e.get().clone())
             }
-            let hls = Arc::new(HlsStream {
-                epoch: now_us() / 1000,
-                source: stream.clone(),
-                segmenter: RwLock::new(Segmenter::new(self.settings)),
-                version: watch::channel(0).0,
-                cache: Mutex::new(None),
-            });
-            self.streams.insert(stream.name.clone(), hls.clone());
-            tracker.spawn(package(self.clone(), hls, shutdown.clone()));
+            (dashmap::Entry::Occupied(e), None) => Some(e.get().clone()),
+            (entry, Some(stream)) => {
+                let hls = Arc::new(HlsStream {
+                    epoch: now_us() / 1000,
+                    source: stream.clone(),
+                    segmenter: RwLock::new(Segmenter::new(self.settings)),
+                    version: watch::channel(0).0,
+                    cache: Mutex::new(None),
+                });
+                entry.insert(hls.clone());
+                self.tracker
+                    .spawn(package(self.clone(), hls.clone(), self.shutdown.clone()));
+                Some(hls)
+            }
+            (dashmap::Entry::Vacant(_), None) => None,
         }
     }
 

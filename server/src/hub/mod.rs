@@ -135,8 +135,6 @@ pub struct Hub {
     limits: Limits,
     next_viewer_id: AtomicU64,
     shutting_down: AtomicBool,
-    /// Streams as publishers claim them: the HLS packager starts on these.
-    published: tokio::sync::broadcast::Sender<Arc<Stream>>,
 }
 
 /// A status message, framed. Ours are short constants, well within the 255-byte string limit.
@@ -152,7 +150,6 @@ impl Hub {
             limits,
             next_viewer_id: AtomicU64::new(1),
             shutting_down: Default::default(),
-            published: tokio::sync::broadcast::channel(64).0,
         })
     }
 
@@ -202,7 +199,6 @@ impl Hub {
             *entry.kick.lock() = Some(kick.clone());
             entry.value().clone()
         };
-        let _ = self.published.send(stream.clone());
         let republished = stream.published_before.swap(true, Ordering::AcqRel);
         let live = status(StatusCode::Live, "publisher connected");
         let now = if republished {
@@ -298,11 +294,6 @@ impl Hub {
             }
             None => false,
         }
-    }
-
-    /// Every stream a publisher claims from now on (a republish too).
-    pub fn on_publish(&self) -> tokio::sync::broadcast::Receiver<Arc<Stream>> {
-        self.published.subscribe()
     }
 
     /// Refuses new publishers from now on (graceful shutdown).

@@ -168,7 +168,7 @@ pub async fn run(
     let mut server = Server::start_bin(&env.onair_bin, &[], &[("ONAIR_LOG", "info")]).await;
     let mut feed = Feed::start(clip, &server.rtmp_url(STREAM))?;
     server
-        .wait_log("hls: packaging", Duration::from_secs(20))
+        .wait_log("publishing", Duration::from_secs(20))
         .await;
     let base = format!("http://{}/hls/{STREAM}", server.http);
     // Wait for a complete segment, so every client starts inside a stable window.
