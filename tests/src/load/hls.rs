@@ -167,9 +167,7 @@ pub async fn run(
 ) -> Result<HlsReport, BoxError> {
     let mut server = Server::start_bin(&env.onair_bin, &[], &[("ONAIR_LOG", "info")]).await;
     let mut feed = Feed::start(clip, &server.rtmp_url(STREAM))?;
-    server
-        .wait_log("publishing", Duration::from_secs(20))
-        .await;
+    server.wait_log("publishing", Duration::from_secs(20)).await;
     let base = format!("http://{}/hls/{STREAM}", server.http);
     // Wait for a complete segment, so every client starts inside a stable window.
     let (status, _) = crate::http_get(
