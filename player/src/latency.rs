@@ -13,6 +13,10 @@ const DEADBAND_MS: f64 = 15.0;
 /// In synchronized playback every viewer must hold the very same latency: a narrower band,
 /// since the smoothed latency averages the sawtooth out.
 const SYNC_DEADBAND_MS: f64 = 4.0;
+/// In sync, being off is worse than a brief, pitch-preserved change of pace: twice as steep,
+/// up to 8 % either way, so a 100 ms hiccup (a stall) is made good in about a second.
+const SYNC_MS_PER_PERCENT: f64 = 10.0;
+const SYNC_MAX_NUDGE: f64 = 0.08;
 /// The largest nudge, either way. 5 % is below what listeners notice with pitch preserved.
 const MAX_SPEEDUP: f64 = 0.05;
 const MAX_SLOWDOWN: f64 = 0.03;
@@ -124,17 +128,22 @@ impl Controller {
                 behind_end_s: self.start_behind_end_s(delivery_ms),
             };
         }
-        let deadband = if self.synced {
-            SYNC_DEADBAND_MS
+        let (deadband, per_percent, speedup, slowdown) = if self.synced {
+            (
+                SYNC_DEADBAND_MS,
+                SYNC_MS_PER_PERCENT,
+                SYNC_MAX_NUDGE,
+                SYNC_MAX_NUDGE,
+            )
         } else {
-            DEADBAND_MS
+            (DEADBAND_MS, MS_PER_PERCENT, MAX_SPEEDUP, MAX_SLOWDOWN)
         };
         let wanted = if buffer_ms < LOW_BUFFER_MS {
             1.0 - MAX_SLOWDOWN
         } else if err > deadband {
-            1.0 + (err / MS_PER_PERCENT / 100.0).min(MAX_SPEEDUP)
+            1.0 + (err / per_percent / 100.0).min(speedup)
         } else if err < -deadband {
-            1.0 - (-err / MS_PER_PERCENT / 100.0).min(MAX_SLOWDOWN)
+            1.0 - (-err / per_percent / 100.0).min(slowdown)
         } else {
             1.0
         };
