@@ -84,7 +84,8 @@ fn has(hls: &HlsStream, msn: u64, part: Option<u64>) -> bool {
     hls.read(|s| {
         s.segments().iter().any(|g| {
             g.msn > msn
-                || (g.msn == msn && (g.complete || part.is_none_or(|p| (g.parts.len() as u64) > p)))
+                || (g.msn == msn
+                    && (g.complete || part.is_some_and(|p| (g.parts.len() as u64) > p)))
         })
     })
 }
@@ -112,6 +113,12 @@ pub async fn media_playlist(
             }
         })
         .await;
+        if !hls.read(has_parts) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no media from {name:?} yet: try again in a moment\n"),
+            );
+        }
     }
     let skip = match q.skip.as_deref() {
         None => false,
@@ -253,6 +260,9 @@ pub async fn media_file(
         },
     };
     let mut r = ranged(&headers, chunks);
+    if r.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+        return cors(r);
+    }
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
@@ -309,14 +319,15 @@ async fn part(app: &App, hls: &HlsStream, seq: u64) -> Result<(Bytes, u64), Resp
     }
 }
 
-/// The whole body, or the single byte range asked for (206), or 416. The chunks are the parts'
-/// own buffers: nothing is copied to serve a segment.
+/// The whole body, or the single byte range asked for (206), or 416 when it starts past the
+/// end. A Range header this does not handle (several ranges, not bytes) gets the whole body, as
+/// RFC 9110 allows. The chunks are the parts' own buffers: nothing is copied to serve a segment.
 fn ranged(headers: &HeaderMap, chunks: Vec<Bytes>) -> Response {
     let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| parse_range(v, total));
+        .and_then(|v| parse_range(v, total));
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, total),
         Some(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
@@ -355,9 +366,10 @@ fn ranged(headers: &HeaderMap, chunks: Vec<Bytes>) -> Response {
     r
 }
 
-/// `bytes=a-b`, `bytes=a-`, `bytes=-n` over `total` bytes, as a half-open range; None if it
-/// cannot be satisfied or is not a single range.
-fn parse_range(v: &str, total: u64) -> Option<(u64, u64)> {
+/// `bytes=a-b`, `bytes=a-`, `bytes=-n` over `total` bytes: None to ignore the header (not a
+/// single well-formed byte range), Some(None) when it cannot be satisfied, else the half-open
+/// range.
+fn parse_range(v: &str, total: u64) -> Option<Option<(u64, u64)>> {
     let spec = v.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
@@ -366,17 +378,24 @@ fn parse_range(v: &str, total: u64) -> Option<(u64, u64)> {
     let (a, b) = (a.trim(), b.trim());
     let (start, end) = if a.is_empty() {
         let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return Some(None);
+        }
         (total.saturating_sub(n), total)
     } else {
         let start: u64 = a.parse().ok()?;
         let end = if b.is_empty() {
             total
         } else {
-            b.parse::<u64>().ok()?.saturating_add(1).min(total)
+            let last: u64 = b.parse().ok()?;
+            if last < start {
+                return None; // invalid: ignored
+            }
+            last.saturating_add(1).min(total)
         };
         (start, end)
     };
-    (start < end).then_some((start, end))
+    Some((start < end).then_some((start, end)))
 }
 
 #[cfg(test)]
@@ -385,12 +404,13 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 100)));
-        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 1000)));
-        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 1000)));
-        assert_eq!(parse_range("bytes=990-2000", 1000), Some((990, 1000)));
-        assert_eq!(parse_range("bytes=1000-", 1000), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("bytes=0-99", 1000), Some(Some((0, 100))));
+        assert_eq!(parse_range("bytes=900-", 1000), Some(Some((900, 1000))));
+        assert_eq!(parse_range("bytes=-100", 1000), Some(Some((900, 1000))));
+        assert_eq!(parse_range("bytes=990-2000", 1000), Some(Some((990, 1000))));
+        assert_eq!(parse_range("bytes=1000-", 1000), Some(None), "416");
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None, "ignored: 200");
+        assert_eq!(parse_range("bytes=5-3", 1000), None, "ignored: 200");
         assert_eq!(parse_range("items=0-1", 1000), None);
     }
 

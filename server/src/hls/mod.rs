@@ -26,14 +26,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{Hub, Stream, now_us};
-use segmenter::{Frame, Segmenter, Settings};
+use crate::hub::{Hub, Stream, StreamHold, now_us};
+use segmenter::{Counters, Frame, Segmenter, Settings};
 
 /// The HLS side of the server: a packager per stream.
 pub struct Hls {
     settings: Settings,
     grace: Duration,
     streams: DashMap<String, Arc<HlsStream>>,
+    /// Where each stream's numbering stopped when its last packager ended: a later one
+    /// continues it, so a playlist URL's sequence numbers never go back.
+    counters: DashMap<String, Counters>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -95,6 +98,7 @@ impl Hls {
             settings,
             grace,
             streams: DashMap::new(),
+            counters: DashMap::new(),
             hub,
             shutdown,
             tracker,
@@ -118,16 +122,30 @@ impl Hls {
             }
             (dashmap::Entry::Occupied(e), None) => Some(e.get().clone()),
             (entry, Some(stream)) => {
+                let mut segmenter = Segmenter::new(self.settings);
+                if let Some(c) = self.counters.get(name) {
+                    segmenter.resume(*c);
+                }
+                // Held, the stream outlives a publisher's departure while this packager runs:
+                // a republish within the grace period continues the same playlist.
+                let hold = self
+                    .hub
+                    .hold(name)
+                    .filter(|h| Arc::ptr_eq(&h.stream, stream));
                 let hls = Arc::new(HlsStream {
                     epoch: now_us() / 1000,
                     source: stream.clone(),
-                    segmenter: RwLock::new(Segmenter::new(self.settings)),
+                    segmenter: RwLock::new(segmenter),
                     version: watch::channel(0).0,
                     cache: Mutex::new(None),
                 });
                 entry.insert(hls.clone());
-                self.tracker
-                    .spawn(package(self.clone(), hls.clone(), self.shutdown.clone()));
+                self.tracker.spawn(package(
+                    self.clone(),
+                    hls.clone(),
+                    hold,
+                    self.shutdown.clone(),
+                ));
                 Some(hls)
             }
             (dashmap::Entry::Vacant(_), None) => None,
@@ -135,6 +153,8 @@ impl Hls {
     }
 
     fn remove(&self, hls: &Arc<HlsStream>) {
+        let counters = hls.read(|s| s.counters());
+        self.counters.insert(hls.source.name.clone(), counters);
         self.streams
             .remove_if(&hls.source.name, |_, h| Arc::ptr_eq(h, hls));
     }
@@ -153,7 +173,12 @@ fn unframe(frame: &[u8]) -> Option<&[u8]> {
 
 /// Follows the stream's source rendition and packages it, until the stream has been gone for
 /// the grace period (or shutdown).
-async fn package(hls: Arc<Hls>, me: Arc<HlsStream>, shutdown: CancellationToken) {
+async fn package(
+    hls: Arc<Hls>,
+    me: Arc<HlsStream>,
+    hold: Option<StreamHold>,
+    shutdown: CancellationToken,
+) {
     let name = me.source.name.clone();
     let Some(rendition) = me.source.rendition(0).cloned() else {
         return;
@@ -179,8 +204,8 @@ async fn package(hls: Arc<Hls>, me: Arc<HlsStream>, shutdown: CancellationToken)
                 }
             }
         }
-        let mut changed = false;
         {
+            let mut changed = false;
             let mut seg = me.segmenter.write();
             let now = now_us();
             for frame in batch.drain(..) {
@@ -223,10 +248,13 @@ async fn package(hls: Arc<Hls>, me: Arc<HlsStream>, shutdown: CancellationToken)
                     _ => {}
                 }
             }
-        }
-        if changed {
-            me.version.send_modify(|v| *v += 1);
+            // Announced while the change is still locked in: a request woken by it, or one
+            // that sees the change first, renders this version, never the one before.
+            if changed {
+                me.version.send_modify(|v| *v += 1);
+            }
         }
     }
     hls.remove(&me);
+    drop(hold);
 }

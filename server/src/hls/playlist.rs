@@ -12,17 +12,10 @@ pub struct Variant {
     pub skip: bool,
 }
 
-/// EXT-X-TARGETDURATION: the configured target, or more if a segment (a long GOP) is longer.
+/// EXT-X-TARGETDURATION: the configured target, or more if a segment (a long GOP) was longer;
+/// it never goes down.
 pub fn target_duration(s: &Segmenter) -> u64 {
-    let configured = u64::from(s.settings().segment_target_ms).div_ceil(1000);
-    let longest = s
-        .segments()
-        .iter()
-        .filter(|g| g.complete)
-        .map(|g| g.duration_s.round() as u64)
-        .max()
-        .unwrap_or(0);
-    configured.max(longest).max(1)
+    s.target_duration()
 }
 
 /// How far back from the end segments may be skipped in a delta update: six target durations,
@@ -34,10 +27,10 @@ pub fn skip_until_s(s: &Segmenter) -> f64 {
 /// The media playlist. `prefix` goes before every URI (the packager's epoch directory).
 pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
     let td = target_duration(s);
-    let part_target = f64::from(s.settings().part_target_ms) / 1000.0;
-    let segments = s.segments();
+    let part_target = s.part_target_s();
+    let segments: Vec<&super::segmenter::Segment> = s.listed().collect();
     let mut out = String::with_capacity(4096);
-    let first_msn = segments.front().map_or(0, |g| g.msn);
+    let first_msn = segments.first().map_or(s.counters().next_msn, |g| g.msn);
     let _ = write!(
         out,
         "#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-TARGETDURATION:{td}\n\
@@ -46,7 +39,7 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
          #EXT-X-MEDIA-SEQUENCE:{first_msn}\n#EXT-X-DISCONTINUITY-SEQUENCE:{}\n",
         3.0 * part_target,
         skip_until_s(s),
-        s.discontinuity_seq(),
+        s.listed_discontinuity_seq(),
     );
 
     // Segments older than CAN-SKIP-UNTIL from the end may be skipped; parts are listed for the
@@ -55,7 +48,7 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
     let mut skipped = 0;
     if variant.skip {
         let mut start = 0.0;
-        for g in segments {
+        for g in &segments {
             if !g.complete || total - start <= skip_until_s(s) || g.discontinuity {
                 break;
             }

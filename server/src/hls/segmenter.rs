@@ -149,11 +149,38 @@ pub struct Segmenter {
     last_video_us: Option<u64>,
     video_delta_us: u64,
     audio_next: Option<u64>,
+    /// The part target in use: the configured one rounded to whole frames of the current
+    /// video (24 fps makes 5 × 41.7 ms), so that parts come out even.
+    part_target_us: u64,
+    /// EXT-X-TARGETDURATION, s: it never goes down (a live playlist's must not change; it
+    /// only rises if a segment is longer than any before).
+    target_duration: u64,
 }
+
+/// The counters a playlist URL must keep increasing, carried from one packager of a stream to
+/// the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub next_msn: u64,
+    pub next_part_seq: u64,
+    pub discontinuity_seq: u64,
+}
+
+/// A segment with no keyframe for this many segment targets is closed anyway (the next starts
+/// without INDEPENDENT): an encoder without keyframes must not grow one segment forever.
+const MAX_SEGMENT_TARGETS: u64 = 3;
+/// Segments kept beyond the listed window, for clients that read the playlist just before the
+/// window moved.
+const UNLISTED_KEPT: usize = 2;
+/// A timestamp step bigger than this, or backwards, is a new timeline (a broken or restarted
+/// publisher clock): a discontinuity, not a giant part.
+const MAX_STEP_US: u64 = 5_000_000;
 
 fn to_us(t: u64, timescale: u32) -> u64 {
     let ts = u64::from(timescale.max(1));
-    (t / ts) * 1_000_000 + (t % ts) * 1_000_000 / ts
+    (t / ts)
+        .saturating_mul(1_000_000)
+        .saturating_add((t % ts) * 1_000_000 / ts)
 }
 
 fn rescale(t: u64, from: u32, to: u32) -> u64 {
@@ -180,7 +207,60 @@ impl Segmenter {
             last_video_us: None,
             video_delta_us: 33_333,
             audio_next: None,
+            part_target_us: u64::from(settings.part_target_ms) * 1000,
+            target_duration: u64::from(settings.segment_target_ms).div_ceil(1000).max(1),
         }
+    }
+
+    /// Continues the numbering of an earlier packager of the same stream, after a
+    /// discontinuity.
+    pub fn resume(&mut self, c: Counters) {
+        self.next_msn = c.next_msn;
+        self.next_part_seq = c.next_part_seq;
+        self.discontinuity_seq = c.discontinuity_seq;
+        self.discontinuity_next = c.next_msn > 0;
+    }
+
+    /// Where the numbering stands: for the next packager of this stream.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            next_msn: self.next_msn,
+            next_part_seq: self.next_part_seq,
+            discontinuity_seq: self.discontinuity_seq
+                + self.segments.iter().filter(|s| s.discontinuity).count() as u64,
+        }
+    }
+
+    /// PART-TARGET, s.
+    pub fn part_target_s(&self) -> f64 {
+        self.part_target_us as f64 / 1e6
+    }
+
+    /// EXT-X-TARGETDURATION, s.
+    pub fn target_duration(&self) -> u64 {
+        self.target_duration
+    }
+
+    /// The segments to list, oldest first: the window (the open one last), without the few
+    /// older ones still kept for late requests.
+    pub fn listed(&self) -> impl Iterator<Item = &Segment> {
+        let complete = self.segments.iter().filter(|s| s.complete).count();
+        self.segments
+            .iter()
+            .skip(complete.saturating_sub(self.settings.window))
+    }
+
+    /// EXT-X-DISCONTINUITY-SEQUENCE of the listed window.
+    pub fn listed_discontinuity_seq(&self) -> u64 {
+        let complete = self.segments.iter().filter(|s| s.complete).count();
+        let hidden = complete.saturating_sub(self.settings.window);
+        self.discontinuity_seq
+            + self
+                .segments
+                .iter()
+                .take(hidden)
+                .filter(|s| s.discontinuity)
+                .count() as u64
     }
 
     pub fn settings(&self) -> Settings {
@@ -286,8 +366,21 @@ impl Segmenter {
         let bytes = Bytes::from(fmp4::init_segment(&tracks)?);
         let id = self.next_init_id;
         self.next_init_id += 1;
-        self.discontinuity_next = !self.segments.is_empty();
+        self.discontinuity_next |= !self.segments.is_empty();
         self.video_delta_us = video.map_or(33_333, |v| v.frame_us);
+        if self.next_part_seq == 0 {
+            // Whole frames, plus a millisecond for timestamp jitter. Fixed from the first init
+            // on: PART-TARGET must not change in a live playlist.
+            let configured = u64::from(self.settings.part_target_ms) * 1000;
+            let frame = match (video, audio) {
+                (Some(v), _) => v.frame_us,
+                (None, Some(a)) => AAC_FRAME * 1_000_000 / u64::from(a.sample_rate.max(1)),
+                (None, None) => configured,
+            }
+            .max(1);
+            let frames = ((configured as f64 / frame as f64).round() as u64).max(1);
+            self.part_target_us = frames * frame + 1000;
+        }
         self.last_video_us = None;
         self.audio_next = None;
         let init = InitSegment {
@@ -313,6 +406,9 @@ impl Segmenter {
         }
         self.close_segment();
         self.init = None;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.part_start_us = None;
     }
 
     /// Adds one frame; returns whether a part was completed.
@@ -324,6 +420,11 @@ impl Segmenter {
         let mut closed = false;
         if let Some(v) = video.filter(|v| v.wire_id == f.track) {
             let t_us = to_us(f.dts, v.timescale);
+            if let Some(last) = self.last_video_us
+                && (t_us + 1_000_000 < last || t_us > last + MAX_STEP_US)
+            {
+                self.new_timeline(last);
+            }
             if !self.segment_open() && !f.keyframe {
                 return Ok(false); // a segment starts at a keyframe
             }
@@ -375,6 +476,19 @@ impl Segmenter {
         Ok(closed)
     }
 
+    /// The publisher's clock jumped: close what is open at the old clock, and start the next
+    /// segment (at a keyframe) as a discontinuity.
+    fn new_timeline(&mut self, last_video_us: u64) {
+        self.close_part(last_video_us + self.video_delta_us);
+        self.close_segment();
+        self.discontinuity_next = !self.segments.is_empty();
+        self.last_video_us = None;
+        self.audio_next = None;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.part_start_us = None;
+    }
+
     /// A segment is taking parts.
     fn segment_open(&self) -> bool {
         self.segments.back().is_some_and(|s| !s.complete)
@@ -400,12 +514,13 @@ impl Segmenter {
     ) -> Result<bool, SegmentError> {
         let mut closed = false;
         if let Some(start) = self.part_start_us {
-            let part_target = u64::from(self.settings.part_target_ms) * 1000;
             let segment_target = u64::from(self.settings.segment_target_ms) * 1000;
             let in_segment = t_us.saturating_sub(self.segment_start_us);
-            let cut_segment = keyframe && in_segment + frame_us / 2 >= segment_target;
-            // Close before this frame if it would take the part past its target.
-            let cut_part = cut_segment || t_us.saturating_sub(start) + frame_us > part_target;
+            let cut_segment = (keyframe && in_segment + frame_us / 2 >= segment_target)
+                || in_segment >= MAX_SEGMENT_TARGETS * segment_target;
+            // Close on the frame boundary nearest the part target (which is whole frames).
+            let cut_part =
+                cut_segment || t_us.saturating_sub(start) + frame_us / 2 >= self.part_target_us;
             if cut_part {
                 self.close_part_at(t_us, now_us);
                 closed = true;
@@ -453,7 +568,8 @@ impl Segmenter {
             .partition(split);
         self.pending = later;
         self.pending_bytes = self.pending.iter().map(|p| p.payload.len()).sum();
-        self.part_start_us = self.pending.first().map(|p| p.t_us);
+        // The next part starts where this one ends, whatever frame comes first.
+        self.part_start_us = Some(end_us);
         let videos: Vec<&Pending> = now.iter().filter(|p| p.video).collect();
         let audios: Vec<&Pending> = now.iter().filter(|p| !p.video).collect();
         if videos.is_empty() && audios.is_empty() {
@@ -534,7 +650,10 @@ impl Segmenter {
             return;
         }
         seg.complete = true;
-        while self.segments.iter().filter(|s| s.complete).count() > self.settings.window {
+        self.target_duration = self.target_duration.max(seg.duration_s.round() as u64);
+        while self.segments.iter().filter(|s| s.complete).count()
+            > self.settings.window + UNLISTED_KEPT
+        {
             if let Some(old) = self.segments.pop_front()
                 && old.discontinuity
             {
@@ -598,10 +717,14 @@ mod tests {
 
     /// 30 fps video with a keyframe every `gop` frames, and 48 kHz audio, for `secs`.
     fn feed(s: &mut Segmenter, from_ms: u64, secs: u64, gop: u64) {
-        let frames = secs * 30;
+        feed_fps(s, from_ms, secs, gop, 30);
+    }
+
+    fn feed_fps(s: &mut Segmenter, from_ms: u64, secs: u64, gop: u64, fps: u64) {
+        let frames = secs * fps;
         let mut audio_ms = from_ms as f64;
         for i in 0..frames {
-            let dts = from_ms + i * 1000 / 30;
+            let dts = from_ms + i * 1000 / fps;
             while audio_ms <= dts as f64 {
                 let f = Frame {
                     track: 1,
@@ -630,9 +753,14 @@ mod tests {
     fn parts_keep_within_the_target_and_segments_start_at_keyframes() {
         let mut s = Segmenter::new(settings());
         s.set_init(&init(true)).unwrap();
-        feed(&mut s, 0, 10, 30);
-        let complete: Vec<&Segment> = s.segments().iter().filter(|g| g.complete).collect();
-        assert_eq!(complete.len(), 3, "the window holds 3");
+        feed(&mut s, 0, 14, 30);
+        let complete: Vec<&Segment> = s.listed().filter(|g| g.complete).collect();
+        assert_eq!(complete.len(), 3, "the window lists 3");
+        assert_eq!(
+            s.segments().iter().filter(|g| g.complete).count(),
+            3 + UNLISTED_KEPT,
+            "and keeps a few more for late requests"
+        );
         for seg in &complete {
             assert!(
                 (seg.duration_s - 2.0).abs() < 0.01,
@@ -641,8 +769,12 @@ mod tests {
             );
             assert!(seg.parts[0].independent, "a segment starts at a keyframe");
             for p in &seg.parts {
-                assert!(p.duration_s <= 0.2 + 1e-9, "part of {} s", p.duration_s);
-                assert!(p.duration_s >= 0.15, "part of {} s", p.duration_s);
+                assert!(
+                    p.duration_s <= s.part_target_s(),
+                    "part of {} s",
+                    p.duration_s
+                );
+                assert!(p.duration_s >= 0.19, "part of {} s", p.duration_s);
             }
             let total: f64 = seg.parts.iter().map(|p| p.duration_s).sum();
             assert!((total - seg.duration_s).abs() < 1e-9);
@@ -688,6 +820,79 @@ mod tests {
             let mdat = u32::from_be_bytes([b[moof], b[moof + 1], b[moof + 2], b[moof + 3]]);
             assert_eq!(moof + mdat as usize, b.len());
         }
+    }
+
+    #[test]
+    fn parts_are_whole_frames_at_24_fps() {
+        let mut s = Segmenter::new(settings());
+        let mut i = init(false);
+        if let TrackParams::Video { fps_milli, .. } = &mut i.tracks[0].params {
+            *fps_milli = 24_000;
+        }
+        s.set_init(&i).unwrap();
+        feed_fps(&mut s, 0, 6, 48, 24);
+        // 5 frames of 41.7 ms: not 4 (167 ms, under 85 % of 200) and not a ragged mix.
+        assert!(
+            (s.part_target_s() - 0.2093).abs() < 0.001,
+            "{}",
+            s.part_target_s()
+        );
+        // (The last part of a segment ends at the keyframe, and may be shorter.)
+        for g in s.segments().iter().filter(|g| g.complete) {
+            for p in &g.parts[..g.parts.len() - 1] {
+                assert!(
+                    (0.200..=s.part_target_s()).contains(&p.duration_s),
+                    "part of {} s",
+                    p.duration_s
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_clock_jump_is_a_discontinuity_not_a_giant_part() {
+        let mut s = Segmenter::new(settings());
+        s.set_init(&init(true)).unwrap();
+        feed(&mut s, 100_000, 3, 30);
+        // Backwards, then an hour ahead.
+        feed(&mut s, 0, 3, 30);
+        feed(&mut s, 3_600_000, 3, 30);
+        let segs: Vec<&Segment> = s.segments().iter().filter(|g| g.complete).collect();
+        assert_eq!(segs.iter().filter(|g| g.discontinuity).count(), 2);
+        for g in &segs {
+            assert!(g.duration_s <= 2.1, "segment of {} s", g.duration_s);
+        }
+        assert_eq!(s.target_duration(), 2);
+    }
+
+    #[test]
+    fn a_stream_without_keyframes_still_gets_bounded_segments() {
+        let mut s = Segmenter::new(settings());
+        s.set_init(&init(false)).unwrap();
+        feed(&mut s, 0, 20, 100_000); // one keyframe, then none
+        let segs: Vec<&Segment> = s.segments().iter().filter(|g| g.complete).collect();
+        assert!(!segs.is_empty());
+        for g in &segs {
+            assert!(g.duration_s <= 6.1, "segment of {} s", g.duration_s);
+        }
+        assert!(s.segments().len() <= 3 + UNLISTED_KEPT + 1);
+    }
+
+    #[test]
+    fn a_later_packager_continues_the_numbering() {
+        let mut s = Segmenter::new(settings());
+        s.set_init(&init(true)).unwrap();
+        feed(&mut s, 0, 5, 30);
+        s.end_of_media();
+        let c = s.counters();
+        let mut next = Segmenter::new(settings());
+        next.resume(c);
+        next.set_init(&init(true)).unwrap();
+        feed(&mut next, 0, 3, 30);
+        let first = &next.segments()[0];
+        assert_eq!(first.msn, c.next_msn);
+        assert!(first.discontinuity);
+        assert_eq!(first.parts[0].seq, c.next_part_seq);
     }
 
     #[test]

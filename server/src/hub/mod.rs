@@ -89,6 +89,8 @@ pub struct Stream {
     media: Mutex<MediaInfo>,
     published_before: AtomicBool,
     viewers: AtomicU64,
+    /// Holders that are not viewers (the HLS packager): the stream stays while they are here.
+    holds: AtomicU64,
     /// Cancelled to disconnect the current publisher (an operator's `DELETE`).
     kick: Mutex<Option<CancellationToken>>,
     frames_in: AtomicU64,
@@ -124,7 +126,9 @@ impl Stream {
     }
 
     fn is_idle(&self) -> bool {
-        self.publisher.lock().is_none() && self.viewers.load(Ordering::Acquire) == 0
+        self.publisher.lock().is_none()
+            && self.viewers.load(Ordering::Acquire) == 0
+            && self.holds.load(Ordering::Acquire) == 0
     }
 }
 
@@ -166,6 +170,7 @@ impl Hub {
             media: Mutex::new(MediaInfo::default()),
             published_before: AtomicBool::new(false),
             viewers: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
             kick: Mutex::new(None),
             frames_in: AtomicU64::new(0),
             video_frames_in: AtomicU64::new(0),
@@ -256,6 +261,17 @@ impl Hub {
             stream,
             state,
         }
+    }
+
+    /// Keeps stream `name` (if it exists) in the hub while the hold lives, without counting as a
+    /// viewer: a republish then continues the same stream (the HLS packager's timeline).
+    pub fn hold(self: &Arc<Self>, name: &str) -> Option<StreamHold> {
+        let entry = self.streams.get(name)?;
+        entry.holds.fetch_add(1, Ordering::AcqRel);
+        Some(StreamHold {
+            hub: self.clone(),
+            stream: entry.value().clone(),
+        })
     }
 
     /// Disconnects viewer `id`; returns whether it was connected.
@@ -402,6 +418,19 @@ impl Drop for Publisher {
         *self.stream.media.lock() = MediaInfo::default();
         *self.stream.kick.lock() = None;
         *self.stream.publisher.lock() = None;
+        self.hub.cleanup(&self.stream.name);
+    }
+}
+
+/// See [`Hub::hold`].
+pub struct StreamHold {
+    hub: Arc<Hub>,
+    pub stream: Arc<Stream>,
+}
+
+impl Drop for StreamHold {
+    fn drop(&mut self) {
+        self.stream.holds.fetch_sub(1, Ordering::AcqRel);
         self.hub.cleanup(&self.stream.name);
     }
 }
