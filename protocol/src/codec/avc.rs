@@ -86,6 +86,36 @@ impl AvcInfo {
     }
 }
 
+/// Builds an avcC (ISO/IEC 14496-15 5.3.3.1) from one SPS and one PPS (with their NAL
+/// headers, as raw H.264 carries them), with 4-byte NAL lengths: for ingest of raw H.264.
+pub fn avcc_from_parameter_sets(sps: &[u8], pps: &[u8]) -> Result<Vec<u8>, AvcError> {
+    if sps.len() < 4 || sps.len() > u16::MAX as usize {
+        return Err(AvcError::Sps(format!("{} bytes", sps.len())));
+    }
+    if pps.is_empty() || pps.len() > u16::MAX as usize {
+        return Err(AvcError::NoPps);
+    }
+    let parsed = parse_sps(sps)?;
+    let mut out = Vec::with_capacity(16 + sps.len() + pps.len());
+    // version, profile, compatibility, level, 6 bits reserved + length size 4, 3 bits reserved +
+    // one SPS.
+    out.extend_from_slice(&[1, sps[1], sps[2], sps[3], 0xff, 0xe1]);
+    out.extend_from_slice(&(sps.len() as u16).to_be_bytes());
+    out.extend_from_slice(sps);
+    out.push(1);
+    out.extend_from_slice(&(pps.len() as u16).to_be_bytes());
+    out.extend_from_slice(pps);
+    if matches!(sps[1], 100 | 110 | 122 | 144) {
+        // The high profiles' extension: chroma format and bit depths, no SPS extensions.
+        let c = &parsed.chroma_info;
+        out.push(0xfc | (c.chroma_format.to_u32() & 3) as u8);
+        out.push(0xf8 | (c.bit_depth_luma_minus8 & 7));
+        out.push(0xf8 | (c.bit_depth_chroma_minus8 & 7));
+        out.push(0);
+    }
+    Ok(out)
+}
+
 /// Parses one SPS NAL unit (with its one-byte NAL header).
 pub fn parse_sps(nal: &[u8]) -> Result<SeqParameterSet, AvcError> {
     let nal = RefNal::new(nal, &[], true);

@@ -2,4 +2,5 @@
 //! the bytestream forms that ingest and tests meet.
 
 pub mod aac;
+pub mod annexb;
 pub mod avc;
