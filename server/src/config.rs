@@ -66,6 +66,11 @@ pub struct Settings {
     #[arg(long, env = "ONAIR_RTMP_IDLE_TIMEOUT_MS", value_name = "MS")]
     pub rtmp_idle_timeout_ms: Option<u64>,
 
+    /// A raw H.264 source (WebSocket or TCP) that sends no IDR frame for this long from the
+    /// start is refused: no viewer could ever start on it. [default: 10000]
+    #[arg(long, env = "ONAIR_INGEST_IDR_TIMEOUT_MS", value_name = "MS")]
+    pub ingest_idr_timeout_ms: Option<u64>,
+
     /// Origins allowed to open WebSockets, comma-separated (e.g. https://example.com). Empty
     /// allows any origin, as a public player embedded anywhere needs. [default: empty]
     #[arg(
@@ -156,6 +161,7 @@ pub struct Config {
     pub stall_timeout: Duration,
     pub rtmp_handshake_timeout: Duration,
     pub rtmp_idle_timeout: Duration,
+    pub ingest_idr_timeout: Duration,
     pub allowed_origins: Vec<String>,
     pub web_dir: PathBuf,
     pub admin_token: Option<String>,
@@ -214,6 +220,7 @@ impl Config {
             stall_timeout: Duration::from_millis(pick!(stall_timeout_ms, 10_000)),
             rtmp_handshake_timeout: Duration::from_millis(pick!(rtmp_handshake_timeout_ms, 10_000)),
             rtmp_idle_timeout: Duration::from_millis(pick!(rtmp_idle_timeout_ms, 15_000)),
+            ingest_idr_timeout: Duration::from_millis(pick!(ingest_idr_timeout_ms, 10_000)),
             allowed_origins: pick!(allowed_origins, Vec::new()),
             web_dir: pick!(web_dir, PathBuf::from("web")),
             admin_token: cli.admin_token.or(file.admin_token),

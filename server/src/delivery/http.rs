@@ -58,6 +58,7 @@ pub fn router(app: App) -> Router {
         .layer(no_cache());
     Router::new()
         .route("/ws/{stream}", get(super::ws::play))
+        .route("/ingest/{stream}", get(crate::ingest::ws::push))
         .route("/api/streams", get(list_streams))
         .route(
             "/api/streams/{stream}",

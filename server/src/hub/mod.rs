@@ -49,6 +49,9 @@ pub struct PublisherInfo {
     pub peer: SocketAddr,
     /// Unix ms when publishing started.
     pub since_ms: u64,
+    /// Where the timestamps come from, for sources without any (raw H.264).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -372,6 +375,13 @@ impl Publisher {
         &self.stream.name
     }
 
+    /// Records where this source's timestamps come from (shown in the API and dashboard).
+    pub fn set_clock_source(&self, clock: &'static str) {
+        if let Some(p) = self.stream.publisher.lock().as_mut() {
+            p.clock = Some(clock);
+        }
+    }
+
     /// Resolves when an operator removed this publisher ([`Hub::disconnect_publisher`]).
     pub async fn removed(&self) {
         self.kick.cancelled().await
@@ -544,6 +554,7 @@ mod tests {
             protocol: "rtmp",
             peer: SocketAddr::from(([127, 0, 0, 1], 1)),
             since_ms: 0,
+            clock: None,
         }
     }
 

@@ -3,7 +3,9 @@
 //! [`MediaIngest`] is the part every input shares: it keeps the codec configuration, decides when
 //! an init is due, normalises timestamps and hands frames to the hub with their ingest time.
 
+pub mod raw;
 pub mod rtmp;
+pub mod ws;
 
 use bytes::Bytes;
 use onair_protocol::codec::aac::{AacError, AudioSpecificConfig};
@@ -87,6 +89,8 @@ pub struct MediaIngest {
     init_sent: bool,
     /// One timeline for both tracks, so that they unwrap together.
     timeline: Unwrap,
+    /// The video frame rate, when the source says it rather than the SPS.
+    video_fps: Option<f64>,
 }
 
 impl MediaIngest {
@@ -98,7 +102,18 @@ impl MediaIngest {
             expect_video: false,
             init_sent: false,
             timeline: Unwrap::default(),
+            video_fps: None,
         }
+    }
+
+    /// The video frame rate as the source states it (raw H.264 with `?fps=`), over the SPS's.
+    pub fn set_video_fps(&mut self, fps: f64) {
+        self.video_fps = Some(fps);
+    }
+
+    /// See [`Publisher::set_clock_source`].
+    pub fn set_clock_source(&self, clock: &'static str) {
+        self.publisher.set_clock_source(clock);
     }
 
     /// Resolves when an operator removed the publisher.
@@ -159,6 +174,7 @@ impl MediaIngest {
         let mut tracks = Vec::new();
         let mut media = MediaInfo::default();
         if let Some(v) = &self.video {
+            let fps = self.video_fps.or(v.info.fps);
             tracks.push(TrackInit {
                 id: VIDEO_TRACK,
                 timescale: TIMESCALE,
@@ -166,7 +182,7 @@ impl MediaIngest {
                 params: TrackParams::Video {
                     width: v.info.width as u16,
                     height: v.info.height as u16,
-                    fps_milli: v.info.fps.map_or(0, |f| (f * 1000.0).round() as u32),
+                    fps_milli: fps.map_or(0, |f| (f * 1000.0).round() as u32),
                 },
                 config: &v.config,
             });
@@ -174,7 +190,7 @@ impl MediaIngest {
                 codec: v.info.codec.clone(),
                 width: v.info.width,
                 height: v.info.height,
-                fps: v.info.fps,
+                fps,
             });
         }
         if let Some(a) = &self.audio {

@@ -323,6 +323,7 @@ impl Conn<'_> {
                         protocol: "rtmp",
                         peer: self.peer,
                         since_ms: crate::hub::now_us() / 1000,
+                        clock: None,
                     },
                 )?;
                 tracing::Span::current().record("stream", name);

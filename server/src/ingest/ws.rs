@@ -1,0 +1,181 @@
+//! Raw H.264 pushed over a WebSocket: `ws://HOST:8080/ingest/STREAM[?fps=30]`, binary messages
+//! of Annex B bytes in any chunking (a NAL may span messages, a message may hold many).
+//!
+//! The stream is claimed before the upgrade, so a name already live is refused with an HTTP
+//! error a client can read. Bad input closes the connection with a reason (1003 for bytes that
+//! are not H.264, 1008 for a stream without an IDR); nothing else on the server is touched.
+
+use std::time::Duration;
+
+use axum::extract::{Extension, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fastwebsockets::{FragmentCollector, Frame, OpCode};
+use tracing::Instrument;
+
+use super::MediaIngest;
+use super::raw::{RawError, RawH264};
+use crate::delivery::http::{App, Peer};
+use crate::hub::{PublishError, PublisherInfo, now_us, valid_stream_name};
+
+/// Largest message taken: far more than any chunking needs, and a bound on memory.
+const MAX_MESSAGE: usize = 16 << 20;
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct PushQuery {
+    /// Frame rate to stamp frames with (raw H.264 has no timestamps).
+    fps: Option<f64>,
+}
+
+pub async fn push(
+    State(app): State<App>,
+    Path(stream): Path<String>,
+    Query(q): Query<PushQuery>,
+    Extension(Peer(peer)): Extension<Peer>,
+    mut req: Request,
+) -> Response {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, "websocket")],
+            "this is a WebSocket endpoint for raw H.264 (Annex B): connect with ws://\n",
+        )
+            .into_response();
+    }
+    if !valid_stream_name(&stream) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("invalid stream name {stream:?}\n"),
+        )
+            .into_response();
+    }
+    if q.fps
+        .is_some_and(|f| !(f.is_finite() && f > 0.0 && f <= 1000.0))
+    {
+        return (StatusCode::BAD_REQUEST, "fps must be between 0 and 1000\n").into_response();
+    }
+    let info = PublisherInfo {
+        protocol: "ws",
+        peer,
+        since_ms: now_us() / 1000,
+        clock: None,
+    };
+    let publisher = match app.hub.publish(&stream, info) {
+        Ok(p) => p,
+        Err(e) => {
+            let status = match e {
+                PublishError::AlreadyLive(_) => StatusCode::CONFLICT,
+                PublishError::BadName(_) => StatusCode::BAD_REQUEST,
+                PublishError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            crate::metrics::ingest_error("ws", "refused");
+            return (status, format!("{e}\n")).into_response();
+        }
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("bad WebSocket upgrade: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    let raw = RawH264::new(
+        MediaIngest::new(publisher),
+        q.fps,
+        app.cfg.ingest_idr_timeout,
+    );
+    let span = tracing::info_span!("ingest", protocol = "ws", stream = %stream, %peer);
+    let (idle, shutdown) = (app.cfg.rtmp_idle_timeout, app.shutdown.clone());
+    app.tracker.spawn(
+        async move {
+            let ws = match upgrade.await {
+                Ok(ws) => ws,
+                Err(e) => {
+                    tracing::info!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            tracing::info!("publishing");
+            let mut ws = ws;
+            ws.set_max_message_size(MAX_MESSAGE);
+            let mut ws = FragmentCollector::new(ws);
+            let (code, reason) = match run(&mut ws, raw, idle, shutdown).await {
+                Ok(()) => {
+                    tracing::info!("publisher finished");
+                    return;
+                }
+                Err(End::Shutdown) => (1001, "server shutting down".to_string()),
+                Err(End::Removed) => (1008, "removed by the server's operator".to_string()),
+                Err(End::Client(e)) => {
+                    tracing::info!(error = %e, "publisher gone");
+                    return;
+                }
+                Err(End::Raw(e)) => {
+                    crate::metrics::ingest_error("ws", e.kind());
+                    tracing::warn!(error = %e, "raw H.264 refused");
+                    let code = if matches!(e, RawError::AnnexB(_) | RawError::Text) {
+                        1003
+                    } else {
+                        1008
+                    };
+                    (code, e.to_string())
+                }
+            };
+            let mut end = reason.len().min(123);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            let close = Frame::close(code, &reason.as_bytes()[..end]);
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.write_frame(close)).await;
+        }
+        .instrument(span),
+    );
+    response.into_response()
+}
+
+enum End {
+    Shutdown,
+    Removed,
+    Client(String),
+    Raw(RawError),
+}
+
+async fn run<S>(
+    ws: &mut FragmentCollector<S>,
+    mut raw: RawH264,
+    idle: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), End>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // The no-IDR rule holds even if the source sends nothing at all.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(idle, ws.read_frame()) => match f {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return Err(End::Client(e.to_string())),
+                Err(_) => return Err(End::Client(format!("nothing for {} s", idle.as_secs()))),
+            },
+            _ = tick.tick() => {
+                raw.check_idr_deadline().map_err(End::Raw)?;
+                continue;
+            }
+            _ = raw.removed() => return Err(End::Removed),
+            _ = shutdown.cancelled() => return Err(End::Shutdown),
+        };
+        match frame.opcode {
+            OpCode::Binary => raw.push(&frame.payload).map_err(End::Raw)?,
+            OpCode::Close => {
+                raw.finish().map_err(End::Raw)?;
+                return Ok(());
+            }
+            OpCode::Text => return Err(End::Raw(RawError::Text)),
+            _ => {}
+        }
+    }
+}
