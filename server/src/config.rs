@@ -126,6 +126,37 @@ pub struct Settings {
     /// every stream without a table of its own.
     #[arg(skip)]
     pub streams: Option<BTreeMap<String, StreamSettings>>,
+
+    /// Sources the server connects to, in the TOML file only: `[[pull]] name = "cam1",
+    /// url = "tcp://10.0.0.5:1025"` (and optionally `fps = 30`). Raw H.264 or FLV, told apart
+    /// by their first bytes; reconnected with backoff when they drop.
+    #[arg(skip)]
+    pub pull: Option<Vec<PullSource>>,
+
+    /// TCP ports that take a pushed stream, in the TOML file only: `[[listen]] name = "cam2",
+    /// addr = "0.0.0.0:1026"` (and optionally `fps = 25`).
+    #[arg(skip)]
+    pub listen: Option<Vec<ListenSource>>,
+}
+
+/// `[[pull]]`: a camera or encoder the server connects to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PullSource {
+    pub name: String,
+    /// `tcp://HOST:PORT`.
+    pub url: String,
+    /// Frame rate for raw H.264 timestamps; else the SPS timing, else arrival time.
+    pub fps: Option<f64>,
+}
+
+/// `[[listen]]`: a port a source pushes raw H.264 or FLV to; one stream name per address.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSource {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub fps: Option<f64>,
 }
 
 /// `[streams.NAME]` in the TOML file.
@@ -171,6 +202,8 @@ pub struct Config {
     pub hls_grace: Duration,
     pub log: String,
     pub streams: BTreeMap<String, StreamSettings>,
+    pub pull: Vec<PullSource>,
+    pub listen: Vec<ListenSource>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +263,8 @@ impl Config {
             hls_grace: Duration::from_millis(pick!(hls_grace_ms, 30_000)),
             log: pick!(log, "info".to_string()),
             streams: cli.streams.or(file.streams).unwrap_or_default(),
+            pull: cli.pull.or(file.pull).unwrap_or_default(),
+            listen: cli.listen.or(file.listen).unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -283,6 +318,32 @@ impl Config {
         if !(3..=1000).contains(&self.hls_segments) {
             return invalid("hls_segments", "must be between 3 and 1000");
         }
+        let fps_ok = |f: Option<f64>| f.is_none_or(|f| f.is_finite() && f > 0.0 && f <= 1000.0);
+        for p in &self.pull {
+            if !crate::hub::valid_stream_name(&p.name) {
+                return invalid(
+                    "pull.name",
+                    &format!("{:?} is not a valid stream name", p.name),
+                );
+            }
+            if p.tcp_addr().is_none() {
+                return invalid("pull.url", &format!("{:?}: use tcp://HOST:PORT", p.url));
+            }
+            if !fps_ok(p.fps) {
+                return invalid("pull.fps", "must be between 0 and 1000");
+            }
+        }
+        for l in &self.listen {
+            if !crate::hub::valid_stream_name(&l.name) {
+                return invalid(
+                    "listen.name",
+                    &format!("{:?} is not a valid stream name", l.name),
+                );
+            }
+            if !fps_ok(l.fps) {
+                return invalid("listen.fps", "must be between 0 and 1000");
+            }
+        }
         for (name, s) in &self.streams {
             if name != "*" && !crate::hub::valid_stream_name(name) {
                 return invalid("streams", &format!("{name:?} is not a valid stream name"));
@@ -295,6 +356,17 @@ impl Config {
             return invalid("log", &e.to_string());
         }
         Ok(())
+    }
+}
+
+impl PullSource {
+    /// `HOST:PORT` of a `tcp://` URL.
+    pub fn tcp_addr(&self) -> Option<&str> {
+        let rest = self.url.strip_prefix("tcp://")?;
+        let rest = rest.split(['?', '/']).next()?;
+        rest.rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .map(|_| rest)
     }
 }
 

@@ -101,6 +101,8 @@ async fn run(cfg: Config) -> Result<(), String> {
         tracker.clone(),
     ));
     tracker.spawn(http::serve(http_listener, app));
+    onair_server::ingest::tcp::start(hub.clone(), cfg.clone(), shutdown.clone(), tracker.clone())
+        .await?;
 
     wait_for_signal().await;
     tracing::info!("shutting down: closing viewers and publishers");

@@ -171,3 +171,213 @@ async fn bytes_that_are_not_h264_are_refused_with_a_reason() {
     let first = again.recv(T).await;
     assert!(matches!(first.msg(), Message::Hello(_)));
 }
+
+/// A config file for the server under test.
+fn config_file(name: &str, toml: &str) -> String {
+    let dir = onair_tests::browser::artifacts_dir().join(format!("raw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create dir");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).expect("write config");
+    path.to_string_lossy().to_string()
+}
+
+/// ffmpeg as a camera that listens on `port` (as raspivid -l does), in `format` (h264 or flv).
+fn listening_camera(port: u16, format: &str) -> tokio::process::Child {
+    require_tool("ffmpeg");
+    let mut cmd = tokio::process::Command::new("ffmpeg");
+    cmd.args([
+        "-hide_banner",
+        "-v",
+        "error",
+        "-nostdin",
+        "-re",
+        "-f",
+        "lavfi",
+    ])
+    .args(["-i", "testsrc2=size=320x240:rate=30"]);
+    if format == "flv" {
+        cmd.args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]);
+    }
+    cmd.args(["-c:v", "libx264", "-profile:v", "baseline", "-g", "30"]);
+    if format == "flv" {
+        cmd.args(["-c:a", "aac", "-f", "flv"]);
+    } else {
+        cmd.args(["-bsf:v", "h264_mp4toannexb", "-f", "h264"]);
+    }
+    cmd.arg(format!("tcp://127.0.0.1:{port}?listen=1"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ffmpeg")
+}
+
+/// Receives until `frames` video frames after the latest init, which must start on a keyframe.
+async fn watch_frames(viewer: &mut Viewer, frames: usize) -> Recording {
+    let mut rec = Recording::default();
+    while rec.video_frames.len() < frames {
+        rec.push(&viewer.recv(T).await);
+    }
+    rec
+}
+
+#[tokio::test]
+async fn tcp_pull_plays_and_reconnects_when_the_camera_comes_back() {
+    let port = onair_tests::free_port().expect("a free port");
+    let config = config_file(
+        "pull",
+        &format!("[[pull]]\nname = \"cam1\"\nurl = \"tcp://127.0.0.1:{port}\"\n"),
+    );
+    let server = Server::start(&["--config", &config]).await;
+    let mut viewer = Viewer::connect(&server.ws_url("cam1")).await;
+    let camera = listening_camera(port, "h264");
+    let rec = watch_frames(&mut viewer, 60).await;
+    assert_eq!(rec.first_media_was_keyframe, Some(true));
+    let info = rec.video.as_ref().expect("init");
+    assert_eq!((info.width, info.height), (320, 240));
+    for w in rec.video_frames.windows(2) {
+        let step = w[1].0 - w[0].0;
+        assert!((33..=34).contains(&step), "dts step {step}");
+    }
+    let errors = ffmpeg_decode_errors("h264", &rec.h264).await;
+    assert!(errors.is_empty(), "ffmpeg: {errors}");
+    let api = server.api("/api/streams/cam1").await;
+    assert_eq!(api["publisher"]["protocol"], "tcp", "{api}");
+
+    // The camera drops and comes back: the viewer stays, and resumes from the next IDR.
+    drop(camera);
+    viewer
+        .recv_until(T, |m| {
+            matches!(m, Message::Status(s) if s.code == onair_protocol::wire::StatusCode::Waiting)
+        })
+        .await;
+    server
+        .wait_log("camera disconnected; reconnecting", T)
+        .await;
+    let _camera = listening_camera(port, "h264");
+    let mut rec = Recording {
+        hello: true, // same connection
+        ..Recording::default()
+    };
+    while rec.video_frames.len() < 30 {
+        rec.push(&viewer.recv(T).await);
+    }
+    assert_eq!(
+        rec.first_media_was_keyframe,
+        Some(true),
+        "resumes on an IDR"
+    );
+    let errors = ffmpeg_decode_errors("h264", &rec.h264).await;
+    assert!(errors.is_empty(), "ffmpeg after the reconnect: {errors}");
+}
+
+#[tokio::test]
+async fn tcp_pull_takes_flv_too_and_the_push_listener_takes_h264() {
+    let (flv_port, push_port) = (
+        onair_tests::free_port().expect("a free port"),
+        onair_tests::free_port().expect("a free port"),
+    );
+    let config = config_file(
+        "flv-listen",
+        &format!(
+            "[[pull]]\nname = \"flvcam\"\nurl = \"tcp://127.0.0.1:{flv_port}\"\n\n\
+             [[listen]]\nname = \"pushed\"\naddr = \"127.0.0.1:{push_port}\"\nfps = 30\n"
+        ),
+    );
+    let server = Server::start(&["--config", &config]).await;
+    // FLV, told apart by its first bytes: audio comes along.
+    let mut viewer = Viewer::connect(&server.ws_url("flvcam")).await;
+    let _flv = listening_camera(flv_port, "flv");
+    let mut rec = watch_frames(&mut viewer, 30).await;
+    while rec.audio_frames.len() < 20 {
+        rec.push(&viewer.recv(T).await);
+    }
+    assert!(rec.audio.is_some(), "the FLV's AAC track");
+    assert_eq!(rec.first_media_was_keyframe, Some(true));
+
+    // A source pushing raw H.264 to the listening port becomes stream "pushed".
+    let mut viewer = Viewer::connect(&server.ws_url("pushed")).await;
+    let mut pusher = tokio::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-v",
+            "error",
+            "-nostdin",
+            "-re",
+            "-f",
+            "lavfi",
+        ])
+        .args(["-i", "testsrc2=size=320x240:rate=30"])
+        .args(["-c:v", "libx264", "-profile:v", "baseline", "-g", "30"])
+        .args(["-bsf:v", "h264_mp4toannexb", "-f", "h264"])
+        .arg(format!("tcp://127.0.0.1:{push_port}"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ffmpeg");
+    let rec = watch_frames(&mut viewer, 30).await;
+    assert_eq!(rec.first_media_was_keyframe, Some(true));
+    let errors = ffmpeg_decode_errors("h264", &rec.h264).await;
+    assert!(errors.is_empty(), "ffmpeg: {errors}");
+    let api = server.api("/api/streams/pushed").await;
+    assert_eq!(api["publisher"]["clock"], "configured fps", "{api}");
+    let _ = pusher.kill().await;
+}
+
+#[tokio::test]
+async fn a_stream_without_idr_is_refused_and_another_stream_loses_nothing() {
+    let server = Server::start_with_env(&[], &[("ONAIR_INGEST_IDR_TIMEOUT_MS", "2000")]).await;
+    // A healthy stream, watched throughout.
+    let _live =
+        onair_tests::Publisher::start(&server.rtmp_url("healthy"), onair_tests::Profile::default());
+    let mut watcher = Viewer::connect(&server.ws_url("healthy")).await;
+    let mut rec = watch_frames(&mut watcher, 10).await;
+    // The camera's stream with every IDR taken out: parameter sets and P slices only.
+    let bytes = camera_bytes(4, false).await;
+    let mut no_idr = Vec::new();
+    let starts: Vec<usize> = (0..bytes.len().saturating_sub(3))
+        .filter(|&k| bytes[k..k + 3] == [0, 0, 1])
+        .collect();
+    for (n, &s) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).map_or(bytes.len(), |&e| e);
+        if bytes[s + 3] & 0x1f != 5 {
+            no_idr.extend_from_slice(&[0, 0, 0, 1]);
+            no_idr.extend_from_slice(&bytes[s + 3..end]);
+        }
+    }
+    assert!(starts.len() > 100, "{} NAL units", starts.len());
+    let mut push = pusher(&server, "/ingest/broken?fps=30").await;
+    let started = std::time::Instant::now();
+    let sender = tokio::spawn(async move {
+        for c in no_idr.chunks(2000) {
+            if push
+                .send(tungstenite::Message::Binary(c.to_vec().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Read the close.
+        loop {
+            match tokio::time::timeout(T, futures_util::StreamExt::next(&mut push)).await {
+                Ok(Some(Ok(tungstenite::Message::Close(c)))) => return c,
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    });
+    // Meanwhile the healthy stream plays on, frame after frame.
+    while started.elapsed() < Duration::from_secs(3) {
+        rec.push(&watcher.recv(T).await);
+    }
+    let close = sender.await.expect("sender").expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(
+        close.reason.contains("no IDR frame within 2 s"),
+        "{}",
+        close.reason
+    );
+    rec.assert_video_continuous(35);
+}

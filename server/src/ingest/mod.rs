@@ -5,6 +5,7 @@
 
 pub mod raw;
 pub mod rtmp;
+pub mod tcp;
 pub mod ws;
 
 use bytes::Bytes;
@@ -249,6 +250,36 @@ impl MediaIngest {
             keyframe,
         );
         Ok(())
+    }
+
+    /// One FLV video tag body (RTMP video message, or a tag of an FLV bytestream).
+    pub fn flv_video(&mut self, data: &Bytes, ts: u32) -> Result<(), IngestError> {
+        match onair_protocol::flv::parse_video(data)? {
+            onair_protocol::flv::VideoTag::SequenceHeader { config, .. } => {
+                self.video_config(data.slice_ref(config))
+            }
+            onair_protocol::flv::VideoTag::Frame {
+                keyframe,
+                cts,
+                data: payload,
+                ..
+            } => self.video_frame(ts, cts, keyframe, payload),
+            onair_protocol::flv::VideoTag::EndOfSequence
+            | onair_protocol::flv::VideoTag::Ignored => Ok(()),
+        }
+    }
+
+    /// One FLV audio tag body.
+    pub fn flv_audio(&mut self, data: &Bytes, ts: u32) -> Result<(), IngestError> {
+        match onair_protocol::flv::parse_audio(data)? {
+            onair_protocol::flv::AudioTag::SequenceHeader { config, .. } => {
+                self.audio_config(data.slice_ref(config))
+            }
+            onair_protocol::flv::AudioTag::Frame { data: payload, .. } => {
+                self.audio_frame(ts, payload)
+            }
+            onair_protocol::flv::AudioTag::Ignored => Ok(()),
+        }
     }
 
     /// One raw AAC frame.

@@ -42,7 +42,6 @@ use tracing::Instrument;
 use super::{IngestError, MediaIngest};
 use crate::config::Config;
 use crate::hub::{Hub, PublishError, PublisherInfo};
-use onair_protocol::flv::{self, AudioTag, VideoTag};
 
 /// Our outbound chunk size. Larger chunks mean fewer headers; OBS and ffmpeg use 4096 too.
 const OUT_CHUNK_SIZE: u32 = 4096;
@@ -367,33 +366,14 @@ impl Conn<'_> {
         let Some(ingest) = &mut self.ingest else {
             return Ok(()); // media before publish: rml_rtmp only raises it for publishing streams
         };
-        match flv::parse_video(&data).map_err(IngestError::from)? {
-            VideoTag::SequenceHeader { config, .. } => {
-                ingest.video_config(data.slice_ref(config))?
-            }
-            VideoTag::Frame {
-                keyframe,
-                cts,
-                data: payload,
-                ..
-            } => ingest.video_frame(ts.value, cts, keyframe, payload)?,
-            VideoTag::EndOfSequence | VideoTag::Ignored => {}
-        }
-        Ok(())
+        Ok(ingest.flv_video(&data, ts.value)?)
     }
 
     fn audio(&mut self, data: Bytes, ts: RtmpTimestamp) -> Result<(), RtmpError> {
         let Some(ingest) = &mut self.ingest else {
             return Ok(());
         };
-        match flv::parse_audio(&data).map_err(IngestError::from)? {
-            AudioTag::SequenceHeader { config, .. } => {
-                ingest.audio_config(data.slice_ref(config))?
-            }
-            AudioTag::Frame { data: payload, .. } => ingest.audio_frame(ts.value, payload)?,
-            AudioTag::Ignored => {}
-        }
-        Ok(())
+        Ok(ingest.flv_audio(&data, ts.value)?)
     }
 }
 

@@ -1,0 +1,347 @@
+//! Sources over plain TCP: cameras the server connects to (`[[pull]]`, e.g. `raspivid … -l -o
+//! tcp://0.0.0.0:1025`), and ports sources push to (`[[listen]]`, one stream name per address).
+//!
+//! Either way the bytes are raw H.264 (Annex B) or an FLV bytestream (`ffmpeg -f flv
+//! tcp://…`), told apart by their first bytes: an FLV stream starts with `FLV`, an Annex B one
+//! with a start code. A pulled camera that drops is reconnected with backoff; its viewers stay
+//! and resume from its next IDR.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::MediaIngest;
+use super::raw::{RawError, RawH264};
+use crate::config::{Config, ListenSource, PullSource};
+use crate::hub::{Hub, PublisherInfo, now_us};
+
+/// Largest FLV tag taken (a tag is one frame).
+const MAX_TAG: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error("{0}")]
+    Raw(#[from] RawError),
+    #[error("FLV: {0}")]
+    Flv(String),
+    #[error("{0}")]
+    Ingest(#[from] super::IngestError),
+    #[error("stream {0:?} is already being published")]
+    Busy(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("nothing received for {} s", .0.as_secs())]
+    Idle(Duration),
+    #[error("removed by the server's operator")]
+    Removed,
+}
+
+impl TcpError {
+    fn kind(&self) -> &'static str {
+        match self {
+            TcpError::Raw(e) => e.kind(),
+            TcpError::Flv(_) => "bad_flv",
+            TcpError::Ingest(_) => "media",
+            TcpError::Busy(_) => "refused",
+            TcpError::Io(_) => "io",
+            TcpError::Idle(_) => "timeout",
+            TcpError::Removed => "removed",
+        }
+    }
+}
+
+/// An FLV bytestream, read tag by tag from chunks of any size.
+#[derive(Default)]
+struct FlvStream {
+    buf: BytesMut,
+    header_done: bool,
+}
+
+impl FlvStream {
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete tag: (type, timestamp ms, body).
+    fn next_tag(&mut self) -> Result<Option<(u8, u32, Bytes)>, TcpError> {
+        if !self.header_done {
+            if self.buf.len() < 9 {
+                return Ok(None);
+            }
+            if &self.buf[..3] != b"FLV" {
+                return Err(TcpError::Flv("no FLV signature".into()));
+            }
+            let header = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
+            let skip = header as usize + 4; // the header, then PreviousTagSize0
+            if skip > 1024 {
+                return Err(TcpError::Flv(format!("header of {header} bytes")));
+            }
+            if self.buf.len() < skip {
+                return Ok(None);
+            }
+            self.buf.advance(skip);
+            self.header_done = true;
+        }
+        if self.buf.len() < 11 {
+            return Ok(None);
+        }
+        let kind = self.buf[0] & 0x1f;
+        let size = u32::from_be_bytes([0, self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if size > MAX_TAG {
+            return Err(TcpError::Flv(format!("tag of {size} bytes")));
+        }
+        let ts = u32::from_be_bytes([self.buf[7], self.buf[4], self.buf[5], self.buf[6]]);
+        if self.buf.len() < 11 + size + 4 {
+            return Ok(None);
+        }
+        self.buf.advance(11);
+        let body = self.buf.split_to(size).freeze();
+        self.buf.advance(4); // PreviousTagSize
+        Ok(Some((kind, ts, body)))
+    }
+}
+
+/// What reads one connection's bytes.
+enum Reader {
+    Raw(Box<RawH264>),
+    Flv(Box<(MediaIngest, FlvStream)>),
+}
+
+/// Serves one source connection as stream `name` until it ends.
+async fn serve(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    fps: Option<f64>,
+    hub: &Arc<Hub>,
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> Result<(), TcpError> {
+    let _ = tcp.set_nodelay(true);
+    // The first bytes say what it is; a camera may take a moment to send them.
+    let mut first = vec![0u8; 64 << 10];
+    let n = tokio::select! {
+        r = tokio::time::timeout(cfg.rtmp_idle_timeout, tcp.read(&mut first)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(TcpError::Idle(cfg.rtmp_idle_timeout)),
+        },
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    let info = PublisherInfo {
+        protocol: "tcp",
+        peer,
+        since_ms: now_us() / 1000,
+        clock: None,
+    };
+    let publisher = hub
+        .publish(name, info)
+        .map_err(|_| TcpError::Busy(name.to_string()))?;
+    let ingest = MediaIngest::new(publisher);
+    let mut reader = if first.starts_with(b"FLV") {
+        tracing::info!("publishing (FLV)");
+        Reader::Flv(Box::new((ingest, FlvStream::default())))
+    } else {
+        tracing::info!("publishing (raw H.264)");
+        Reader::Raw(Box::new(RawH264::new(ingest, fps, cfg.ingest_idr_timeout)))
+    };
+    let mut chunk = &first[..n];
+    let mut buf = vec![0u8; 64 << 10];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        match &mut reader {
+            Reader::Raw(raw) => raw.push(chunk)?,
+            Reader::Flv(flv) => {
+                let (ingest, flv) = &mut **flv;
+                flv.push(chunk);
+                while let Some((kind, ts, body)) = flv.next_tag()? {
+                    match kind {
+                        8 => ingest.flv_audio(&body, ts)?,
+                        9 => ingest.flv_video(&body, ts)?,
+                        _ => {} // script data
+                    }
+                }
+            }
+        }
+        let removed = async {
+            match &reader {
+                Reader::Raw(raw) => raw.removed().await,
+                Reader::Flv(flv) => flv.0.removed().await,
+            }
+        };
+        let n = tokio::select! {
+            r = tokio::time::timeout(cfg.rtmp_idle_timeout, tcp.read(&mut buf)) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(TcpError::Idle(cfg.rtmp_idle_timeout)),
+            },
+            _ = tick.tick() => {
+                if let Reader::Raw(raw) = &reader {
+                    raw.check_idr_deadline()?;
+                }
+                chunk = &[];
+                continue;
+            }
+            _ = removed => return Err(TcpError::Removed),
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if n == 0 {
+            if let Reader::Raw(raw) = &mut reader {
+                raw.finish()?;
+            }
+            return Ok(());
+        }
+        chunk = &buf[..n];
+    }
+}
+
+/// Starts the configured pulls and listeners.
+pub async fn start(
+    hub: Arc<Hub>,
+    cfg: Arc<Config>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), String> {
+    for l in &cfg.listen {
+        let listener = TcpListener::bind(l.addr)
+            .await
+            .map_err(|e| format!("cannot listen for {} on {}: {e}", l.name, l.addr))?;
+        tracing::info!(stream = %l.name, addr = %listener.local_addr().map_err(|e| e.to_string())?, "tcp ingest listening");
+        tracker.spawn(listen(
+            listener,
+            l.clone(),
+            hub.clone(),
+            cfg.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    for p in &cfg.pull {
+        tracker.spawn(pull(p.clone(), hub.clone(), cfg.clone(), shutdown.clone()));
+    }
+    Ok(())
+}
+
+async fn listen(
+    listener: TcpListener,
+    source: ListenSource,
+    hub: Arc<Hub>,
+    cfg: Arc<Config>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            c = crate::net::accept(&listener, "tcp ingest") => c,
+            _ = shutdown.cancelled() => return,
+        };
+        let (hub, cfg, shutdown, source) =
+            (hub.clone(), cfg.clone(), shutdown.clone(), source.clone());
+        let span = tracing::info_span!("ingest", protocol = "tcp", stream = %source.name, %peer);
+        tracker.spawn(
+            async move {
+                match serve(tcp, peer, &source.name, source.fps, &hub, &cfg, &shutdown).await {
+                    Ok(()) => tracing::info!("source finished"),
+                    Err(e) => {
+                        crate::metrics::ingest_error("tcp", e.kind());
+                        tracing::warn!(error = %e, "tcp source refused or failed");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Keeps a camera connected: reconnects with backoff (0.5 s doubling to 10 s; back to 0.5 s
+/// after a connection that lasted).
+async fn pull(source: PullSource, hub: Arc<Hub>, cfg: Arc<Config>, shutdown: CancellationToken) {
+    let Some(addr) = source.tcp_addr().map(str::to_string) else {
+        return;
+    };
+    let span = tracing::info_span!("pull", stream = %source.name, %addr);
+    async move {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let connect = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr));
+            let started = std::time::Instant::now();
+            let result = tokio::select! {
+                c = connect => match c {
+                    Ok(Ok(tcp)) => {
+                        let peer = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                        tracing::info!("camera connected");
+                        serve(tcp, peer, &source.name, source.fps, &hub, &cfg, &shutdown).await
+                    }
+                    Ok(Err(e)) => Err(TcpError::Io(e)),
+                    Err(_) => Err(TcpError::Io(std::io::ErrorKind::TimedOut.into())),
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match &result {
+                Ok(()) => tracing::info!("camera disconnected; reconnecting"),
+                Err(e) => {
+                    crate::metrics::ingest_error("tcp", e.kind());
+                    tracing::warn!(error = %e, "camera failed; reconnecting");
+                }
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(500);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flv_tags_in_any_chunking() {
+        let mut stream = b"FLV\x01\x05\x00\x00\x00\x09\x00\x00\x00\x00".to_vec();
+        for (kind, ts, body) in [(9u8, 0u32, &b"abc"[..]), (8, 0x0100_0020, &b"xy"[..])] {
+            let size = body.len() as u32;
+            stream.push(kind);
+            stream.extend_from_slice(&size.to_be_bytes()[1..]);
+            stream.extend_from_slice(&ts.to_be_bytes()[1..]);
+            stream.push((ts >> 24) as u8);
+            stream.extend_from_slice(&[0, 0, 0]);
+            stream.extend_from_slice(body);
+            stream.extend_from_slice(&(size + 11).to_be_bytes());
+        }
+        let mut flv = FlvStream::default();
+        let mut tags = Vec::new();
+        for c in stream.chunks(3) {
+            flv.push(c);
+            while let Some(t) = flv.next_tag().expect("tag") {
+                tags.push(t);
+            }
+        }
+        assert_eq!(tags.len(), 2);
+        assert_eq!((tags[0].0, tags[0].1, &tags[0].2[..]), (9, 0, &b"abc"[..]));
+        assert_eq!(
+            (tags[1].0, tags[1].1, &tags[1].2[..]),
+            (8, 0x0100_0020, &b"xy"[..])
+        );
+        let mut bad = FlvStream::default();
+        bad.push(b"NOTFLV123");
+        assert!(bad.next_tag().is_err());
+    }
+}
