@@ -42,6 +42,93 @@ async fn camera_bytes(seconds: u32, aud: bool) -> Vec<u8> {
     out.stdout
 }
 
+/// Takes the VUI timing info out of every SPS (x264 always writes it; raspivid's cameras do not):
+/// `timing_info_present_flag` to 0, and its 65 bits of fields dropped. Where the flag is comes
+/// from ffmpeg's `trace_headers`, as a bit offset in the NAL unit's RBSP.
+async fn strip_vui_timing(stream: &[u8]) -> Vec<u8> {
+    let path = std::env::temp_dir().join(format!("onair-vui-{}.h264", std::process::id()));
+    std::fs::write(&path, stream).expect("write");
+    let trace = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "trace", "-i"])
+        .arg(&path)
+        .args(["-c", "copy", "-bsf:v", "trace_headers", "-f", "null", "-"])
+        .output()
+        .await
+        .expect("ffmpeg trace_headers");
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&trace.stderr);
+    let at: usize = text
+        .lines()
+        .find(|l| l.contains("timing_info_present_flag"))
+        .and_then(|l| l.split(']').nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the timing flag's offset");
+    let mut out = Vec::new();
+    let starts: Vec<usize> = (0..stream.len().saturating_sub(3))
+        .filter(|&k| stream[k..k + 3] == [0, 0, 1])
+        .collect();
+    for (n, &s) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).map_or(stream.len(), |&e| e);
+        let mut nal = stream[s + 3..end].to_vec();
+        while nal.last() == Some(&0) {
+            nal.pop(); // the next start code's leading zero
+        }
+        if nal[0] & 0x1f == 7 {
+            nal = sps_without_timing(&nal, at);
+        }
+        out.extend_from_slice(&[0, 0, 0, 1]);
+        out.extend_from_slice(&nal);
+    }
+    out
+}
+
+fn sps_without_timing(nal: &[u8], flag_bit: usize) -> Vec<u8> {
+    // RBSP: without emulation prevention bytes.
+    let mut rbsp = Vec::new();
+    let mut zeros = 0;
+    for &b in nal {
+        if zeros >= 2 && b == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        rbsp.push(b);
+    }
+    let mut bits: Vec<bool> = rbsp
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1))
+        .collect();
+    // Drop the trailing stop bit and its padding, edit, then put them back.
+    while bits.last() == Some(&false) {
+        bits.pop();
+    }
+    bits.pop();
+    assert!(bits[flag_bit], "timing_info_present_flag is set");
+    bits[flag_bit] = false;
+    bits.drain(flag_bit + 1..flag_bit + 1 + 65);
+    bits.push(true);
+    while !bits.len().is_multiple_of(8) {
+        bits.push(false);
+    }
+    let bytes: Vec<u8> = bits
+        .chunks(8)
+        .map(|c| c.iter().fold(0u8, |acc, &b| acc << 1 | u8::from(b)))
+        .collect();
+    // Emulation prevention back in.
+    let mut out = Vec::new();
+    let mut zeros = 0;
+    for b in bytes {
+        if zeros >= 2 && b <= 3 {
+            out.push(3);
+            zeros = 0;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        out.push(b);
+    }
+    out
+}
+
 type Pusher =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -68,9 +155,13 @@ fn odd_chunks(data: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-/// Pushes `bytes` in odd chunks, paced at about 30 frames a second, while a viewer records.
-async fn push_and_watch(query: &str, aud: bool) {
-    let bytes = camera_bytes(4, aud).await;
+/// Pushes the camera's bytes in odd chunks, paced at about 30 frames a second, while a viewer
+/// records.
+async fn push_and_watch(query: &str, aud: bool, timing: bool) {
+    let mut bytes = camera_bytes(4, aud).await;
+    if !timing {
+        bytes = strip_vui_timing(&bytes).await;
+    }
     let server = Server::start(&[]).await;
     let mut viewer = Viewer::connect(&server.ws_url("cam")).await;
     let mut push = pusher(&server, &format!("/ingest/cam{query}")).await;
@@ -93,12 +184,19 @@ async fn push_and_watch(query: &str, aud: bool) {
     // While it is live, the API says where it comes from and which clock stamps it.
     let api = server.api("/api/streams/cam").await;
     assert_eq!(api["publisher"]["protocol"], "ws", "{api}");
-    let clock = if query.contains("fps=") {
-        "configured fps"
-    } else {
-        "SPS VUI timing"
+    let clock = match (query.contains("fps="), timing) {
+        (true, _) => "configured fps",
+        (false, true) => "SPS VUI timing",
+        (false, false) => "arrival time",
     };
     assert_eq!(api["publisher"]["clock"], clock, "{api}");
+    if !timing {
+        let fps = &api["video"]["fps"];
+        assert!(
+            query.contains("fps=") || fps.is_null(),
+            "no timing in the SPS, no fps: {api}"
+        );
+    }
     // 4 s at 30 fps; the last frame leaves when the stream ends.
     while rec.video_frames.len() < 120 {
         rec.push(&viewer.recv(T).await);
@@ -112,10 +210,14 @@ async fn push_and_watch(query: &str, aud: bool) {
     let info = rec.video.as_ref().expect("video init");
     assert_eq!((info.width, info.height), (320, 240));
     assert!(info.codec.starts_with("avc1.42"), "{}", info.codec);
-    // One frame apart at 30 fps (ms timestamps: 33 or 34).
+    // One frame apart at 30 fps (ms timestamps: 33 or 34); by arrival, at least increasing.
     for w in rec.video_frames.windows(2) {
         let step = w[1].0 - w[0].0;
-        assert!((33..=34).contains(&step), "dts step {step}");
+        if query.contains("fps=") || timing {
+            assert!((33..=34).contains(&step), "dts step {step}");
+        } else {
+            assert!(step >= 1, "dts step {step}");
+        }
     }
     let keyframes = rec.video_frames.iter().filter(|f| f.2).count();
     assert_eq!(keyframes, 4, "an IDR every 30 frames");
@@ -124,13 +226,18 @@ async fn push_and_watch(query: &str, aud: bool) {
 }
 
 #[tokio::test]
-async fn websocket_push_without_delimiters_and_a_configured_rate() {
-    push_and_watch("?fps=30", false).await;
+async fn websocket_push_without_delimiters_or_sps_timing_at_a_configured_rate() {
+    push_and_watch("?fps=30", false, false).await;
 }
 
 #[tokio::test]
 async fn websocket_push_with_delimiters_and_the_sps_timing() {
-    push_and_watch("", true).await;
+    push_and_watch("", true, true).await;
+}
+
+#[tokio::test]
+async fn websocket_push_without_any_rate_is_stamped_by_arrival() {
+    push_and_watch("", false, false).await;
 }
 
 #[tokio::test]
