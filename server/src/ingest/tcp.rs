@@ -125,17 +125,21 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> Result<(), TcpError> {
     let _ = tcp.set_nodelay(true);
-    // The first bytes say what it is; a camera may take a moment to send them.
+    // The first bytes say what it is (3 are enough); a camera may take a moment to send them.
     let mut first = vec![0u8; 64 << 10];
-    let n = tokio::select! {
-        r = tokio::time::timeout(cfg.rtmp_idle_timeout, tcp.read(&mut first)) => match r {
-            Ok(r) => r?,
-            Err(_) => return Err(TcpError::Idle(cfg.rtmp_idle_timeout)),
-        },
-        _ = shutdown.cancelled() => return Ok(()),
-    };
-    if n == 0 {
-        return Ok(());
+    let mut n = 0;
+    while n < 3 {
+        let got = tokio::select! {
+            r = tokio::time::timeout(cfg.rtmp_idle_timeout, tcp.read(&mut first[n..])) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(TcpError::Idle(cfg.rtmp_idle_timeout)),
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if got == 0 {
+            return Ok(());
+        }
+        n += got;
     }
     let info = PublisherInfo {
         protocol: "tcp",
