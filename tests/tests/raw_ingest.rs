@@ -288,8 +288,9 @@ fn config_file(name: &str, toml: &str) -> String {
     path.to_string_lossy().to_string()
 }
 
-/// ffmpeg as a camera that listens on `port` (as raspivid -l does), in `format` (h264 or flv).
-fn listening_camera(port: u16, format: &str) -> tokio::process::Child {
+/// ffmpeg as a live camera (30 fps baseline, an IDR every 30 frames) sending to `target`, in
+/// `format`: `h264` (Annex B) or `flv` (with AAC).
+fn live_camera(target: &str, format: &str) -> tokio::process::Child {
     require_tool("ffmpeg");
     let mut cmd = tokio::process::Command::new("ffmpeg");
     cmd.args([
@@ -311,12 +312,17 @@ fn listening_camera(port: u16, format: &str) -> tokio::process::Child {
     } else {
         cmd.args(["-bsf:v", "h264_mp4toannexb", "-f", "h264"]);
     }
-    cmd.arg(format!("tcp://127.0.0.1:{port}?listen=1"))
+    cmd.arg(target)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn ffmpeg")
+}
+
+/// A camera that listens on `port`, as `raspivid -l` does.
+fn listening_camera(port: u16, format: &str) -> tokio::process::Child {
+    live_camera(&format!("tcp://127.0.0.1:{port}?listen=1"), format)
 }
 
 /// Receives until `frames` video frames after the latest init, which must start on a keyframe.
@@ -404,24 +410,7 @@ async fn tcp_pull_takes_flv_too_and_the_push_listener_takes_h264() {
 
     // A source pushing raw H.264 to the listening port becomes stream "pushed".
     let mut viewer = Viewer::connect(&server.ws_url("pushed")).await;
-    let mut pusher = tokio::process::Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-v",
-            "error",
-            "-nostdin",
-            "-re",
-            "-f",
-            "lavfi",
-        ])
-        .args(["-i", "testsrc2=size=320x240:rate=30"])
-        .args(["-c:v", "libx264", "-profile:v", "baseline", "-g", "30"])
-        .args(["-bsf:v", "h264_mp4toannexb", "-f", "h264"])
-        .arg(format!("tcp://127.0.0.1:{push_port}"))
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn ffmpeg");
+    let mut pusher = live_camera(&format!("tcp://127.0.0.1:{push_port}"), "h264");
     let rec = watch_frames(&mut viewer, 30).await;
     assert_eq!(rec.first_media_was_keyframe, Some(true));
     let errors = ffmpeg_decode_errors("h264", &rec.h264).await;

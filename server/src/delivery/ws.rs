@@ -52,26 +52,39 @@ const MESSAGE_BURST: f64 = 40.0;
 /// client, and would poison the stream's aggregates.
 const MAX_REPORTED_MS: u32 = 3_600_000;
 
+/// The refusal for a request that cannot become a WebSocket on `stream`, if any: not an
+/// upgrade (426, saying what the endpoint is), or a stream name outside the safe alphabet.
+pub fn refuse_upgrade(req: &Request, stream: &str, what: &str) -> Option<Response> {
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Some(
+            (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, "websocket")],
+                format!("this is a WebSocket endpoint for {what}: connect with ws://\n"),
+            )
+                .into_response(),
+        );
+    }
+    if !valid_stream_name(stream) {
+        return Some(
+            (
+                StatusCode::BAD_REQUEST,
+                format!("invalid stream name {stream:?}\n"),
+            )
+                .into_response(),
+        );
+    }
+    None
+}
+
 pub async fn play(
     State(app): State<App>,
     Path(stream): Path<String>,
     Extension(Peer(peer)): Extension<Peer>,
     mut req: Request,
 ) -> Response {
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return (
-            StatusCode::UPGRADE_REQUIRED,
-            [(header::UPGRADE, "websocket")],
-            "this is a WebSocket endpoint: connect with ws://\n",
-        )
-            .into_response();
-    }
-    if !valid_stream_name(&stream) {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("invalid stream name {stream:?}\n"),
-        )
-            .into_response();
+    if let Some(refused) = refuse_upgrade(&req, &stream, "playing") {
+        return refused;
     }
     if let Err(origin) = check_origin(req.headers(), &app.cfg.allowed_origins) {
         tracing::info!(%peer, %origin, "websocket refused: origin not allowed");

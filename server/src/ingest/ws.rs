@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use axum::extract::{Extension, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fastwebsockets::{FragmentCollector, Frame, OpCode};
 use tracing::Instrument;
@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::MediaIngest;
 use super::raw::{RawError, RawH264};
 use crate::delivery::http::{App, Peer};
-use crate::hub::{PublishError, PublisherInfo, now_us, valid_stream_name};
+use crate::hub::{PublishError, PublisherInfo, now_us};
 
 /// Largest message taken: far more than any chunking needs, and a bound on memory.
 const MAX_MESSAGE: usize = 16 << 20;
@@ -34,20 +34,10 @@ pub async fn push(
     Extension(Peer(peer)): Extension<Peer>,
     mut req: Request,
 ) -> Response {
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return (
-            StatusCode::UPGRADE_REQUIRED,
-            [(header::UPGRADE, "websocket")],
-            "this is a WebSocket endpoint for raw H.264 (Annex B): connect with ws://\n",
-        )
-            .into_response();
-    }
-    if !valid_stream_name(&stream) {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("invalid stream name {stream:?}\n"),
-        )
-            .into_response();
+    if let Some(refused) =
+        crate::delivery::ws::refuse_upgrade(&req, &stream, "raw H.264 (Annex B) ingest")
+    {
+        return refused;
     }
     if q.fps
         .is_some_and(|f| !(f.is_finite() && f > 0.0 && f <= 1000.0))
