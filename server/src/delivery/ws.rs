@@ -77,6 +77,22 @@ pub fn refuse_upgrade(req: &Request, stream: &str, what: &str) -> Option<Respons
     None
 }
 
+/// Upgrades the connection, or answers 400 with what was wrong with the handshake.
+pub fn upgrade(
+    req: &mut Request,
+) -> Result<(Response, fastwebsockets::upgrade::UpgradeFut), Box<Response>> {
+    match fastwebsockets::upgrade::upgrade(req) {
+        Ok((response, fut)) => Ok((response.into_response(), fut)),
+        Err(e) => Err(Box::new(
+            (
+                StatusCode::BAD_REQUEST,
+                format!("bad WebSocket upgrade: {e}\n"),
+            )
+                .into_response(),
+        )),
+    }
+}
+
 pub async fn play(
     State(app): State<App>,
     Path(stream): Path<String>,
@@ -100,15 +116,9 @@ pub async fn play(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (response, upgrade) = match crate::delivery::ws::upgrade(&mut req) {
         Ok(x) => x,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("bad WebSocket upgrade: {e}\n"),
-            )
-                .into_response();
-        }
+        Err(refused) => return *refused,
     };
     let viewer = app.hub.subscribe(&stream, peer, &user_agent);
     let span = tracing::info_span!("viewer", stream = %stream, id = viewer.id, %peer);

@@ -100,10 +100,6 @@ impl RawH264 {
         self.ingest.name()
     }
 
-    pub fn clock(&self) -> Option<ClockSource> {
-        self.clock
-    }
-
     /// Resolves when an operator removed the publisher.
     pub async fn removed(&self) {
         self.ingest.removed().await
@@ -131,10 +127,22 @@ impl RawH264 {
 
     /// An error if the stream has gone on for the timeout without an IDR.
     pub fn check_idr_deadline(&self) -> Result<(), RawError> {
-        if !self.got_idr && self.started.elapsed() > self.idr_timeout {
+        if !self.got_idr && self.started.elapsed() >= self.idr_timeout {
             return Err(RawError::NoIdr(self.idr_timeout));
         }
         Ok(())
+    }
+
+    /// When [`RawH264::check_idr_deadline`] fails if no IDR comes first; None once one came.
+    /// The connection loops wait for it, so the rule holds even for a source that sends
+    /// nothing at all.
+    pub fn idr_deadline(&self) -> Option<tokio::time::Instant> {
+        (!self.got_idr).then(|| tokio::time::Instant::from_std(self.started + self.idr_timeout))
+    }
+
+    /// The error for a source whose [`RawH264::idr_deadline`] passed.
+    pub fn no_idr(&self) -> RawError {
+        RawError::NoIdr(self.idr_timeout)
     }
 
     fn frames_out(&mut self, units: &mut Vec<AccessUnit>) -> Result<(), RawError> {

@@ -160,7 +160,6 @@ async fn serve(
     };
     let mut chunk = &first[..n];
     let mut buf = vec![0u8; 64 << 10];
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         match &mut reader {
             Reader::Raw(raw) => raw.push(chunk)?,
@@ -182,17 +181,20 @@ async fn serve(
                 Reader::Flv(flv) => flv.0.removed().await,
             }
         };
+        // The no-IDR rule holds even for a source that sends nothing; the idle timeout runs
+        // from the last bytes received.
+        let idr_deadline = match &reader {
+            Reader::Raw(raw) => raw.idr_deadline(),
+            Reader::Flv(_) => None,
+        };
         let n = tokio::select! {
             r = tokio::time::timeout(cfg.rtmp_idle_timeout, tcp.read(&mut buf)) => match r {
                 Ok(r) => r?,
                 Err(_) => return Err(TcpError::Idle(cfg.rtmp_idle_timeout)),
             },
-            _ = tick.tick() => {
-                if let Reader::Raw(raw) = &reader {
-                    raw.check_idr_deadline()?;
-                }
-                chunk = &[];
-                continue;
+            _ = tokio::time::sleep_until(idr_deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if idr_deadline.is_some() => {
+                return Err(TcpError::Raw(RawError::NoIdr(cfg.ingest_idr_timeout)));
             }
             _ = removed => return Err(TcpError::Removed),
             _ = shutdown.cancelled() => return Ok(()),

@@ -62,15 +62,9 @@ pub async fn push(
             return (status, format!("{e}\n")).into_response();
         }
     };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (response, upgrade) = match crate::delivery::ws::upgrade(&mut req) {
         Ok(x) => x,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("bad WebSocket upgrade: {e}\n"),
-            )
-                .into_response();
-        }
+        Err(refused) => return *refused,
     };
     let raw = RawH264::new(
         MediaIngest::new(publisher),
@@ -142,19 +136,18 @@ async fn run<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    // The no-IDR rule holds even if the source sends nothing at all.
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        // Only terminal branches may interrupt `read_frame`: it is not cancel-safe (a frame
+        // header half read would be lost), so nothing periodic is selected beside it.
+        let idr_deadline = raw.idr_deadline();
         let frame = tokio::select! {
             f = tokio::time::timeout(idle, ws.read_frame()) => match f {
                 Ok(Ok(f)) => f,
                 Ok(Err(e)) => return Err(End::Client(e.to_string())),
                 Err(_) => return Err(End::Client(format!("nothing for {} s", idle.as_secs()))),
             },
-            _ = tick.tick() => {
-                raw.check_idr_deadline().map_err(End::Raw)?;
-                continue;
-            }
+            _ = tokio::time::sleep_until(idr_deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if idr_deadline.is_some() => return Err(End::Raw(raw.no_idr())),
             _ = raw.removed() => return Err(End::Removed),
             _ = shutdown.cancelled() => return Err(End::Shutdown),
         };
