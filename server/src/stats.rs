@@ -15,7 +15,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::hub::{AudioInfo, Hub, PublisherInfo, VideoInfo, ViewerState, now_us, playing_latency};
+use crate::hub::{
+    AudioInfo, Hub, PublisherInfo, Stream, StreamSummary, VideoInfo, ViewerState, now_us,
+    playing_latency,
+};
 
 /// Snapshot period.
 pub const PERIOD: Duration = Duration::from_secs(1);
@@ -285,6 +288,11 @@ impl Stats {
             .max(1e-3);
         let kbps = |bytes: u64| round1(bytes as f64 * 8.0 / 1000.0 / secs);
 
+        // Each stream looked up once: viewers' backlogs read its rendition, and its row follows.
+        let all_streams = self.hub.streams();
+        let by_name: HashMap<&str, &Arc<Stream>> =
+            all_streams.iter().map(|s| (s.name.as_str(), s)).collect();
+
         // Viewers first: streams aggregate over them.
         let mut viewers = Vec::new();
         let mut seen = HashMap::with_capacity(prev.viewers.len());
@@ -318,7 +326,7 @@ impl Stats {
                 rendition: v.rendition.load(std::sync::atomic::Ordering::Relaxed),
                 send_kbps,
                 bytes_sent: sent,
-                backlog_bytes: backlog(&self.hub, v),
+                backlog_bytes: by_name.get(v.stream.as_str()).map_or(0, |s| backlog(s, v)),
                 keyframe_skips: skips,
                 report: report.map(|(r, at)| ReportRow::of(&r, at)),
             });
@@ -329,10 +337,8 @@ impl Stats {
         let mut seen = HashMap::new();
         let now_ms = now_us() / 1000;
         let mut all_latencies = Vec::new();
-        for summary in self.hub.summaries() {
-            let Some(stream) = self.hub.stream(&summary.name) else {
-                continue;
-            };
+        for stream in &all_streams {
+            let summary = StreamSummary::of(stream);
             let (bytes, frames) = stream.ingested();
             let (b0, f0) = prev
                 .streams
@@ -410,12 +416,10 @@ fn round1(x: f64) -> f64 {
 }
 
 /// Bytes of its rendition's log the viewer has yet to receive.
-pub fn backlog(hub: &Hub, v: &ViewerState) -> u64 {
+fn backlog(stream: &Stream, v: &ViewerState) -> u64 {
     let rendition = v.rendition.load(std::sync::atomic::Ordering::Relaxed);
-    match (hub.stream(&v.stream), v.sink()) {
-        (Some(stream), Some(sink)) => stream
-            .rendition(usize::from(rendition))
-            .map_or(0, |r| r.backlog_bytes(sink.position())),
+    match (stream.rendition(usize::from(rendition)), v.sink()) {
+        (Some(r), Some(sink)) => r.backlog_bytes(sink.position()),
         _ => 0,
     }
 }

@@ -135,7 +135,7 @@ pub async fn media_playlist(
         let (last, td) = hls.read(|s| {
             (
                 s.segments().back().map_or(0, |g| g.msn),
-                playlist::target_duration(s),
+                s.target_duration(),
             )
         });
         if msn > last + MAX_AHEAD_SEGMENTS {

@@ -50,8 +50,9 @@ pub struct HlsStream {
     segmenter: RwLock<Segmenter>,
     /// Bumped on every new part or segment; blocked requests wait on it.
     version: watch::Sender<u64>,
-    /// The last rendered playlists (full, delta) and the version they show.
-    cache: Mutex<Option<(u64, Bytes, Bytes)>>,
+    /// The last rendered playlists, full and delta ([`playlist::Variant::skip`]), each with the
+    /// version it shows; a variant is rendered when first asked for.
+    cache: Mutex<[Option<(u64, Bytes)>; 2]>,
 }
 
 impl HlsStream {
@@ -67,22 +68,17 @@ impl HlsStream {
     pub fn playlist(&self, variant: playlist::Variant) -> Bytes {
         let version = *self.version.borrow();
         let mut cache = self.cache.lock();
-        let fresh = match cache.as_ref() {
-            Some((v, full, delta)) if *v == version => (full.clone(), delta.clone()),
+        let slot = &mut cache[usize::from(variant.skip)];
+        match slot {
+            Some((v, body)) if *v == version => body.clone(),
             _ => {
                 let prefix = format!("{}/", self.epoch);
-                let (full, delta) = self.read(|s| {
-                    (
-                        playlist::media_playlist(s, &prefix, playlist::Variant { skip: false }),
-                        playlist::media_playlist(s, &prefix, playlist::Variant { skip: true }),
-                    )
-                });
-                let (full, delta) = (Bytes::from(full), Bytes::from(delta));
-                *cache = Some((version, full.clone(), delta.clone()));
-                (full, delta)
+                let body =
+                    Bytes::from(self.read(|s| playlist::media_playlist(s, &prefix, variant)));
+                *slot = Some((version, body.clone()));
+                body
             }
-        };
-        if variant.skip { fresh.1 } else { fresh.0 }
+        }
     }
 }
 
@@ -137,7 +133,7 @@ impl Hls {
                     source: stream.clone(),
                     segmenter: RwLock::new(segmenter),
                     version: watch::channel(0).0,
-                    cache: Mutex::new(None),
+                    cache: Mutex::new([None, None]),
                 });
                 entry.insert(hls.clone());
                 self.tracker.spawn(package(

@@ -12,21 +12,15 @@ pub struct Variant {
     pub skip: bool,
 }
 
-/// EXT-X-TARGETDURATION: the configured target, or more if a segment (a long GOP) was longer;
-/// it never goes down.
-pub fn target_duration(s: &Segmenter) -> u64 {
-    s.target_duration()
-}
-
 /// How far back from the end segments may be skipped in a delta update: six target durations,
 /// the least the spec allows.
 pub fn skip_until_s(s: &Segmenter) -> f64 {
-    6.0 * target_duration(s) as f64
+    6.0 * s.target_duration() as f64
 }
 
 /// The media playlist. `prefix` goes before every URI (the packager's epoch directory).
 pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
-    let td = target_duration(s);
+    let td = s.target_duration();
     let part_target = s.part_target_s();
     let segments: Vec<&super::segmenter::Segment> = s.listed().collect();
     let mut out = String::with_capacity(4096);
@@ -68,19 +62,13 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
         }
         i
     };
+    // The first segment listed carries its EXT-X-MAP even after a SKIP.
     let mut map = None;
-    let mut start = 0.0;
-    for (i, g) in segments.iter().enumerate() {
-        let seg_start = start;
-        start += g.duration_s;
-        if i < skipped {
-            map = Some(g.init_id);
-            continue;
-        }
+    for (i, g) in segments.iter().enumerate().skip(skipped) {
         if g.discontinuity {
             out.push_str("#EXT-X-DISCONTINUITY\n");
         }
-        if map != Some(g.init_id) || i == skipped {
+        if map != Some(g.init_id) {
             let _ = writeln!(out, "#EXT-X-MAP:URI=\"{prefix}init{}.mp4\"", g.init_id);
             map = Some(g.init_id);
         }
@@ -89,7 +77,6 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
             "#EXT-X-PROGRAM-DATE-TIME:{}",
             iso8601(g.program_date_ms)
         );
-        let _ = seg_start;
         if i >= parts_from || !g.complete {
             for p in &g.parts {
                 let _ = write!(

@@ -61,24 +61,11 @@ pub struct Segment {
     pub complete: bool,
 }
 
-impl Segment {
-    pub fn len(&self) -> usize {
-        self.parts.iter().map(|p| p.bytes.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-}
-
 /// The current codec configuration.
 #[derive(Debug, Clone)]
 pub struct InitSegment {
     pub id: u32,
     pub bytes: Bytes,
-    /// RFC 6381 codecs, comma-separated, and the video size: for a multivariant playlist.
-    pub codecs: String,
-    pub resolution: Option<(u16, u16)>,
     video: Option<VideoTrack>,
     audio: Option<AudioTrack>,
 }
@@ -282,11 +269,6 @@ impl Segmenter {
         self.inits.iter().find(|i| i.id == id)
     }
 
-    /// EXT-X-DISCONTINUITY-SEQUENCE: discontinuities that left the window.
-    pub fn discontinuity_seq(&self) -> u64 {
-        self.discontinuity_seq
-    }
-
     /// Sequence number the next part will have: the preload hint.
     pub fn next_part_seq(&self) -> u64 {
         self.next_part_seq
@@ -297,10 +279,8 @@ impl Segmenter {
     pub fn set_init(&mut self, init: &Init<'_>) -> Result<(), SegmentError> {
         self.end_of_media();
         let mut tracks = Vec::new();
-        let mut codecs = Vec::new();
         let mut video = None;
         let mut audio = None;
-        let mut resolution = None;
         for t in &init.tracks {
             match (t.kind(), t.params) {
                 (
@@ -320,8 +300,6 @@ impl Segmenter {
                             avcc: t.config,
                         },
                     });
-                    codecs.push(t.codec.to_string());
-                    resolution = Some((width, height));
                     let frame_us = if fps_milli > 0 {
                         1_000_000_000 / u64::from(fps_milli)
                     } else {
@@ -349,7 +327,6 @@ impl Segmenter {
                             asc: t.config,
                         },
                     });
-                    codecs.push(t.codec.to_string());
                     audio = Some(AudioTrack {
                         wire_id: t.id,
                         wire_timescale: t.timescale,
@@ -386,8 +363,6 @@ impl Segmenter {
         let init = InitSegment {
             id,
             bytes,
-            codecs: codecs.join(","),
-            resolution,
             video,
             audio,
         };

@@ -106,10 +106,6 @@ impl Stream {
         self.publisher.lock().clone()
     }
 
-    pub fn media(&self) -> MediaInfo {
-        self.media.lock().clone()
-    }
-
     /// Payload bytes and video frames received so far.
     pub fn ingested(&self) -> (u64, u64) {
         (
@@ -325,7 +321,15 @@ impl Hub {
     }
 
     pub fn summaries(&self) -> Vec<StreamSummary> {
-        let mut v: Vec<_> = self.streams.iter().map(|s| StreamSummary::of(&s)).collect();
+        self.streams()
+            .iter()
+            .map(|s| StreamSummary::of(s))
+            .collect()
+    }
+
+    /// Every stream, in name order.
+    pub fn streams(&self) -> Vec<Arc<Stream>> {
+        let mut v: Vec<_> = self.streams.iter().map(|s| s.value().clone()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
