@@ -118,7 +118,9 @@ pub struct Settings {
     #[arg(long, env = "ONAIR_WEB_DIR", value_name = "DIR")]
     pub web_dir: Option<PathBuf>,
 
-    /// Log filter, in tracing's EnvFilter syntax. [default: info]
+    /// Log filter, in tracing's EnvFilter syntax. h264-reader's own log (a line for every byte
+    /// of a stream that is not H.264) is off unless the filter names `h264_reader`: a peer's
+    /// bytes must never be able to flood the log. [default: info]
     #[arg(long, env = "ONAIR_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 
@@ -352,10 +354,24 @@ impl Config {
                 return invalid("streams.*.latency_ms", "must be between 50 and 30000");
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log_filter()) {
             return invalid("log", &e.to_string());
         }
         Ok(())
+    }
+
+    /// The subscriber's filter: `log`, with h264-reader silenced unless `log` names it. Its
+    /// Annex B reader logs an error for every byte outside a NAL unit, so noise from any peer
+    /// would otherwise write a log line per byte; onair reports bad input itself, once per
+    /// connection.
+    pub fn log_filter(&self) -> String {
+        if self.log.contains("h264_reader") {
+            self.log.clone()
+        } else if self.log.trim().is_empty() {
+            "h264_reader=off".to_string()
+        } else {
+            format!("{},h264_reader=off", self.log)
+        }
     }
 }
 
@@ -415,6 +431,18 @@ fn check_env(names: impl Iterator<Item = String>) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h264_readers_log_is_off_unless_asked_for() {
+        let with = |log: &str| {
+            let file: Settings = toml::from_str(&format!("log = {log:?}")).unwrap();
+            Config::resolve(Settings::default(), file)
+                .unwrap()
+                .log_filter()
+        };
+        assert_eq!(with("info"), "info,h264_reader=off");
+        assert_eq!(with("debug,h264_reader=warn"), "debug,h264_reader=warn");
+    }
 
     #[test]
     fn defaults_and_precedence() {

@@ -188,6 +188,23 @@ impl Server {
 
     /// Waits for a log line containing `needle`; returns it.
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_log_since(0, needle, timeout).await
+    }
+
+    /// How many lines the server has logged so far.
+    pub fn log_lines(&self) -> usize {
+        self.log.lock().expect("log lock").len()
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log.lock().expect("log lock");
+        log[log.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits for a log line containing `needle` among the lines from number `from` on (see
+    /// [`Server::log_lines`]); returns it.
+    pub async fn wait_log_since(&self, from: usize, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.log_changed.notified();
@@ -198,6 +215,7 @@ impl Server {
                 .lock()
                 .expect("log lock")
                 .iter()
+                .skip(from)
                 .find(|l| l.contains(needle))
             {
                 return l.clone();

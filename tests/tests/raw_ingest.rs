@@ -240,43 +240,134 @@ async fn websocket_push_without_any_rate_is_stamped_by_arrival() {
     push_and_watch("", false, false).await;
 }
 
+/// Three kinds of bytes that are not H.264, megabytes of each.
+fn noises() -> Vec<(&'static str, Vec<u8>)> {
+    const LEN: usize = 4 << 20;
+    // No zero byte at all, so no start code anywhere.
+    let plain: Vec<u8> = (0..LEN).map(|i| (i % 251 + 1) as u8).collect();
+    // Pseudo-random bytes (a fixed LCG): zeros, but almost never a start code.
+    let mut seed: u32 = 7;
+    let random: Vec<u8> = (0..LEN)
+        .map(|_| {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (seed >> 16) as u8
+        })
+        .collect();
+    // A start code and a NAL unit header, then `00 00 00 02` (no start code): from there the
+    // Annex B reader rejects every byte.
+    let mut after_a_start = vec![0, 0, 0, 1, 0x09, 0xf0, 0, 0, 0, 2];
+    after_a_start.extend((0..LEN).map(|i| (i % 250 + 2) as u8));
+    vec![
+        ("plain", plain),
+        ("random", random),
+        ("after-a-start", after_a_start),
+    ]
+}
+
+/// The refusal is decided from the bytes, not by a clock: with the IDR deadline at ten minutes,
+/// every kind of noise is closed with 1003 in seconds, and megabytes of it leave a handful of
+/// log lines (h264-reader's reader would write one per rejected byte).
 #[tokio::test]
 async fn bytes_that_are_not_h264_are_refused_with_a_reason() {
-    let server = Server::start(&[]).await;
-    let mut push = pusher(&server, "/ingest/noise").await;
-    // Noise with no start code in it.
-    let noise: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251 + 1) as u8).collect();
-    for c in noise.chunks(64 << 10) {
-        if push
-            .send(tungstenite::Message::Binary(c.to_vec().into()))
-            .await
-            .is_err()
-        {
-            break;
+    let server = Server::start_with_env(&[], &[("ONAIR_INGEST_IDR_TIMEOUT_MS", "600000")]).await;
+    for (kind, noise) in noises() {
+        let path = format!("/ingest/noise-{kind}");
+        let log_before = server.log_lines();
+        let mut push = pusher(&server, &path).await;
+        let started = std::time::Instant::now();
+        for c in noise.chunks(64 << 10) {
+            if push
+                .send(tungstenite::Message::Binary(c.to_vec().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
+        let close = loop {
+            match tokio::time::timeout(T, futures_util::StreamExt::next(&mut push))
+                .await
+                .expect("closed in time")
+            {
+                Some(Ok(tungstenite::Message::Close(c))) => break c,
+                Some(Ok(_)) => continue,
+                other => panic!("{kind}: no close frame: {other:?}"),
+            }
+        };
+        let took = started.elapsed();
+        let close = close.expect("a close frame with a reason");
+        assert_eq!(u16::from(close.code), 1003, "{kind}: {}", close.reason);
+        assert!(
+            close.reason.contains("not an H.264 Annex B stream"),
+            "{kind}: {}",
+            close.reason
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "{kind}: refused after {took:?}"
+        );
+        server
+            .wait_log_since(log_before, "raw H.264 refused", T)
+            .await;
+        // The name is free again: nothing was left behind.
+        let mut again = Viewer::connect(&server.ws_url(&format!("noise-{kind}"))).await;
+        let first = again.recv(T).await;
+        assert!(matches!(first.msg(), Message::Hello(_)));
+        let lines = server.log_lines() - log_before;
+        assert!(
+            lines <= 8,
+            "{kind}: {lines} log lines for {} MB of noise:\n{}",
+            noise.len() >> 20,
+            server.log_tail(lines)
+        );
+        eprintln!("{kind}: 1003 after {took:?}, {lines} log lines");
     }
-    let close = loop {
-        match tokio::time::timeout(T, futures_util::StreamExt::next(&mut push))
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(tungstenite::Message::Close(c))) => break c,
-            Some(Ok(_)) => continue,
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
-    let close = close.expect("a close frame with a reason");
-    assert_eq!(u16::from(close.code), 1003);
-    assert!(
-        close.reason.contains("not an H.264 Annex B stream"),
-        "{}",
-        close.reason
+}
+
+/// The TCP listener refuses noise the same way: from the bytes, with one log line.
+#[tokio::test]
+async fn noise_on_a_tcp_listener_is_refused_from_the_bytes() {
+    use tokio::io::AsyncWriteExt;
+    let port = onair_tests::free_port().expect("port");
+    let config = config_file(
+        "noise-listen",
+        &format!("[[listen]]\nname = \"tcpnoise\"\naddr = \"127.0.0.1:{port}\"\n"),
     );
-    server.wait_log("raw H.264 refused", T).await;
-    // The name is free again: nothing was left behind.
-    let mut again = Viewer::connect(&server.ws_url("noise")).await;
-    let first = again.recv(T).await;
-    assert!(matches!(first.msg(), Message::Hello(_)));
+    let server = Server::start_with_env(
+        &["--config", &config],
+        &[("ONAIR_INGEST_IDR_TIMEOUT_MS", "600000")],
+    )
+    .await;
+    for (kind, noise) in noises() {
+        let log_before = server.log_lines();
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        for c in noise.chunks(64 << 10) {
+            if tcp.write_all(c).await.is_err() {
+                break; // the server closed: it has decided
+            }
+        }
+        let line = server
+            .wait_log_since(log_before, "tcp source refused or failed", T)
+            .await;
+        let took = started.elapsed();
+        assert!(
+            line.contains("not an H.264 Annex B stream"),
+            "{kind}: {line}"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "{kind}: refused after {took:?}"
+        );
+        let lines = server.log_lines() - log_before;
+        assert!(
+            lines <= 8,
+            "{kind}: {lines} log lines:\n{}",
+            server.log_tail(lines)
+        );
+    }
 }
 
 /// A config file for the server under test.

@@ -10,6 +10,12 @@
 //!
 //! An access unit is only known to be complete when the next one starts (Annex B has no
 //! lengths), so each frame leaves one frame time after it arrived.
+//!
+//! Whether the bytes are H.264 at all is decided from the bytes alone, never from how long
+//! they took: more than [`MAX_BYTES_WITHOUT_NAL`] bytes in a row that belong to no NAL unit
+//! (before the first start code, or rejected by the reader later) end the stream with
+//! [`AnnexBError::NoStartCode`]. Bytes before the first start code are found here and never
+//! reach h264-reader, whose reader logs an error for every byte it rejects.
 
 use std::io::{BufRead, Read};
 
@@ -69,10 +75,13 @@ struct Collect {
     nals: Vec<Vec<u8>>,
     limit: usize,
     too_big: bool,
+    /// Calls so far, complete or not: a push that makes none had no byte inside a NAL unit.
+    calls: u64,
 }
 
 impl AccumulatedNalHandler for Collect {
     fn nal(&mut self, nal: RefNal<'_>) -> NalInterest {
+        self.calls += 1;
         if !nal.is_complete() {
             // Called again as the NAL grows: count what is buffered so far.
             let mut r = nal.reader();
@@ -114,13 +123,21 @@ pub struct AccessUnits {
     pps: Option<Vec<u8>>,
     /// The parameter sets changed since [`AccessUnits::take_parameter_sets`].
     parameter_sets_changed: bool,
-    /// Bytes pushed without any NAL unit found.
+    /// A start code was seen: from there on every byte goes to the reader.
+    synced: bool,
+    /// Before `synced`: the last bytes pushed (at most 2), for a start code split over pushes.
+    tail: Vec<u8>,
+    /// Bytes in a row that belonged to no NAL unit.
     bytes_without_nal: usize,
     max_nal: usize,
 }
 
-/// Bytes of anything that is not a start code tolerated before giving up on the stream.
-const MAX_BYTES_WITHOUT_NAL: usize = 1 << 20;
+/// Bytes in a row outside any NAL unit tolerated before the stream is refused as not H.264.
+/// A source joined in the middle of a NAL unit (a camera's TCP stream picked up mid-frame)
+/// reaches the next start code within one NAL; 1 MiB covers a large IDR slice.
+pub const MAX_BYTES_WITHOUT_NAL: usize = 1 << 20;
+
+const START_CODE: &[u8] = &[0, 0, 1];
 
 impl AccessUnits {
     /// `max_nal`: the largest NAL unit accepted (an IDR of a big picture is a few MB at most).
@@ -130,6 +147,7 @@ impl AccessUnits {
                 nals: Vec::new(),
                 limit: max_nal,
                 too_big: false,
+                calls: 0,
             }),
             current: Vec::new(),
             has_vcl: false,
@@ -137,6 +155,8 @@ impl AccessUnits {
             sps: None,
             pps: None,
             parameter_sets_changed: false,
+            synced: false,
+            tail: Vec::new(),
             bytes_without_nal: 0,
             max_nal,
         }
@@ -144,6 +164,18 @@ impl AccessUnits {
 
     /// Pushes bytes; appends the access units they completed to `out`.
     pub fn push(&mut self, data: &[u8], out: &mut Vec<AccessUnit>) -> Result<(), AnnexBError> {
+        let data = if self.synced {
+            data
+        } else {
+            match self.find_start_code(data) {
+                Some(from) => {
+                    self.synced = true;
+                    &data[from..]
+                }
+                None => return self.outside_units(data.len()),
+            }
+        };
+        let calls = self.reader.nal_handler_ref().calls;
         self.reader.push(data);
         let collect = self.reader.nal_handler_mut();
         if collect.too_big {
@@ -152,13 +184,9 @@ impl AccessUnits {
             });
         }
         let nals = std::mem::take(&mut collect.nals);
-        if nals.is_empty() {
-            self.bytes_without_nal += data.len();
-            if self.bytes_without_nal > MAX_BYTES_WITHOUT_NAL && self.sps.is_none() {
-                return Err(AnnexBError::NoStartCode {
-                    bytes: self.bytes_without_nal,
-                });
-            }
+        if collect.calls == calls {
+            // Not one byte of this push was inside a NAL unit: the reader rejected it all.
+            self.outside_units(data.len())?;
         } else {
             self.bytes_without_nal = 0;
         }
@@ -168,6 +196,41 @@ impl AccessUnits {
         Ok(())
     }
 
+    /// Counts bytes that belong to no NAL unit; an error once there are too many in a row.
+    fn outside_units(&mut self, n: usize) -> Result<(), AnnexBError> {
+        self.bytes_without_nal += n;
+        if self.bytes_without_nal > MAX_BYTES_WITHOUT_NAL {
+            return Err(AnnexBError::NoStartCode {
+                bytes: self.bytes_without_nal,
+            });
+        }
+        Ok(())
+    }
+
+    /// Before the first start code: where in `data` the reader should begin (a start code
+    /// split over pushes begins before `data`, and its first bytes are handed over here).
+    fn find_start_code(&mut self, data: &[u8]) -> Option<usize> {
+        // A start code that began in the previous push: 00 00 | 01, or 00 | 00 01.
+        for held in (1..=self.tail.len()).rev() {
+            let head = &self.tail[self.tail.len() - held..];
+            let need = START_CODE.len() - held;
+            if head == &START_CODE[..held] && data.get(..need) == Some(&START_CODE[held..]) {
+                let head = head.to_vec();
+                self.reader.push(&head);
+                self.tail.clear();
+                return Some(0);
+            }
+        }
+        if let Some(at) = memchr::memmem::find(data, START_CODE) {
+            self.tail.clear();
+            return Some(at);
+        }
+        self.tail
+            .extend_from_slice(&data[data.len().saturating_sub(2)..]);
+        let excess = self.tail.len().saturating_sub(2);
+        self.tail.drain(..excess);
+        None
+    }
     /// The end of the stream: the last access unit is complete.
     pub fn finish(&mut self, out: &mut Vec<AccessUnit>) -> Result<(), AnnexBError> {
         self.reader.reset();
@@ -384,5 +447,57 @@ mod tests {
             .push(&annexb(&[vec![0x80, 1, 2], vec![0x41, 0x9a]]), &mut out)
             .expect_err("forbidden bit");
         assert_eq!(err, AnnexBError::BadNalHeader(0x80));
+    }
+
+    #[test]
+    fn junk_before_the_first_start_code_is_skipped_in_any_chunking() {
+        let mut stream: Vec<u8> = (0..10_000u32).map(|i| (i % 200 + 1) as u8).collect();
+        stream.extend_from_slice(&[0, 0]); // zeros that are not yet a start code
+        stream.extend(annexb(&[
+            SPS.to_vec(),
+            PPS.to_vec(),
+            idr(true),
+            p_slice(true),
+        ]));
+        for chunk in [1, 2, 3, 7, 5000] {
+            let (aus, ps) = run(&stream, chunk);
+            assert_eq!(aus.len(), 2, "chunk {chunk}");
+            assert!(aus[0].idr);
+            assert_eq!(ps, Some((SPS.to_vec(), PPS.to_vec())), "chunk {chunk}");
+        }
+    }
+
+    /// Refused once MAX_BYTES_WITHOUT_NAL bytes outside any NAL unit have arrived, whatever
+    /// the chunking: before any start code, and after one, where the reader rejects them
+    /// (counted per push: a push that reached into a NAL unit does not count, so the refusal
+    /// may come up to two pushes late).
+    #[test]
+    fn bytes_outside_nal_units_are_refused_at_the_same_count_in_any_chunking() {
+        let plain: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251 + 1) as u8).collect();
+        let mut after_start = vec![0, 0, 0, 1, 0x09, 0xf0, 0, 0, 0, 2];
+        after_start.extend((0..(2 << 20)).map(|i| (i % 250 + 2) as u8));
+        for (name, noise) in [("plain", &plain), ("after a start code", &after_start)] {
+            for chunk in [1, 1000, 4096, 65536] {
+                let mut aus = AccessUnits::new(1 << 20);
+                let mut out = Vec::new();
+                let mut fed = 0;
+                let err = noise
+                    .chunks(chunk)
+                    .find_map(|c| {
+                        fed += c.len();
+                        aus.push(c, &mut out).err()
+                    })
+                    .unwrap_or_else(|| panic!("{name}, chunk {chunk}: not refused"));
+                assert!(
+                    matches!(err, AnnexBError::NoStartCode { .. }),
+                    "{name}: {err}"
+                );
+                assert!(
+                    fed <= MAX_BYTES_WITHOUT_NAL + 2 * chunk + 16,
+                    "{name}, chunk {chunk}: refused only after {fed} bytes"
+                );
+                assert!(out.is_empty());
+            }
+        }
     }
 }

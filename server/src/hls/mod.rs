@@ -183,6 +183,8 @@ async fn package(
     let mut batch = Vec::new();
     let mut cursor = rendition.join(&mut batch);
     let mut ended: Option<tokio::time::Instant> = None;
+    // Frames the segmenter refused since the last init: logged once, not once per frame.
+    let mut dropped = 0u64;
     loop {
         let notified = rendition.notified();
         tokio::pin!(notified);
@@ -221,11 +223,18 @@ async fn package(
                         match seg.push(&f, now) {
                             Ok(closed) => changed |= closed,
                             Err(e) => {
-                                tracing::warn!(stream = %name, error = %e, "hls: frame dropped")
+                                if dropped == 0 {
+                                    tracing::warn!(stream = %name, error = %e, "hls: frame dropped (logged once per init)");
+                                }
+                                dropped += 1;
                             }
                         }
                     }
                     Ok(Message::Init(init)) => {
+                        if dropped > 1 {
+                            tracing::warn!(stream = %name, dropped, "hls: frames dropped under the last init");
+                        }
+                        dropped = 0;
                         if let Err(e) = seg.set_init(&init) {
                             tracing::warn!(stream = %name, error = %e, "hls: cannot package this stream");
                         }
