@@ -110,6 +110,8 @@ struct IngestMark {
 }
 
 pub struct Session {
+    /// The rendition of the last init: what the server is sending.
+    pub rendition: u8,
     tracks: Vec<TrackState>,
     timeline: Timeline,
     sequence: u32,
@@ -131,6 +133,7 @@ impl Default for Session {
 impl Session {
     pub fn new() -> Self {
         Self {
+            rendition: 0,
             tracks: Vec::new(),
             timeline: Timeline {
                 base: None,
@@ -177,6 +180,7 @@ impl Session {
     }
 
     fn init(&mut self, init: &Init<'_>) -> Result<Event, SessionError> {
+        self.rendition = init.rendition;
         let old_kinds: Vec<TrackKind> = self.tracks.iter().map(|t| t.kind).collect();
         let mut tracks = Vec::new();
         let mut sources = Vec::new();

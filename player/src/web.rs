@@ -257,9 +257,10 @@ fn with(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner, &Rc<RefCell<Inne
 
 #[wasm_bindgen]
 impl Player {
-    /// `options`: `{ latencyMs }`, the target live latency in milliseconds (default 200), and
-    /// `hlsUrl`, used where the browser has neither MediaSource nor ManagedMediaSource (default:
-    /// the `/hls/STREAM/index.m3u8` next to the WebSocket URL).
+    /// `options`: `{ latencyMs }`, the target live latency in milliseconds (default 200);
+    /// `rendition`, a rendition's name to play (default `auto`: the server chooses), passed on
+    /// as `?rendition=`; and `hlsUrl`, used where the browser has neither MediaSource nor
+    /// ManagedMediaSource (default: the `/hls/STREAM/index.m3u8` next to the WebSocket URL).
     #[wasm_bindgen(constructor)]
     pub fn new(
         video: HtmlVideoElement,
@@ -279,6 +280,14 @@ impl Player {
         let hls_url = opt("hlsUrl")
             .and_then(|v| v.as_string())
             .unwrap_or_else(|| hls_url_for(&url));
+        let url = match opt("rendition").and_then(|v| v.as_string()) {
+            Some(r) if r != "auto" && !r.is_empty() => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                let r = String::from(js_sys::encode_uri_component(&r));
+                format!("{url}{sep}rendition={r}")
+            }
+            _ => url,
+        };
         let managed = !has_global("MediaSource") && has_global("ManagedMediaSource");
         let inner = Rc::new(RefCell::new(Inner {
             video,
@@ -412,6 +421,17 @@ impl Player {
     pub fn stats(&self) -> Object {
         self.read(|i| i.stats_object())
     }
+
+    /// Asks the server for rendition `id` (from `stats().rendition`'s numbering), or 255 for
+    /// automatic. The switch happens at that rendition's next keyframe.
+    #[wasm_bindgen(js_name = setRendition)]
+    pub fn set_rendition(&self, id: u8) {
+        self.read(|i| {
+            i.send(&Message::Control(
+                onair_protocol::wire::Control::SwitchRendition(id),
+            ))
+        });
+    }
 }
 
 impl Player {
@@ -455,6 +475,7 @@ impl Inner {
         set_prop(&o, "stalls", self.stalls);
         set_prop(&o, "gapJumps", self.gap_jumps);
         set_prop(&o, "viewerId", self.viewer_id as f64);
+        set_prop(&o, "rendition", self.session.rendition);
         set_prop(&o, "width", self.video.video_width());
         set_prop(&o, "height", self.video.video_height());
         set_prop(
@@ -1084,7 +1105,7 @@ impl Inner {
             dropped_frames: q.dropped_video_frames(),
             stalls: self.stalls,
             bandwidth_kbps: self.bitrate_kbps.max(0.0) as u32,
-            rendition: 0,
+            rendition: self.session.rendition,
             // A viewer who paused is not playing live: its growing latency is its choice.
             state: if self.state == State::Playing && self.video.paused() {
                 3

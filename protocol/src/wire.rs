@@ -266,6 +266,9 @@ pub struct ServerStats {
     pub keyframe_skips: u32,
 }
 
+/// `SwitchRendition`'s rendition for "let the server choose".
+pub const RENDITION_AUTO: u8 = 0xff;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// Switch to rendition n at its next keyframe; 0xff means automatic.

@@ -3,11 +3,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onair_server::config::Config;
+use onair_server::delivery::framing::WsFramer;
 use onair_server::delivery::http::{self, App};
 use onair_server::hls::Hls;
 use onair_server::hls::segmenter::Settings;
-use onair_server::hub::{Hub, Limits};
+use onair_server::hub::{Hub, Limits, Tasks};
 use onair_server::ingest::rtmp;
+use onair_server::metrics::HubMetrics;
 use onair_server::stats::Stats;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -65,12 +67,20 @@ async fn run(cfg: Config) -> Result<(), String> {
     );
 
     let cfg = Arc::new(cfg);
-    let hub = Hub::new(Limits {
-        max_backlog_bytes: cfg.max_backlog_bytes,
-        max_lag: cfg.max_lag,
-    });
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let hub = Hub::new(
+        Limits {
+            max_backlog_bytes: cfg.max_backlog_bytes,
+            max_lag: cfg.max_lag,
+        },
+        Arc::new(WsFramer),
+        Arc::new(HubMetrics),
+        Tasks {
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        },
+    );
     let stats = Stats::new(hub.clone(), cfg.clone());
     tracker.spawn(stats.clone().run(shutdown.clone()));
     let hls = Hls::new(

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::hub::Hub;
+use crate::hub::{Events, Hub, SwitchReason};
 
 /// Why a viewer left, as the `reason` label of `onair_viewer_disconnects_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +85,45 @@ impl Metrics {
     }
 }
 
+/// The hub's events, counted.
+pub struct HubMetrics;
+
+impl Events for HubMetrics {
+    fn viewer_joined(&self) {
+        METRICS.viewers_joined.increment(1);
+    }
+
+    fn media_in(&self, bytes: usize) {
+        METRICS.frames_in.increment(1);
+        METRICS.bytes_in.increment(bytes as u64);
+    }
+
+    fn viewer_report(&self, latency_ms: Option<u32>) {
+        METRICS.viewer_reports.increment(1);
+        if let Some(ms) = latency_ms {
+            METRICS.viewer_latency.record(f64::from(ms) / 1000.0);
+        }
+    }
+
+    fn keyframe_skip(&self) {
+        METRICS.keyframe_skips.increment(1);
+    }
+
+    fn bytes_out(&self, bytes: u64) {
+        METRICS.bytes_out.increment(bytes);
+    }
+
+    fn switch(&self, up: bool, reason: SwitchReason) {
+        // Cold path (a switch is rare): the labelled lookup is fine.
+        metrics::counter!(
+            "onair_rendition_switches_total",
+            "direction" => if up { "up" } else { "down" },
+            "reason" => reason.name()
+        )
+        .increment(1);
+    }
+}
+
 /// The process's metric handles. Touch it only after [`install`]: handles made before a recorder
 /// is installed go nowhere.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
@@ -154,6 +193,10 @@ fn describe() {
     describe_counter!(
         "onair_viewer_reports_total",
         "Viewer stats reports received"
+    );
+    describe_counter!(
+        "onair_rendition_switches_total",
+        "Viewers moved from one rendition to another, by direction and reason"
     );
     describe_histogram!(
         "onair_viewer_latency_seconds",

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::hub::{
-    AudioInfo, Hub, PublisherInfo, Stream, StreamSummary, VideoInfo, ViewerState, now_us,
-    playing_latency,
+    AudioInfo, Hub, PublisherInfo, Stream, StreamSummary, SwitchReason, VideoInfo, ViewerState,
+    now_us, playing_latency,
 };
 
 /// Snapshot period.
@@ -85,6 +85,23 @@ pub struct StreamStats {
     /// Keyframe skips of its current viewers.
     pub keyframe_skips: u64,
     pub latency_ms: Option<LatencyAgg>,
+    /// Every rendition, the source first.
+    pub renditions: Vec<RenditionStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RenditionStats {
+    pub id: u8,
+    pub name: String,
+    pub codec: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: Option<f64>,
+    /// Measured over the last period: what the rendition's log took in, framing included.
+    pub bitrate_kbps: f64,
+    /// What it was configured for (a ladder rung); 0 for the source.
+    pub nominal_kbps: u32,
+    pub viewers: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -138,6 +155,9 @@ pub struct ViewerRow {
     pub bytes_sent: u64,
     pub backlog_bytes: u64,
     pub keyframe_skips: u64,
+    /// Times it was moved between renditions, and why the last time.
+    pub switches: u64,
+    pub last_switch: Option<SwitchReason>,
     pub report: Option<ReportRow>,
 }
 
@@ -198,6 +218,8 @@ struct Previous {
     streams: HashMap<String, (u64, u64)>,
     /// Viewer id → bytes sent.
     viewers: HashMap<u64, u64>,
+    /// (stream, rendition id) → bytes its log took in.
+    renditions: HashMap<(String, u8), u64>,
 }
 
 impl Stats {
@@ -297,6 +319,7 @@ impl Stats {
         let mut viewers = Vec::new();
         let mut seen = HashMap::with_capacity(prev.viewers.len());
         let mut per_stream: HashMap<&str, (f64, u64, Vec<f64>)> = HashMap::new();
+        let mut per_rendition: HashMap<(&str, u8), usize> = HashMap::new();
         let states = self.hub.viewers();
         for v in &states {
             v.account_bytes();
@@ -317,13 +340,17 @@ impl Stats {
             {
                 agg.2.push(f64::from(ms));
             }
+            let rendition = v.rendition.load(std::sync::atomic::Ordering::Relaxed);
+            *per_rendition.entry((&v.stream, rendition)).or_default() += 1;
             viewers.push(ViewerRow {
                 id: v.id,
                 stream: v.stream.clone(),
                 peer: v.peer.to_string(),
                 user_agent: v.user_agent.clone(),
                 since_ms: v.since_ms,
-                rendition: v.rendition.load(std::sync::atomic::Ordering::Relaxed),
+                rendition,
+                switches: v.switches.load(std::sync::atomic::Ordering::Relaxed),
+                last_switch: v.last_switch(),
                 send_kbps,
                 bytes_sent: sent,
                 backlog_bytes: by_name.get(v.stream.as_str()).map_or(0, |s| backlog(s, v)),
@@ -335,6 +362,7 @@ impl Stats {
 
         let mut streams = Vec::new();
         let mut seen = HashMap::new();
+        let mut seen_renditions = HashMap::new();
         let now_ms = now_us() / 1000;
         let mut all_latencies = Vec::new();
         for stream in &all_streams {
@@ -350,7 +378,33 @@ impl Stats {
                 per_stream.remove(summary.name.as_str()).unwrap_or_default();
             all_latencies.extend_from_slice(&latencies);
             let policy = self.cfg.stream_settings(&summary.name);
+            let renditions = stream
+                .renditions()
+                .iter()
+                .map(|r| {
+                    let info = r.info();
+                    let pushed = r.pushed_bytes();
+                    let key = (summary.name.clone(), r.id);
+                    let before = prev.renditions.get(&key).copied().unwrap_or(pushed);
+                    seen_renditions.insert(key, pushed);
+                    RenditionStats {
+                        id: r.id,
+                        bitrate_kbps: kbps(pushed.saturating_sub(before)),
+                        viewers: per_rendition
+                            .get(&(summary.name.as_str(), r.id))
+                            .copied()
+                            .unwrap_or(0),
+                        name: info.name,
+                        codec: info.codec,
+                        width: info.width,
+                        height: info.height,
+                        fps: info.fps,
+                        nominal_kbps: info.nominal_kbps,
+                    }
+                })
+                .collect();
             streams.push(StreamStats {
+                renditions,
                 sync: policy.sync,
                 sync_latency_ms: policy.sync.then_some(policy.latency_ms),
                 uptime_s: summary
@@ -371,6 +425,7 @@ impl Stats {
             });
         }
         prev.streams = seen;
+        prev.renditions = seen_renditions;
         prev.at = Some(now);
 
         let totals = Totals {
@@ -416,9 +471,9 @@ fn round1(x: f64) -> f64 {
 }
 
 /// Bytes of its rendition's log the viewer has yet to receive.
-fn backlog(stream: &Stream, v: &ViewerState) -> u64 {
+pub fn backlog(stream: &Stream, v: &ViewerState) -> u64 {
     let rendition = v.rendition.load(std::sync::atomic::Ordering::Relaxed);
-    match (stream.rendition(usize::from(rendition)), v.sink()) {
+    match (stream.rendition(rendition), v.sink()) {
         (Some(r), Some(sink)) => r.backlog_bytes(sink.position()),
         _ => 0,
     }

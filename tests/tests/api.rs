@@ -210,6 +210,25 @@ async fn api_and_metrics_count_what_the_hub_has_and_viewers_can_be_removed() {
     assert_eq!(listed.len(), 5, "{detail}");
     assert!(listed.contains(&reporter_id));
     assert_eq!(detail["stats"]["latency_ms"]["avg"], 240.0);
+    // One rendition, the source, described from its init, with every viewer on it.
+    let renditions = detail["renditions"].as_array().expect("renditions");
+    assert_eq!(renditions.len(), 1, "{detail}");
+    let source = &renditions[0];
+    assert_eq!(source["name"], "source", "{source}");
+    assert_eq!(
+        (source["width"].as_u64(), source["height"].as_u64()),
+        (Some(640), Some(360))
+    );
+    assert!(
+        source["codec"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("avc1.")),
+        "{source}"
+    );
+    assert_eq!(source["viewers"], 5, "{source}");
+    assert!(source["bitrate_kbps"].as_f64() > Some(0.0), "{source}");
+    assert_eq!(rows[0]["rendition"], 0);
+    assert_eq!(rows[0]["switches"], 0);
     let text = metrics(&server).await;
     assert!(
         metric(&text, "onair_viewer_reports_total") >= Some(1.0),

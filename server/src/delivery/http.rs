@@ -5,7 +5,6 @@
 //! WebSocket connections be taken back as the plain `TcpStream` (for vectored writes of pre-framed
 //! messages), and lets shutdown close connections gracefully.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::Config;
 use crate::hub::{Hub, StreamSummary};
+pub use crate::net::Peer;
 use crate::stats::{Page, Stats, StreamStats, ViewerPage};
 
 #[derive(Clone)]
@@ -36,6 +36,17 @@ pub struct App {
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+}
+
+impl axum::extract::FromRef<App> for crate::ingest::ws::PushContext {
+    fn from_ref(app: &App) -> Self {
+        Self {
+            hub: app.hub.clone(),
+            cfg: app.cfg.clone(),
+            shutdown: app.shutdown.clone(),
+            tracker: app.tracker.clone(),
+        }
+    }
 }
 
 pub fn router(app: App) -> Router {
@@ -108,6 +119,8 @@ struct StreamDetail<'a> {
     summary: StreamSummary,
     /// From the last stats period.
     stats: Option<&'a StreamStats>,
+    /// Its renditions, as of the last stats period (measured bitrate, viewers on each).
+    renditions: &'a [crate::stats::RenditionStats],
     viewers: ViewerPage<'a>,
 }
 
@@ -121,9 +134,11 @@ async fn get_stream(
     };
     let snap = app.stats.latest();
     page.stream = Some(name.clone());
+    let stats = snap.streams.iter().find(|x| x.name == name);
     axum::Json(StreamDetail {
         summary: StreamSummary::of(&s),
-        stats: snap.streams.iter().find(|x| x.name == name),
+        stats,
+        renditions: stats.map_or(&[][..], |s| &s.renditions[..]),
         viewers: snap.page(&page),
     })
     .into_response()
@@ -305,7 +320,3 @@ pub async fn serve(listener: TcpListener, app: App) {
         });
     }
 }
-
-/// The remote address of an HTTP connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);

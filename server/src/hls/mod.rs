@@ -1,5 +1,5 @@
-//! LL-HLS from memory: one packager per live stream, subscribed to its source rendition like a
-//! viewer, boxing parts and segments with the same fMP4 muxer as the browser player. Nothing
+//! LL-HLS from memory: one packager per live stream, reading every frame of its source
+//! rendition (the hub's lossless reader), boxing parts and segments with the same fMP4 muxer as the browser player. Nothing
 //! is written to disk; a window of segments is kept, and a stream that ends is served for a
 //! grace period, then forgotten (its URLs answer 404).
 //!
@@ -20,13 +20,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use onair_protocol::wire::{Message, StatusCode};
+use onair_protocol::wire::StatusCode;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{Hub, Stream, StreamHold, now_us};
+use crate::hub::{Event, Hub, Item, QueueLimits, Stream, StreamHold, now_us};
 use segmenter::{Counters, Frame, Segmenter, Settings};
 
 /// The HLS side of the server: a packager per stream.
@@ -156,19 +156,8 @@ impl Hls {
     }
 }
 
-/// Strips the WebSocket frame header the hub's messages carry.
-fn unframe(frame: &[u8]) -> Option<&[u8]> {
-    let len = *frame.get(1)? & 0x7f;
-    let start = match len {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
-    frame.get(start..)
-}
-
-/// Follows the stream's source rendition and packages it, until the stream has been gone for
-/// the grace period (or shutdown).
+/// Follows the stream's source rendition, every frame of it (a lossless reader), and packages
+/// it, until the stream has been gone for the grace period (or shutdown).
 async fn package(
     hls: Arc<Hls>,
     me: Arc<HlsStream>,
@@ -176,24 +165,23 @@ async fn package(
     shutdown: CancellationToken,
 ) {
     let name = me.source.name.clone();
-    let Some(rendition) = me.source.rendition(0).cloned() else {
-        return;
-    };
     tracing::info!(stream = %name, epoch = me.epoch, "hls: packaging");
-    let mut batch = Vec::new();
-    let mut cursor = rendition.join(&mut batch);
+    let reader = me.source.source().subscribe_lossless(QueueLimits::DEFAULT);
     let mut ended: Option<tokio::time::Instant> = None;
     // Frames the segmenter refused since the last init: logged once, not once per frame.
     let mut dropped = 0u64;
-    loop {
-        let notified = rendition.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        rendition.read(&mut cursor, &mut batch, 256, 8 << 20);
-        if batch.is_empty() {
+    let mut lost_logged = false;
+    let mut events = Vec::new();
+    'run: loop {
+        while events.len() < 256
+            && let Some(e) = reader.try_next()
+        {
+            events.push(e);
+        }
+        if events.is_empty() {
             let deadline = ended.map(|at| at + hls.grace);
             tokio::select! {
-                _ = &mut notified => continue,
+                e = reader.next() => events.push(e),
                 _ = shutdown.cancelled() => break,
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
                     if deadline.is_some() => {
@@ -202,62 +190,68 @@ async fn package(
                 }
             }
         }
-        {
-            let mut changed = false;
-            let mut seg = me.segmenter.write();
-            let now = now_us();
-            for frame in batch.drain(..) {
-                let Some(body) = unframe(&frame) else {
-                    continue;
-                };
-                match Message::decode(body) {
-                    Ok(Message::Media { header, payload }) => {
-                        let f = Frame {
-                            track: header.track,
-                            keyframe: header.keyframe,
-                            dts: header.dts,
-                            cts: header.cts,
-                            ingest_us: header.ingest_us,
-                            payload,
-                        };
-                        match seg.push(&f, now) {
-                            Ok(closed) => changed |= closed,
-                            Err(e) => {
-                                if dropped == 0 {
-                                    tracing::warn!(stream = %name, error = %e, "hls: frame dropped (logged once per init)");
-                                }
-                                dropped += 1;
+        let mut changed = false;
+        let mut seg = me.segmenter.write();
+        let now = now_us();
+        for event in events.drain(..) {
+            match event {
+                Event::Item(Item::Media(f)) => {
+                    let frame = Frame {
+                        track: f.header.track,
+                        keyframe: f.header.keyframe,
+                        dts: f.header.dts,
+                        cts: f.header.cts,
+                        ingest_us: f.header.ingest_us,
+                        payload: &f.payload,
+                    };
+                    match seg.push(&frame, now) {
+                        Ok(closed) => changed |= closed,
+                        Err(e) => {
+                            if dropped == 0 {
+                                tracing::warn!(stream = %name, error = %e, "hls: frame dropped (logged once per init)");
                             }
+                            dropped += 1;
                         }
                     }
-                    Ok(Message::Init(init)) => {
-                        if dropped > 1 {
-                            tracing::warn!(stream = %name, dropped, "hls: frames dropped under the last init");
-                        }
-                        dropped = 0;
-                        if let Err(e) = seg.set_init(&init) {
-                            tracing::warn!(stream = %name, error = %e, "hls: cannot package this stream");
-                        }
+                }
+                Event::Item(Item::Init(init)) => {
+                    if dropped > 1 {
+                        tracing::warn!(stream = %name, dropped, "hls: frames dropped under the last init");
+                    }
+                    dropped = 0;
+                    if let Err(e) = seg.set_init(&init.wire(0)) {
+                        tracing::warn!(stream = %name, error = %e, "hls: cannot package this stream");
+                    }
+                    changed = true;
+                    ended = None;
+                }
+                Event::Item(Item::Status(code, _)) => match code {
+                    StatusCode::Waiting | StatusCode::Ended => {
+                        seg.end_of_media();
                         changed = true;
-                        ended = None;
+                        ended.get_or_insert_with(tokio::time::Instant::now);
                     }
-                    Ok(Message::Status(s)) => match s.code {
-                        StatusCode::Waiting | StatusCode::Ended => {
-                            seg.end_of_media();
-                            changed = true;
-                            ended.get_or_insert_with(tokio::time::Instant::now);
-                        }
-                        StatusCode::Live | StatusCode::Republished => ended = None,
-                        StatusCode::Skipped => {}
-                    },
-                    _ => {}
+                    StatusCode::Live | StatusCode::Republished => ended = None,
+                    StatusCode::Skipped => {}
+                },
+                Event::Lost(n) => {
+                    // The packager fell behind the publisher (a starved machine): the queue
+                    // dropped up to the next keyframe, where packaging goes on.
+                    if !lost_logged {
+                        tracing::warn!(stream = %name, frames = n, total = reader.dropped(), "hls: packager fell behind; frames dropped up to a keyframe");
+                        lost_logged = true;
+                    }
+                }
+                Event::Ended => {
+                    drop(seg);
+                    break 'run;
                 }
             }
-            // Announced while the change is still locked in: a request woken by it, or one
-            // that sees the change first, renders this version, never the one before.
-            if changed {
-                me.version.send_modify(|v| *v += 1);
-            }
+        }
+        // Announced while the change is still locked in: a request woken by it, or one
+        // that sees the change first, renders this version, never the one before.
+        if changed {
+            me.version.send_modify(|v| *v += 1);
         }
     }
     hls.remove(&me);

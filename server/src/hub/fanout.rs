@@ -24,6 +24,9 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::Tasks;
 
 /// Frames per vectored write (Linux takes up to 1024 iovecs; this keeps them on the stack).
 pub const MAX_IOV: usize = 64;
@@ -223,14 +226,17 @@ pub(super) trait Flush: Send + Sync + 'static {
 }
 
 impl Fanout {
-    /// Registers a viewer's socket; starts the fan-out task on first use.
-    pub(super) fn add<T: Flush>(&self, owner: &Arc<T>, io: Arc<dyn SinkWrite>) -> Arc<Sink> {
-        let sink = Arc::new(Sink::new(io));
-        self.sinks.lock().push(sink.clone());
+    /// Registers a viewer's socket; starts the fan-out task on first use, tracked with every
+    /// other task for shutdown.
+    pub(super) fn attach<T: Flush>(&self, owner: &Arc<T>, sink: Arc<Sink>, tasks: &Tasks) {
+        self.sinks.lock().push(sink);
         if !self.wake.started.swap(true, Ordering::AcqRel) {
-            tokio::spawn(run(Arc::downgrade(owner), self.wake.clone()));
+            tasks.tracker.spawn(run(
+                Arc::downgrade(owner),
+                self.wake.clone(),
+                tasks.shutdown.clone(),
+            ));
         }
-        sink
     }
 
     pub(super) fn remove(&self, sink: &Arc<Sink>) {
@@ -288,10 +294,14 @@ impl Drop for Fanout {
 const GATHER_MIN_SINKS: usize = 64;
 const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
-async fn run<T: Flush>(owner: Weak<T>, wake: Arc<Wake>) {
+async fn run<T: Flush>(owner: Weak<T>, wake: Arc<Wake>, shutdown: CancellationToken) {
     let mut state = FlushState::default();
     loop {
-        wake.notify.notified().await;
+        tokio::select! {
+            _ = wake.notify.notified() => {}
+            // Viewers' tasks take their sockets back and close them themselves.
+            _ = shutdown.cancelled() => return,
+        }
         if wake.closed.load(Ordering::Acquire) {
             return;
         }

@@ -1,115 +1,110 @@
-//! Wire messages pre-framed as complete WebSocket frames.
+//! What a rendition's log holds: codec-neutral frames, codec configurations and statuses, and
+//! the hook through which delivery frames each of them once for its viewers.
 //!
-//! Server-to-client frames are never masked, so a frame's bytes are the same for every viewer:
-//! each message is framed once, here, and every viewer of a rendition writes the same `Bytes`.
+//! The hub knows no WebSocket. It asks a [`Framer`] (delivery's) for the bytes a viewer is sent,
+//! once per entry, and keeps those bytes beside the entry; a media frame's payload is a slice of
+//! the very same buffer, so the log holds each payload once whichever way it is read.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, Payload};
-use onair_protocol::wire::{MEDIA_HEADER_LEN, MediaHeader, Message, WireError};
+use onair_protocol::wire::{
+    Init, MediaHeader, Message, StatusCode, TrackInit, TrackParams, WireError,
+};
 
-/// Largest WebSocket frame header for an unmasked frame (2 + 8 bytes of length).
-const HEADROOM: usize = 10;
-
-/// Frames a message whose body is written by `body` into the buffer after `HEADROOM` bytes.
-fn frame_with(capacity: usize, body: impl FnOnce(&mut Vec<u8>)) -> Bytes {
-    let mut buf = Vec::with_capacity(HEADROOM + capacity);
-    buf.resize(HEADROOM, 0);
-    body(&mut buf);
-    let mut head = [0u8; 14];
-    let n = Frame::binary(Payload::Borrowed(&buf[HEADROOM..])).fmt_head(&mut head);
-    let start = HEADROOM - n;
-    buf[start..HEADROOM].copy_from_slice(&head[..n]);
-    Bytes::from(buf).slice(start..)
+/// One media frame as ingest made it: video stays length-prefixed, AAC raw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub header: MediaHeader,
+    pub payload: Bytes,
 }
 
-/// A wire message as one binary WebSocket frame.
-pub fn message(msg: &Message<'_>) -> Result<Bytes, WireError> {
-    let mut result = Ok(());
-    let bytes = frame_with(64, |buf| result = msg.encode(buf));
-    result.map(|()| bytes)
+/// The track id ingest gives video (audio is 1).
+pub const VIDEO_TRACK: u8 = 0;
+
+impl Frame {
+    pub fn is_video(&self) -> bool {
+        self.header.track == VIDEO_TRACK
+    }
 }
 
-/// A media message as one binary WebSocket frame: the only copy of the payload the fan-out makes.
-pub fn media(header: &MediaHeader, payload: &[u8]) -> Bytes {
-    frame_with(MEDIA_HEADER_LEN + payload.len(), |buf| {
-        let mut h = [0u8; MEDIA_HEADER_LEN];
+/// One track's codec configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackConfig {
+    pub id: u8,
+    pub timescale: u32,
+    /// RFC 6381 codec string.
+    pub codec: String,
+    pub params: TrackParams,
+    /// avcC for H.264, AudioSpecificConfig for AAC.
+    pub config: Bytes,
+}
+
+/// A rendition's codec configuration: every track, owned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InitConfig {
+    pub tracks: Vec<TrackConfig>,
+}
+
+impl InitConfig {
+    /// The wire message for rendition `id`.
+    pub fn wire(&self, rendition: u8) -> Init<'_> {
+        Init {
+            rendition,
+            tracks: self
+                .tracks
+                .iter()
+                .map(|t| TrackInit {
+                    id: t.id,
+                    timescale: t.timescale,
+                    codec: &t.codec,
+                    params: t.params,
+                    config: &t.config,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn video(&self) -> Option<&TrackConfig> {
+        self.tracks
+            .iter()
+            .find(|t| matches!(t.params, TrackParams::Video { .. }))
+    }
+}
+
+/// An entry of a rendition's log, as consumers other than WebSocket viewers read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Media(Frame),
+    Init(Arc<InitConfig>),
+    Status(StatusCode, &'static str),
+}
+
+/// Frames the hub's entries for WebSocket viewers: once per entry, shared by every viewer.
+pub trait Framer: Send + Sync + 'static {
+    /// A media message; returns its bytes and where the payload starts in them.
+    fn media(&self, header: &MediaHeader, payload: &[u8]) -> (Bytes, usize);
+    /// Any other message.
+    fn message(&self, msg: &Message<'_>) -> Result<Bytes, WireError>;
+}
+
+/// A framer that writes the bare wire messages: for the hub's own tests, and for anything that
+/// needs no WebSocket header.
+pub struct WireFramer;
+
+impl Framer for WireFramer {
+    fn media(&self, header: &MediaHeader, payload: &[u8]) -> (Bytes, usize) {
+        let mut h = [0u8; onair_protocol::wire::MEDIA_HEADER_LEN];
         header.encode(&mut h);
+        let mut buf = Vec::with_capacity(h.len() + payload.len());
         buf.extend_from_slice(&h);
         buf.extend_from_slice(payload);
-    })
-}
-
-/// A close frame with a status code and a reason the client can show.
-pub fn close(code: u16, reason: &str) -> Bytes {
-    // RFC 6455 limits control frame payloads to 125 bytes: 2 for the code, 123 for the reason.
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut buf = Vec::new();
-    Bytes::copy_from_slice(Frame::close(code, &reason.as_bytes()[..end]).write(&mut buf))
-}
-
-/// Any control frame fastwebsockets asks us to send (pong, close echo), serialized.
-pub fn control(mut frame: Frame<'_>) -> Bytes {
-    let mut buf = Vec::new();
-    Bytes::copy_from_slice(frame.write(&mut buf))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use onair_protocol::wire::{Status, StatusCode};
-
-    fn unframe(b: &[u8]) -> &[u8] {
-        assert_eq!(b[0], 0x82, "FIN + binary");
-        match b[1] {
-            126 => &b[4..],
-            127 => &b[10..],
-            n => {
-                assert_eq!(n as usize, b.len() - 2);
-                &b[2..]
-            }
-        }
+        (Bytes::from(buf), h.len())
     }
 
-    #[test]
-    fn frames_every_length_class() {
-        for len in [0usize, 100, 125, 126, 1000, 65535, 65536, 200_000] {
-            let payload = vec![7u8; len];
-            let h = MediaHeader {
-                track: 0,
-                keyframe: true,
-                dts: 1,
-                cts: 0,
-                ingest_us: 2,
-            };
-            let f = media(&h, &payload);
-            let body = unframe(&f);
-            assert_eq!(body.len(), MEDIA_HEADER_LEN + len);
-            match Message::decode(body).unwrap() {
-                Message::Media { header, payload: p } => {
-                    assert_eq!(header, h);
-                    assert_eq!(p, &payload[..]);
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        let s = message(&Message::Status(Status {
-            code: StatusCode::Waiting,
-            message: "x",
-        }))
-        .unwrap();
-        assert!(matches!(
-            Message::decode(unframe(&s)),
-            Ok(Message::Status(_))
-        ));
-    }
-
-    #[test]
-    fn close_reason_is_cut_to_fit_a_control_frame() {
-        let f = close(1001, &"é".repeat(100));
-        assert!(f.len() <= 127);
-        assert_eq!(f[0], 0x88);
+    fn message(&self, msg: &Message<'_>) -> Result<Bytes, WireError> {
+        let mut buf = Vec::new();
+        msg.encode(&mut buf)?;
+        Ok(Bytes::from(buf))
     }
 }

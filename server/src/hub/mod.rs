@@ -1,28 +1,60 @@
 //! The hub: live streams by name, each with its renditions, publisher and viewers.
 //!
-//! It knows nothing of codecs beyond what ingest tells it: it stores pre-framed wire messages and
-//! hands the same bytes to every viewer of a rendition.
+//! It knows nothing of codecs beyond what ingest tells it, and nothing of WebSocket or metrics:
+//! entries are framed for viewers by the [`Framer`] delivery gives it, and what happens is
+//! reported through [`Events`], which the metrics side implements.
 
 pub mod fanout;
+pub mod follow;
 pub mod frame;
+pub mod lossless;
 pub mod rendition;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
 use dashmap::DashMap;
-use onair_protocol::wire::{Init, MediaHeader, Message, Status, StatusCode, ViewerStats};
-use parking_lot::Mutex;
+use onair_protocol::wire::{MediaHeader, StatusCode, ViewerStats, WireError};
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-use crate::metrics::METRICS;
+use tokio_util::task::TaskTracker;
 
 pub use fanout::{Sink, SinkWrite};
-pub use rendition::{Cursor, Limits, Rendition};
+pub use follow::{Follow, SwitchReason};
+pub use frame::{Frame, Framer, InitConfig, Item, TrackConfig, VIDEO_TRACK};
+pub use lossless::{Event, Lossless, QueueLimits};
+pub use rendition::{Cursor, Limits, ReadOutcome, Rendition, RenditionInfo};
+
+/// The name of the rendition a publisher sends.
+pub const SOURCE: &str = "source";
+
+/// Where the hub's own tasks (fan-out) are tracked, and the signal that ends them.
+#[derive(Clone, Default)]
+pub struct Tasks {
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// What happens in the hub, for whoever counts it (metrics). Every method defaults to nothing.
+pub trait Events: Send + Sync + 'static {
+    fn viewer_joined(&self) {}
+    /// A media frame of `bytes` payload bytes came in from a publisher.
+    fn media_in(&self, _bytes: usize) {}
+    /// A viewer's report was recorded; its latency when it vouches for one.
+    fn viewer_report(&self, _latency_ms: Option<u32>) {}
+    fn keyframe_skip(&self) {}
+    fn bytes_out(&self, _bytes: u64) {}
+    /// A viewer was moved from one rendition to another.
+    fn switch(&self, _up: bool, _reason: SwitchReason) {}
+}
+
+/// Events that nobody counts (the hub's own tests).
+pub struct NoEvents;
+impl Events for NoEvents {}
 
 /// Stream names are path segments and stream keys: keep them to a safe alphabet.
 pub fn valid_stream_name(name: &str) -> bool {
@@ -87,7 +119,12 @@ pub enum PublishError {
 
 pub struct Stream {
     pub name: String,
-    renditions: Vec<Arc<Rendition>>,
+    /// The source first, then others in the order they came. Ids are unique among the live
+    /// ones; a removed rendition's id may be given again later.
+    renditions: RwLock<Vec<Arc<Rendition>>>,
+    /// Bumped (and waiters woken) whenever a rendition comes or goes.
+    renditions_version: AtomicU64,
+    renditions_changed: Notify,
     publisher: Mutex<Option<PublisherInfo>>,
     media: Mutex<MediaInfo>,
     published_before: AtomicBool,
@@ -99,6 +136,9 @@ pub struct Stream {
     frames_in: AtomicU64,
     video_frames_in: AtomicU64,
     bytes_in: AtomicU64,
+    limits: Limits,
+    framer: Arc<dyn Framer>,
+    tasks: Tasks,
 }
 
 impl Stream {
@@ -114,14 +154,92 @@ impl Stream {
         )
     }
 
-    /// How many renditions it has.
-    pub fn renditions(&self) -> usize {
-        self.renditions.len()
+    /// Every rendition, the source first.
+    pub fn renditions(&self) -> Vec<Arc<Rendition>> {
+        self.renditions.read().clone()
     }
 
-    /// Rendition 0 is the source as published. ABR adds more.
-    pub fn rendition(&self, id: usize) -> Option<&Arc<Rendition>> {
-        self.renditions.get(id)
+    /// The published rendition.
+    pub fn source(&self) -> Arc<Rendition> {
+        self.renditions.read()[0].clone()
+    }
+
+    pub fn rendition(&self, id: u8) -> Option<Arc<Rendition>> {
+        self.renditions.read().iter().find(|r| r.id == id).cloned()
+    }
+
+    pub fn rendition_named(&self, name: &str) -> Option<Arc<Rendition>> {
+        self.renditions
+            .read()
+            .iter()
+            .find(|r| r.name() == name)
+            .cloned()
+    }
+
+    /// The remaining rendition closest to `like` in height, then in bitrate.
+    pub fn nearest(&self, like: &RenditionInfo) -> Option<Arc<Rendition>> {
+        self.renditions
+            .read()
+            .iter()
+            .filter(|r| !r.is_gone())
+            .min_by_key(|r| {
+                let i = r.info();
+                (
+                    i.height.abs_diff(like.height),
+                    i.nominal_kbps.abs_diff(like.nominal_kbps),
+                )
+            })
+            .cloned()
+    }
+
+    /// Changes whenever a rendition comes or goes.
+    pub fn renditions_version(&self) -> u64 {
+        self.renditions_version.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a rendition comes or goes after this call.
+    pub fn renditions_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.renditions_changed.notified()
+    }
+
+    /// Adds a rendition (a ladder rung, a track of a multitrack publish) on this stream's
+    /// timeline. It lives until the returned writer is dropped; None if the name is taken or
+    /// there is no id left.
+    pub fn add_rendition(self: &Arc<Self>, info: RenditionInfo) -> Option<RenditionWriter> {
+        let mut list = self.renditions.write();
+        if list.iter().any(|r| r.name() == info.name) {
+            return None;
+        }
+        let id = (1..=u8::MAX - 1).find(|id| list.iter().all(|r| r.id != *id))?;
+        let rendition = Arc::new(Rendition::new(
+            id,
+            info,
+            self.limits,
+            self.framer.clone(),
+            (StatusCode::Live, "rendition started"),
+            self.tasks.clone(),
+        ));
+        list.push(rendition.clone());
+        drop(list);
+        self.renditions_version.fetch_add(1, Ordering::AcqRel);
+        self.renditions_changed.notify_waiters();
+        Some(RenditionWriter {
+            stream: self.clone(),
+            rendition,
+        })
+    }
+
+    fn remove_rendition(&self, id: u8) {
+        let removed = {
+            let mut list = self.renditions.write();
+            let at = list.iter().position(|r| r.id == id);
+            at.map(|i| list.remove(i))
+        };
+        if let Some(r) = removed {
+            r.set_gone();
+            self.renditions_version.fetch_add(1, Ordering::AcqRel);
+            self.renditions_changed.notify_waiters();
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -131,40 +249,120 @@ impl Stream {
     }
 }
 
+/// A rendition other than the source, fed by whoever added it. Dropping it removes the
+/// rendition: its viewers are moved to the nearest remaining one at a keyframe.
+pub struct RenditionWriter {
+    stream: Arc<Stream>,
+    pub rendition: Arc<Rendition>,
+}
+
+impl RenditionWriter {
+    /// Announces this rendition's codec configuration (and its resolution and codec, from the
+    /// init's video track).
+    pub fn set_init(&self, init: InitConfig) -> Result<(), WireError> {
+        describe(&self.rendition, &init);
+        self.rendition.push_init(Arc::new(init))
+    }
+
+    pub fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
+        self.rendition.push_media(header, payload, sync);
+    }
+
+    /// Tells this rendition's viewers the state of the stream (waiting, republished).
+    pub fn push_status(&self, code: StatusCode, message: &'static str) {
+        self.rendition.push_status(
+            (code, message),
+            (code, message),
+            code == StatusCode::Waiting,
+        );
+    }
+}
+
+impl Drop for RenditionWriter {
+    fn drop(&mut self) {
+        self.stream.remove_rendition(self.rendition.id);
+    }
+}
+
+/// Takes a rendition's description from its init's video track (or audio, for audio only).
+fn describe(r: &Rendition, init: &InitConfig) {
+    r.update_info(|info| match init.video() {
+        Some(v) => {
+            info.codec = v.codec.clone();
+            if let onair_protocol::wire::TrackParams::Video {
+                width,
+                height,
+                fps_milli,
+            } = v.params
+            {
+                info.width = u32::from(width);
+                info.height = u32::from(height);
+                info.fps = (fps_milli > 0).then(|| f64::from(fps_milli) / 1000.0);
+            }
+        }
+        None => {
+            info.codec = init
+                .tracks
+                .first()
+                .map(|t| t.codec.clone())
+                .unwrap_or_default();
+            (info.width, info.height, info.fps) = (0, 0, None);
+        }
+    });
+}
+
 pub struct Hub {
     streams: DashMap<String, Arc<Stream>>,
     /// Every connected viewer, by id: for the API, the dashboard and `DELETE /api/viewers/ID`.
     viewers: DashMap<u64, Arc<ViewerState>>,
     limits: Limits,
+    framer: Arc<dyn Framer>,
+    events: Arc<dyn Events>,
+    tasks: Tasks,
     next_viewer_id: AtomicU64,
     shutting_down: AtomicBool,
 }
 
-/// A status message, framed. Ours are short constants, well within the 255-byte string limit.
-fn status(code: StatusCode, message: &str) -> Bytes {
-    frame::message(&Message::Status(Status { code, message })).unwrap_or_default()
-}
-
 impl Hub {
-    pub fn new(limits: Limits) -> Arc<Self> {
+    pub fn new(
+        limits: Limits,
+        framer: Arc<dyn Framer>,
+        events: Arc<dyn Events>,
+        tasks: Tasks,
+    ) -> Arc<Self> {
         Arc::new(Self {
             streams: DashMap::new(),
             viewers: DashMap::new(),
             limits,
+            framer,
+            events,
+            tasks,
             next_viewer_id: AtomicU64::new(1),
             shutting_down: Default::default(),
         })
     }
 
+    pub fn events(&self) -> &Arc<dyn Events> {
+        &self.events
+    }
+
     fn new_stream(&self, name: &str) -> Arc<Stream> {
-        let waiting = status(StatusCode::Waiting, "waiting for the publisher");
-        let skipped = status(
-            StatusCode::Skipped,
-            "fell behind: skipped to the next keyframe",
+        let source = Rendition::new(
+            0,
+            RenditionInfo {
+                name: SOURCE.to_string(),
+                ..Default::default()
+            },
+            self.limits,
+            self.framer.clone(),
+            (StatusCode::Waiting, "waiting for the publisher"),
+            self.tasks.clone(),
         );
         Arc::new(Stream {
             name: name.to_string(),
-            renditions: vec![Arc::new(Rendition::new(0, self.limits, waiting, skipped))],
+            renditions: RwLock::new(vec![Arc::new(source)]),
+            renditions_version: AtomicU64::new(0),
+            renditions_changed: Notify::new(),
             publisher: Mutex::new(None),
             media: Mutex::new(MediaInfo::default()),
             published_before: AtomicBool::new(false),
@@ -174,6 +372,9 @@ impl Hub {
             frames_in: AtomicU64::new(0),
             video_frames_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
+            limits: self.limits,
+            framer: self.framer.clone(),
+            tasks: self.tasks.clone(),
         })
     }
 
@@ -204,15 +405,13 @@ impl Hub {
             entry.value().clone()
         };
         let republished = stream.published_before.swap(true, Ordering::AcqRel);
-        let live = status(StatusCode::Live, "publisher connected");
+        let live = (StatusCode::Live, "publisher connected");
         let now = if republished {
-            status(StatusCode::Republished, "publisher is back")
+            (StatusCode::Republished, "publisher is back")
         } else {
-            live.clone()
+            live
         };
-        for r in &stream.renditions {
-            r.push_status(now.clone(), live.clone(), false);
-        }
+        stream.source().push_status(now, live, false);
         Ok(Publisher {
             hub: self.clone(),
             stream,
@@ -245,7 +444,10 @@ impl Hub {
             user_agent,
             since_ms: now_us() / 1000,
             sink: OnceLock::new(),
-            rendition: std::sync::atomic::AtomicU8::new(0),
+            rendition: AtomicU8::new(0),
+            switches: AtomicU64::new(0),
+            last_switch: Mutex::new(None),
+            events: self.events.clone(),
             skips: AtomicU64::new(0),
             send_kbps: Default::default(),
             report: Mutex::new(None),
@@ -253,7 +455,7 @@ impl Hub {
             accounted: AtomicU64::new(0),
         });
         self.viewers.insert(id, state.clone());
-        METRICS.viewers_joined.increment(1);
+        self.events.viewer_joined();
         Viewer {
             id,
             hub: self.clone(),
@@ -362,7 +564,7 @@ impl StreamSummary {
             audio: media.audio,
             frames_in: s.frames_in.load(Ordering::Relaxed),
             bytes_in: s.bytes_in.load(Ordering::Relaxed),
-            retained_bytes: s.renditions.iter().map(|r| r.retained_bytes()).collect(),
+            retained_bytes: s.renditions().iter().map(|r| r.retained_bytes()).collect(),
         }
     }
 }
@@ -392,20 +594,14 @@ impl Publisher {
     }
 
     /// Announces a (new) codec configuration for the source rendition.
-    pub fn set_init(
-        &self,
-        init: &Init<'_>,
-        media: MediaInfo,
-    ) -> Result<(), onair_protocol::wire::WireError> {
-        let framed = frame::message(&Message::Init(init.clone()))?;
+    pub fn set_init(&self, init: InitConfig, media: MediaInfo) -> Result<(), WireError> {
         *self.stream.media.lock() = media;
-        if let Some(r) = self.stream.rendition(0) {
-            r.push_init(framed);
-        }
-        Ok(())
+        let source = self.stream.source();
+        describe(&source, &init);
+        source.push_init(Arc::new(init))
     }
 
-    /// Frames one media frame once and appends it for every viewer of the source rendition.
+    /// Appends one media frame to the source rendition (framed once, for every viewer).
     pub fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
         self.stream.frames_in.fetch_add(1, Ordering::Relaxed);
         if header.track == VIDEO_TRACK {
@@ -414,19 +610,20 @@ impl Publisher {
         self.stream
             .bytes_in
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        METRICS.frames_in.increment(1);
-        METRICS.bytes_in.increment(payload.len() as u64);
-        if let Some(r) = self.stream.rendition(0) {
-            r.push_media(frame::media(header, payload), sync);
-        }
+        self.hub.events.media_in(payload.len());
+        self.stream.source().push_media(header, payload, sync);
+    }
+
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
     }
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        let waiting = status(StatusCode::Waiting, "publisher disconnected");
-        for r in &self.stream.renditions {
-            r.push_status(waiting.clone(), waiting.clone(), true);
+        let waiting = (StatusCode::Waiting, "publisher disconnected");
+        for r in self.stream.renditions() {
+            r.push_status(waiting, waiting, true);
         }
         // Reset before releasing the claim, so a new publisher's media info is never wiped.
         *self.stream.media.lock() = MediaInfo::default();
@@ -448,9 +645,6 @@ impl Drop for StreamHold {
         self.hub.cleanup(&self.stream.name);
     }
 }
-
-/// The track id ingest gives video (audio is 1).
-pub const VIDEO_TRACK: u8 = 0;
 
 /// A viewer's subscription. Dropping it removes the stream once nobody uses it.
 pub struct Viewer {
@@ -484,7 +678,12 @@ pub struct ViewerState {
     /// Unix ms when it connected.
     pub since_ms: u64,
     sink: OnceLock<Arc<Sink>>,
-    pub rendition: std::sync::atomic::AtomicU8,
+    /// The id of the rendition it is on.
+    pub rendition: AtomicU8,
+    /// Times it was moved to another rendition, and why the last time.
+    pub switches: AtomicU64,
+    last_switch: Mutex<Option<SwitchReason>>,
+    events: Arc<dyn Events>,
     /// Times it fell behind and skipped to the next keyframe.
     pub skips: AtomicU64,
     /// Send rate over the last stats period, set by the stats task.
@@ -515,15 +714,12 @@ impl ViewerState {
         let sent = self.bytes_sent();
         // fetch_max: whoever comes second (the stats task, the viewer leaving) adds nothing.
         let before = self.accounted.fetch_max(sent, Ordering::AcqRel);
-        METRICS.bytes_out.increment(sent.saturating_sub(before));
+        self.events.bytes_out(sent.saturating_sub(before));
     }
 
     pub fn set_report(&self, stats: ViewerStats) {
         *self.report.lock() = Some((stats, Instant::now()));
-        METRICS.viewer_reports.increment(1);
-        if let Some(ms) = playing_latency(&stats) {
-            METRICS.viewer_latency.record(f64::from(ms) / 1000.0);
-        }
+        self.events.viewer_report(playing_latency(&stats));
     }
 
     pub fn report(&self) -> Option<(ViewerStats, Instant)> {
@@ -532,7 +728,19 @@ impl ViewerState {
 
     pub fn count_skip(&self) {
         self.skips.fetch_add(1, Ordering::Relaxed);
-        METRICS.keyframe_skips.increment(1);
+        self.events.keyframe_skip();
+    }
+
+    /// Records a move from rendition `from` to `to` (ids; `up` by the caller's judgement).
+    pub fn count_switch(&self, to: u8, up: bool, reason: SwitchReason) {
+        self.rendition.store(to, Ordering::Relaxed);
+        self.switches.fetch_add(1, Ordering::Relaxed);
+        *self.last_switch.lock() = Some(reason);
+        self.events.switch(up, reason);
+    }
+
+    pub fn last_switch(&self) -> Option<SwitchReason> {
+        *self.last_switch.lock()
     }
 
     /// Resolves when an operator removed this viewer ([`Hub::disconnect_viewer`]).
@@ -547,10 +755,15 @@ mod tests {
     use std::time::Duration;
 
     fn hub() -> Arc<Hub> {
-        Hub::new(Limits {
-            max_backlog_bytes: 1 << 20,
-            max_lag: Duration::from_secs(3),
-        })
+        Hub::new(
+            Limits {
+                max_backlog_bytes: 1 << 20,
+                max_lag: Duration::from_secs(3),
+            },
+            Arc::new(frame::WireFramer),
+            Arc::new(NoEvents),
+            Tasks::default(),
+        )
     }
 
     fn info() -> PublisherInfo {

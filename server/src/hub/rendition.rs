@@ -1,8 +1,10 @@
-//! A rendition: one encoding of a stream, its GOP cache, and the cursor each viewer reads with.
+//! A rendition: one encoding of a stream, its log of frames (and GOP cache), a keyframe index,
+//! and the two ways to read it.
 //!
-//! The rendition keeps one shared log of pre-framed messages. The publisher appends (each frame
-//! framed once); every viewer holds only a cursor into the log and writes the very same `Bytes`.
-//! So a viewer's backlog costs nothing beyond the shared log, which is bounded in bytes and age:
+//! The log holds codec-neutral entries ([`Item`]), each framed once for WebSocket viewers by the
+//! stream's [`Framer`] when it is pushed; a media frame's payload is a slice of those bytes.
+//! Viewers hold only a cursor into the log and write the very same `Bytes`. So a viewer's
+//! backlog costs nothing beyond the shared log, which is bounded in bytes and age:
 //!
 //! - the log always keeps everything since the last keyframe (the GOP cache), so a new viewer
 //!   starts at once, on a keyframe;
@@ -10,20 +12,32 @@
 //!   are slightly behind;
 //! - a viewer whose cursor falls out of that window, or whose next frame waited longer than
 //!   `max_lag` (plus, until it first catches up, the age of the GOP it joined with), skips to the
-//!   next keyframe, and the skip is counted.
+//!   next keyframe, and the skip is counted. This is the *lossy* cursor ([`Cursor`]).
+//!
+//! Consumers that must see every frame subscribe a *lossless* queue instead
+//! ([`Rendition::subscribe_lossless`], see [`super::lossless`]).
+//!
+//! Every keyframe's dts is indexed with its place in the log, so a viewer can start on, or
+//! switch to, this rendition at a given keyframe ([`Rendition::switch_cursor`]).
 //!
 //! Viewers at the live edge are written by the rendition's fan-out task instead of their own
 //! (see [`super::fanout`]); this module's cursor rules apply to the others.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use onair_protocol::wire::{MediaHeader, Message, Status, StatusCode, WireError};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::fanout::{Fanout, Flush, FlushState, Returned, Sink, SinkWrite};
+use super::Tasks;
+use super::fanout::{Fanout, Flush, FlushState, Returned, Sink};
+use super::frame::{Frame, Framer, InitConfig, Item};
+use super::lossless::{Lossless, QueueLimits};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -31,11 +45,26 @@ pub struct Limits {
     pub max_lag: Duration,
 }
 
+/// What a rendition is, as the API and the multivariant playlist describe it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RenditionInfo {
+    /// `source` for the published one.
+    pub name: String,
+    pub codec: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: Option<f64>,
+    /// Nominal video bitrate (the ladder's setting); 0 when unknown (the source).
+    pub nominal_kbps: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `sync`: a viewer may start here (a video keyframe, or any frame of an audio-only stream).
     Media {
         sync: bool,
+        video: bool,
+        dts: u64,
     },
     Init {
         generation: u64,
@@ -46,7 +75,9 @@ enum Kind {
 }
 
 struct Entry {
-    frame: Bytes,
+    item: Item,
+    /// The entry as a WebSocket viewer receives it.
+    framed: Bytes,
     kind: Kind,
     pushed: Instant,
     /// Bytes pushed before this entry, for O(1) backlog sizes.
@@ -63,11 +94,17 @@ struct Log {
     retained: u64,
     /// Sequence number of the newest sync point: where new viewers start.
     gop_start: Option<u64>,
-    init: Option<(u64, Bytes)>,
+    /// Sync points still in the log, oldest first: (dts, sequence number).
+    keyframes: VecDeque<(u64, u64)>,
+    /// The newest media frame's dts.
+    newest_dts: Option<u64>,
+    /// The current configuration: its generation, framed, and as pushed.
+    init: Option<(u64, Bytes, Arc<InitConfig>)>,
     /// The status a viewer joining now is given, with the generation of the last status entry.
     status: (u64, Bytes),
     generation: u64,
     warned_gop_too_big: bool,
+    lossless: Vec<Weak<Lossless>>,
 }
 
 impl Log {
@@ -92,18 +129,27 @@ pub struct Cursor {
     /// Extra lag tolerated until the viewer first reaches the live edge: a new viewer starts a
     /// GOP behind by design.
     allowance: Duration,
+    /// After a switch: video before this dts, and audio at or before `audio_after`, were sent
+    /// from the rendition switched from.
+    video_from: Option<u64>,
+    audio_after: Option<u64>,
+    /// Stop before the next video keyframe (a switch waits there), unless it is this one.
+    stop_at_keyframe: bool,
+    passed_keyframe: Option<u64>,
+    /// The last media sent through this cursor, per kind.
+    last_video_dts: Option<u64>,
+    last_audio_dts: Option<u64>,
     /// Times this viewer skipped ahead to catch up.
     pub skips: u64,
 }
 
-pub struct Rendition {
-    pub id: u8,
-    limits: Limits,
-    log: Mutex<Log>,
-    notify: Notify,
-    /// Sent to a viewer when it skips (a `skipped` status), framed once.
-    skip_notice: Bytes,
-    fanout: Fanout,
+/// What [`Rendition::read`] did besides adding frames.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// The viewer was too far behind and skipped to the next keyframe.
+    pub skipped: bool,
+    /// Reading stopped before a video keyframe with this dts ([`Cursor::stop_at_keyframe`]).
+    pub at_keyframe: Option<u64>,
 }
 
 impl Cursor {
@@ -117,6 +163,32 @@ impl Cursor {
     pub fn resume(&mut self, r: &Returned) {
         self.next = r.next;
     }
+
+    /// Reading stops before every video keyframe from now on (a switch is waiting for one).
+    pub fn stop_at_keyframes(&mut self, stop: bool) {
+        self.stop_at_keyframe = stop;
+        self.passed_keyframe = None;
+    }
+
+    /// The keyframe reading stopped at is read next time after all.
+    pub fn pass_keyframe(&mut self, dts: u64) {
+        self.passed_keyframe = Some(dts);
+    }
+}
+
+pub struct Rendition {
+    pub id: u8,
+    info: RwLock<RenditionInfo>,
+    limits: Limits,
+    framer: Arc<dyn Framer>,
+    log: Mutex<Log>,
+    notify: Notify,
+    /// Sent to a viewer when it skips (a `skipped` status), framed once.
+    skip_notice: Bytes,
+    fanout: Fanout,
+    tasks: Tasks,
+    /// Removed from its stream: no more frames will come.
+    gone: AtomicBool,
 }
 
 impl Flush for Rendition {
@@ -130,17 +202,38 @@ impl Flush for Rendition {
         for e in log.entries.range((lo - log.base) as usize..) {
             state
                 .entries
-                .push((e.frame.clone(), matches!(e.kind, Kind::Media { .. })));
+                .push((e.framed.clone(), matches!(e.kind, Kind::Media { .. })));
         }
         state.flushed = log.head();
         lo
     }
 }
 
+/// A status message, framed.
+fn status(framer: &dyn Framer, code: StatusCode, message: &str) -> Bytes {
+    framer
+        .message(&Message::Status(Status { code, message }))
+        .unwrap_or_default()
+}
+
 impl Rendition {
-    pub fn new(id: u8, limits: Limits, initial_status: Bytes, skip_notice: Bytes) -> Self {
+    pub(super) fn new(
+        id: u8,
+        info: RenditionInfo,
+        limits: Limits,
+        framer: Arc<dyn Framer>,
+        initial_status: (StatusCode, &'static str),
+        tasks: Tasks,
+    ) -> Self {
+        let skip_notice = status(
+            &*framer,
+            StatusCode::Skipped,
+            "fell behind: skipped to the next keyframe",
+        );
+        let initial = status(&*framer, initial_status.0, initial_status.1);
         Self {
             id,
+            info: RwLock::new(info),
             limits,
             skip_notice,
             log: Mutex::new(Log {
@@ -149,61 +242,139 @@ impl Rendition {
                 pushed: 0,
                 retained: 0,
                 gop_start: None,
+                keyframes: VecDeque::new(),
+                newest_dts: None,
                 init: None,
-                status: (0, initial_status),
+                status: (0, initial),
                 generation: 0,
                 warned_gop_too_big: false,
+                lossless: Vec::new(),
             }),
+            framer,
             notify: Notify::new(),
             fanout: Fanout::default(),
+            tasks,
+            gone: AtomicBool::new(false),
         }
     }
 
-    /// Appends a media frame. `sync` marks a point where a viewer can start decoding.
-    pub fn push_media(&self, frame: Bytes, sync: bool) {
-        self.push(frame, Kind::Media { sync });
+    pub fn info(&self) -> RenditionInfo {
+        self.info.read().clone()
+    }
+
+    pub fn name(&self) -> String {
+        self.info.read().name.clone()
+    }
+
+    pub(super) fn update_info(&self, f: impl FnOnce(&mut RenditionInfo)) {
+        f(&mut self.info.write());
+    }
+
+    /// Whether it was removed from its stream.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_gone(&self) {
+        self.gone.store(true, Ordering::Release);
+        let log = self.log.lock();
+        for l in log.lossless.iter().filter_map(Weak::upgrade) {
+            l.end();
+        }
+        drop(log);
+        self.notify.notify_waiters();
+        self.fanout.wake();
+    }
+
+    /// Appends a media frame, framed once. `sync` marks a point where a viewer can start.
+    pub(super) fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
+        let (framed, at) = self.framer.media(header, payload);
+        let frame = Frame {
+            header: *header,
+            payload: framed.slice(at..),
+        };
+        let kind = Kind::Media {
+            sync,
+            video: frame.is_video(),
+            dts: header.dts,
+        };
+        let mut log = self.log.lock();
+        log.newest_dts = Some(header.dts);
+        self.push_locked(&mut log, Item::Media(frame), framed, kind);
     }
 
     /// Appends a new codec configuration. Viewers receive it in order; media resumes for them at
     /// the next sync point, and the GOP cache restarts there too.
-    pub fn push_init(&self, frame: Bytes) {
+    pub(super) fn push_init(&self, init: Arc<InitConfig>) -> Result<(), WireError> {
+        let framed = self.framer.message(&Message::Init(init.wire(self.id)))?;
         let mut log = self.log.lock();
         log.generation += 1;
         let generation = log.generation;
-        log.init = Some((generation, frame.clone()));
+        log.init = Some((generation, framed.clone(), init.clone()));
         log.gop_start = None;
-        self.push_locked(&mut log, frame, Kind::Init { generation });
+        self.push_locked(
+            &mut log,
+            Item::Init(init),
+            framed,
+            Kind::Init { generation },
+        );
+        Ok(())
     }
 
     /// Appends a status for the viewers already here; viewers joining later are given
     /// `for_joiners` instead (a joiner is told `live`, not `republished`). `clears_init`: the
     /// configuration no longer holds (publisher gone), so joiners get no init until the next one.
-    pub fn push_status(&self, frame: Bytes, for_joiners: Bytes, clears_init: bool) {
+    pub(super) fn push_status(
+        &self,
+        now: (StatusCode, &'static str),
+        for_joiners: (StatusCode, &'static str),
+        clears_init: bool,
+    ) {
+        let framed = status(&*self.framer, now.0, now.1);
+        let joiners = if for_joiners == now {
+            framed.clone()
+        } else {
+            status(&*self.framer, for_joiners.0, for_joiners.1)
+        };
         let mut log = self.log.lock();
         log.generation += 1;
         let generation = log.generation;
-        log.status = (generation, for_joiners);
+        log.status = (generation, joiners);
         if clears_init {
             log.init = None;
             log.gop_start = None;
         }
-        self.push_locked(&mut log, frame, Kind::Status { generation });
+        self.push_locked(
+            &mut log,
+            Item::Status(now.0, now.1),
+            framed,
+            Kind::Status { generation },
+        );
     }
 
-    fn push(&self, frame: Bytes, kind: Kind) {
-        let mut log = self.log.lock();
-        self.push_locked(&mut log, frame, kind);
-    }
-
-    fn push_locked(&self, log: &mut Log, frame: Bytes, kind: Kind) {
+    fn push_locked(&self, log: &mut Log, item: Item, framed: Bytes, kind: Kind) {
         let now = Instant::now();
-        let len = frame.len() as u64;
-        if kind == (Kind::Media { sync: true }) {
-            log.gop_start = Some(log.head());
+        let len = framed.len() as u64;
+        let sync = matches!(kind, Kind::Media { sync: true, .. });
+        if let Kind::Media {
+            sync: true, dts, ..
+        } = kind
+        {
+            let seq = log.head();
+            log.gop_start = Some(seq);
+            log.keyframes.push_back((dts, seq));
         }
+        log.lossless.retain(|l| match l.upgrade() {
+            Some(l) => {
+                l.offer(&item, sync);
+                true
+            }
+            None => false,
+        });
         let offset = log.pushed;
         log.entries.push_back(Entry {
-            frame,
+            item,
+            framed,
             kind,
             pushed: now,
             offset,
@@ -237,9 +408,33 @@ impl Rendition {
             if in_gop || !(over_bytes || too_old) {
                 break;
             }
-            log.retained -= front.frame.len() as u64;
+            log.retained -= front.framed.len() as u64;
             log.entries.pop_front();
             log.base += 1;
+        }
+        while log
+            .keyframes
+            .front()
+            .is_some_and(|&(_, seq)| seq < log.base)
+        {
+            log.keyframes.pop_front();
+        }
+    }
+
+    fn cursor_at(log: &Log, next: u64) -> Cursor {
+        Cursor {
+            next,
+            need_sync: true,
+            init_generation: 0,
+            status_generation: log.status.0,
+            allowance: Duration::ZERO,
+            video_from: None,
+            audio_after: None,
+            stop_at_keyframe: false,
+            passed_keyframe: None,
+            last_video_dts: None,
+            last_audio_dts: None,
+            skips: 0,
         }
     }
 
@@ -248,15 +443,8 @@ impl Rendition {
     pub fn join(&self, out: &mut Vec<Bytes>) -> Cursor {
         let log = self.log.lock();
         out.push(log.status.1.clone());
-        let mut cursor = Cursor {
-            next: log.head(),
-            need_sync: true,
-            init_generation: 0,
-            status_generation: log.status.0,
-            allowance: Duration::ZERO,
-            skips: 0,
-        };
-        if let Some((generation, init)) = &log.init {
+        let mut cursor = Self::cursor_at(&log, log.head());
+        if let Some((generation, init, _)) = &log.init {
             out.push(init.clone());
             cursor.init_generation = *generation;
             if let Some(g) = log.gop_start {
@@ -268,29 +456,139 @@ impl Rendition {
         cursor
     }
 
+    /// The sequence number of the keyframe at `dts` (±1 ms of timestamp rounding), if the log
+    /// still holds it.
+    pub fn keyframe_at(&self, dts: u64) -> Option<u64> {
+        let log = self.log.lock();
+        log.keyframes
+            .iter()
+            .rev()
+            .find(|&&(k, _)| k.abs_diff(dts) <= 1)
+            .map(|&(_, seq)| seq)
+    }
+
+    /// The newest media frame's dts.
+    pub fn newest_dts(&self) -> Option<u64> {
+        self.log.lock().newest_dts
+    }
+
+    /// A cursor that continues a viewer here, switched from another rendition of the same
+    /// stream that sent video up to `last_video` and audio up to `last_audio`: from the keyframe
+    /// at `at` (±1 ms), or, with `at` None, from the first keyframe after `last_video`. Its
+    /// init goes to `out` first. Audio resumes right after `last_audio` (it may sit before the
+    /// keyframe in this log), video at the keyframe, so there is no hole and no overlap.
+    /// None if there is no such keyframe (yet), or no configuration.
+    pub fn switch_cursor(
+        &self,
+        at: Option<u64>,
+        last_video: Option<u64>,
+        last_audio: Option<u64>,
+        out: &mut Vec<Bytes>,
+    ) -> Option<Cursor> {
+        let log = self.log.lock();
+        let (generation, init, _) = log.init.as_ref()?;
+        let &(k_dts, k_seq) = match at {
+            Some(at) => log
+                .keyframes
+                .iter()
+                .rev()
+                .find(|&&(k, _)| k.abs_diff(at) <= 1)?,
+            None => log
+                .keyframes
+                .iter()
+                .find(|&&(k, _)| last_video.is_none_or(|v| k > v))?,
+        };
+        // The init must precede the keyframe in this log, or the keyframe belongs to an older
+        // configuration than the one we would send.
+        let init_seq = log
+            .entries
+            .iter()
+            .rposition(|e| matches!(e.kind, Kind::Init { generation: g } if g == *generation));
+        if init_seq.is_some_and(|i| log.base + i as u64 > k_seq) {
+            return None;
+        }
+        // Back from the keyframe over audio the old rendition has not sent yet.
+        let mut start = k_seq;
+        let floor = init_seq.map_or(log.base, |i| log.base + i as u64 + 1);
+        let mut seq = k_seq;
+        while seq > floor {
+            seq -= 1;
+            match log.entry(seq).map(|e| e.kind) {
+                Some(Kind::Media {
+                    video: false, dts, ..
+                }) => {
+                    if last_audio.is_some_and(|a| dts <= a) {
+                        break;
+                    }
+                    start = seq;
+                }
+                Some(Kind::Media { video: true, .. }) => {}
+                _ => break,
+            }
+        }
+        out.push(init.clone());
+        let mut cursor = Self::cursor_at(&log, start);
+        cursor.init_generation = *generation;
+        cursor.need_sync = false;
+        cursor.video_from = Some(k_dts);
+        cursor.audio_after = last_audio;
+        cursor.last_video_dts = last_video;
+        cursor.last_audio_dts = last_audio;
+        Some(cursor)
+    }
+
+    /// The dts of the last video and audio frames before entry `next` (what a viewer there was
+    /// last sent, the fan-out's writes included).
+    pub fn last_sent(&self, cursor: &Cursor) -> (Option<u64>, Option<u64>) {
+        let log = self.log.lock();
+        let (mut video, mut audio) = (None, None);
+        let mut seq = cursor.next;
+        while seq > log.base && (video.is_none() || audio.is_none()) {
+            seq -= 1;
+            match log.entry(seq).map(|e| e.kind) {
+                Some(Kind::Media {
+                    video: true, dts, ..
+                }) => {
+                    video.get_or_insert(dts);
+                }
+                Some(Kind::Media { dts, .. }) => {
+                    audio.get_or_insert(dts);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        (
+            video.or(cursor.last_video_dts),
+            audio.or(cursor.last_audio_dts),
+        )
+    }
+
     /// Adds up to `max_frames` messages / about `max_bytes` from the log to `out` (cheap `Bytes`
-    /// clones), advancing the cursor. Applies the viewer's backlog bounds first; returns whether
-    /// the viewer was too far behind and skipped to the next keyframe.
+    /// clones), advancing the cursor. Applies the viewer's backlog bounds first.
     pub fn read(
         &self,
         cursor: &mut Cursor,
         out: &mut Vec<Bytes>,
         max_frames: usize,
         max_bytes: usize,
-    ) -> bool {
+    ) -> ReadOutcome {
         let now = Instant::now();
         let log = self.log.lock();
         let head = log.head();
+        let mut outcome = ReadOutcome::default();
 
         let behind = log.entry(cursor.next).is_some_and(|e| {
             now.duration_since(e.pushed) > self.limits.max_lag + cursor.allowance
                 || log.pushed - e.offset > self.limits.max_backlog_bytes
         });
-        let skipped = cursor.next < log.base || behind;
-        if skipped {
+        if cursor.next < log.base || behind {
+            outcome.skipped = true;
             cursor.next = head;
             cursor.need_sync = true;
             cursor.allowance = Duration::ZERO;
+            cursor.video_from = None;
+            cursor.audio_after = None;
             cursor.skips += 1;
             out.push(self.skip_notice.clone());
             // What the viewer skipped may have changed its configuration: catch it up.
@@ -298,7 +596,7 @@ impl Rendition {
                 out.push(log.status.1.clone());
                 cursor.status_generation = log.status.0;
             }
-            if let Some((generation, init)) = &log.init
+            if let Some((generation, init, _)) = &log.init
                 && cursor.init_generation != *generation
             {
                 out.push(init.clone());
@@ -312,43 +610,92 @@ impl Rendition {
             let Some(e) = log.entry(cursor.next) else {
                 break;
             };
-            cursor.next += 1;
             match e.kind {
-                Kind::Media { sync } => {
+                Kind::Media { sync, video, dts } => {
+                    if video
+                        && sync
+                        && cursor.stop_at_keyframe
+                        && cursor.passed_keyframe != Some(dts)
+                        && !cursor.need_sync
+                    {
+                        outcome.at_keyframe = Some(dts);
+                        break;
+                    }
+                    cursor.next += 1;
                     if cursor.need_sync && !sync {
                         continue;
+                    }
+                    if video {
+                        if cursor.video_from.is_some_and(|from| dts < from) {
+                            continue;
+                        }
+                        cursor.video_from = None;
+                        cursor.last_video_dts = Some(dts);
+                    } else {
+                        if cursor.audio_after.is_some_and(|after| dts <= after) {
+                            continue;
+                        }
+                        cursor.audio_after = None;
+                        cursor.last_audio_dts = Some(dts);
                     }
                     cursor.need_sync = false;
                 }
                 Kind::Init { generation } => {
+                    cursor.next += 1;
                     cursor.init_generation = generation;
                     cursor.need_sync = true;
+                    cursor.video_from = None;
+                    cursor.audio_after = None;
                 }
-                Kind::Status { generation } => cursor.status_generation = generation,
+                Kind::Status { generation } => {
+                    cursor.next += 1;
+                    cursor.status_generation = generation;
+                }
             }
-            bytes += e.frame.len();
-            out.push(e.frame.clone());
+            bytes += e.framed.len();
+            out.push(e.framed.clone());
         }
 
         if cursor.next >= head {
             cursor.allowance = Duration::ZERO;
         }
-        skipped
+        outcome
     }
 
-    /// Resolves when something is appended after this call. Create it before calling
-    /// [`Rendition::read`] (and `enable` it) so that no append in between is missed.
+    /// Resolves when something is appended after this call (or the rendition is removed).
+    /// Create it before calling [`Rendition::read`] (and `enable` it) so that no append in
+    /// between is missed.
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
     }
 
-    /// Registers a viewer's socket for the fast path; it is written by the fan-out task while
-    /// promoted. Remove it with [`Rendition::remove_sink`].
-    pub fn add_sink(self: &Arc<Self>, io: Arc<dyn SinkWrite>) -> Arc<Sink> {
-        self.fanout.add(self, io)
+    /// A lossless reader, starting with the current status, init and GOP cache.
+    pub fn subscribe_lossless(&self, limits: QueueLimits) -> Arc<Lossless> {
+        let reader = Lossless::new(limits);
+        let mut log = self.log.lock();
+        if let Some((_, _, init)) = &log.init {
+            reader.offer(&Item::Init(init.clone()), false);
+            if let Some(g) = log.gop_start {
+                for e in log.entries.range((g - log.base) as usize..) {
+                    let sync = matches!(e.kind, Kind::Media { sync: true, .. });
+                    reader.offer(&e.item, sync);
+                }
+            }
+        }
+        if self.is_gone() {
+            reader.end();
+        }
+        log.lossless.push(Arc::downgrade(&reader));
+        reader
     }
 
-    pub fn remove_sink(&self, sink: &Arc<Sink>) {
+    /// Registers a viewer's socket for the fast path; it is written by the fan-out task while
+    /// promoted. Remove it with [`Rendition::detach_sink`].
+    pub fn attach_sink(self: &Arc<Self>, sink: &Arc<Sink>) {
+        self.fanout.attach(self, sink.clone(), &self.tasks);
+    }
+
+    pub fn detach_sink(&self, sink: &Arc<Sink>) {
         self.fanout.remove(sink);
     }
 
@@ -357,7 +704,7 @@ impl Rendition {
     pub fn promote(&self, sink: &Sink, cursor: &Cursor) -> bool {
         let log = self.log.lock();
         let head = log.head();
-        if cursor.next != head || cursor.need_sync {
+        if cursor.next != head || cursor.need_sync || cursor.stop_at_keyframe {
             return false;
         }
         sink.promote(head);
@@ -381,160 +728,326 @@ impl Rendition {
     pub fn retained_bytes(&self) -> u64 {
         self.log.lock().retained
     }
+
+    /// Bytes ever pushed.
+    pub fn pushed_bytes(&self) -> u64 {
+        self.log.lock().pushed
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::frame::WireFramer;
+    use onair_protocol::wire::{TrackParams, VERSION};
 
     fn r(max_bytes: u64, max_lag_ms: u64) -> Rendition {
         Rendition::new(
             0,
+            RenditionInfo::default(),
             Limits {
                 max_backlog_bytes: max_bytes,
                 max_lag: Duration::from_millis(max_lag_ms),
             },
-            Bytes::from_static(b"S0"),
-            Bytes::from_static(b"SKIP"),
+            Arc::new(WireFramer),
+            (StatusCode::Waiting, "S0"),
+            Tasks::default(),
         )
     }
 
-    fn b(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
+    fn init(tag: &str) -> Arc<InitConfig> {
+        Arc::new(InitConfig {
+            tracks: vec![crate::hub::frame::TrackConfig {
+                id: 0,
+                timescale: 1000,
+                codec: tag.to_string(),
+                params: TrackParams::Video {
+                    width: 2,
+                    height: 2,
+                    fps_milli: 0,
+                },
+                config: Bytes::new(),
+            }],
+        })
     }
 
-    fn read_all(r: &Rendition, c: &mut Cursor) -> Vec<Bytes> {
+    fn header(track: u8, keyframe: bool, dts: u64) -> MediaHeader {
+        MediaHeader {
+            track,
+            keyframe,
+            dts,
+            cts: 0,
+            ingest_us: 0,
+        }
+    }
+
+    /// Pushes a video frame whose payload is `tag` (a keyframe if it has a 'K').
+    fn video(r: &Rendition, tag: &str, dts: u64) {
+        let key = tag.contains('K');
+        r.push_media(&header(0, key, dts), tag.as_bytes(), key);
+    }
+
+    fn audio(r: &Rendition, tag: &str, dts: u64) {
+        r.push_media(&header(1, true, dts), tag.as_bytes(), false);
+    }
+
+    /// What a viewer read, as readable tags: a media frame's payload, `I:codec` for an init,
+    /// the message of a status.
+    fn tags(out: &[Bytes]) -> Vec<String> {
+        out.iter()
+            .map(|b| match Message::decode(b).expect("decodes") {
+                Message::Media { payload, .. } => String::from_utf8_lossy(payload).into_owned(),
+                Message::Init(i) => format!("I:{}", i.tracks[0].codec),
+                Message::Status(s) => s.message.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn read_all(r: &Rendition, c: &mut Cursor) -> Vec<String> {
         let mut out = Vec::new();
         r.read(c, &mut out, 1000, usize::MAX);
-        out
+        tags(&out)
+    }
+
+    #[test]
+    fn the_wire_framer_is_the_protocol() {
+        let (b, at) = WireFramer.media(&header(0, true, 5), b"xyz");
+        assert_eq!(&b[at..], b"xyz");
+        assert!(matches!(Message::decode(&b), Ok(Message::Media { .. })));
+        assert_eq!(VERSION, onair_protocol::wire::VERSION);
     }
 
     #[test]
     fn new_viewer_starts_at_the_last_keyframe() {
         let r = r(1 << 20, 10_000);
-        r.push_init(b("I1"));
-        r.push_media(b("d0"), false); // before any keyframe
-        r.push_media(b("K1"), true);
-        r.push_media(b("d1"), false);
-        r.push_media(b("K2"), true);
-        r.push_media(b("d2"), false);
+        r.push_init(init("I1")).unwrap();
+        video(&r, "d0", 0); // before any keyframe
+        video(&r, "K1", 33);
+        video(&r, "d1", 66);
+        video(&r, "K2", 100);
+        video(&r, "d2", 133);
         let mut first = Vec::new();
         let mut c = r.join(&mut first);
-        assert_eq!(first, vec![b("S0"), b("I1")]);
-        assert_eq!(read_all(&r, &mut c), vec![b("K2"), b("d2")]);
+        assert_eq!(tags(&first), ["S0", "I:I1"]);
+        assert_eq!(read_all(&r, &mut c), ["K2", "d2"]);
+        assert_eq!(r.keyframe_at(33), Some(2));
+        assert_eq!(r.keyframe_at(101), Some(4), "within a millisecond");
+        assert_eq!(r.keyframe_at(66), None);
     }
 
     #[test]
     fn joining_before_any_keyframe_waits_for_one() {
         let r = r(1 << 20, 10_000);
-        r.push_init(b("I1"));
-        r.push_media(b("d0"), false);
+        r.push_init(init("I1")).unwrap();
+        video(&r, "d0", 0);
         let mut first = Vec::new();
         let mut c = r.join(&mut first);
-        assert_eq!(first, vec![b("S0"), b("I1")]);
-        r.push_media(b("d1"), false);
-        r.push_media(b("K1"), true);
-        assert_eq!(read_all(&r, &mut c), vec![b("K1")]);
+        assert_eq!(tags(&first), ["S0", "I:I1"]);
+        video(&r, "d1", 33);
+        video(&r, "K1", 66);
+        assert_eq!(read_all(&r, &mut c), ["K1"]);
     }
 
     #[test]
     fn new_init_restarts_at_the_next_keyframe() {
         let r = r(1 << 20, 10_000);
-        r.push_init(b("I1"));
-        r.push_media(b("K1"), true);
+        r.push_init(init("I1")).unwrap();
+        video(&r, "K1", 0);
         let mut c = r.join(&mut Vec::new());
-        assert_eq!(read_all(&r, &mut c), vec![b("K1")]);
-        r.push_status(b("W"), b("W"), true);
-        r.push_status(b("R"), b("L"), false);
-        r.push_init(b("I2"));
-        r.push_media(b("d"), false);
-        r.push_media(b("K2"), true);
-        assert_eq!(read_all(&r, &mut c), vec![b("W"), b("R"), b("I2"), b("K2")]);
+        assert_eq!(read_all(&r, &mut c), ["K1"]);
+        r.push_status((StatusCode::Waiting, "W"), (StatusCode::Waiting, "W"), true);
+        r.push_status(
+            (StatusCode::Republished, "R"),
+            (StatusCode::Live, "L"),
+            false,
+        );
+        r.push_init(init("I2")).unwrap();
+        video(&r, "d", 33);
+        video(&r, "K2", 66);
+        assert_eq!(read_all(&r, &mut c), ["W", "R", "I:I2", "K2"]);
         // A viewer joining now is told "live", not "republished".
         let mut first = Vec::new();
         r.join(&mut first);
-        assert_eq!(first, vec![b("L"), b("I2")]);
+        assert_eq!(tags(&first), ["L", "I:I2"]);
         // A viewer joining while waiting gets the status only.
-        r.push_status(b("W2"), b("W2"), true);
+        r.push_status(
+            (StatusCode::Waiting, "W2"),
+            (StatusCode::Waiting, "W2"),
+            true,
+        );
         let mut first = Vec::new();
         r.join(&mut first);
-        assert_eq!(first, vec![b("W2")]);
+        assert_eq!(tags(&first), ["W2"]);
     }
 
     #[test]
     fn slow_viewer_skips_to_next_keyframe_and_catches_up_on_config() {
-        let r = r(64, 10_000);
-        r.push_init(b("I1"));
-        r.push_media(b("K1"), true);
+        let r = r(400, 10_000);
+        r.push_init(init("I1")).unwrap();
+        video(&r, "K1", 0);
         let mut c = r.join(&mut Vec::new());
-        // The viewer reads nothing while a new config and far more than 64 bytes arrive.
-        r.push_init(b("I2"));
-        for _ in 0..10 {
-            r.push_media(Bytes::from(vec![b'k'; 16]), true);
-            for _ in 0..3 {
-                r.push_media(Bytes::from(vec![b'd'; 16]), false);
+        // The viewer reads nothing while a new config and far more than 400 bytes arrive.
+        r.push_init(init("I2")).unwrap();
+        for i in 0..10 {
+            video(&r, &format!("K{:016}", i), i * 100);
+            for j in 1..4 {
+                video(&r, &format!("d{:016}", j), i * 100 + j * 25);
             }
         }
-        assert!(r.retained_bytes() <= 64);
+        assert!(r.retained_bytes() <= 400);
         let mut out = Vec::new();
-        assert!(r.read(&mut c, &mut out, 1000, usize::MAX));
+        assert!(r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
         assert_eq!(c.skips, 1);
         assert_eq!(
-            out,
-            vec![b("SKIP"), b("I2")],
+            tags(&out),
+            ["fell behind: skipped to the next keyframe", "I:I2"],
             "told, and given the config it missed"
         );
-        r.push_media(b("dd"), false);
-        r.push_media(b("KK"), true);
-        assert_eq!(read_all(&r, &mut c), vec![b("KK")]);
+        video(&r, "dd", 2000);
+        video(&r, "KK", 2033);
+        assert_eq!(read_all(&r, &mut c), ["KK"]);
     }
 
     #[test]
     fn viewer_behind_for_longer_than_max_lag_skips() {
         let r = r(1 << 20, 20);
-        r.push_init(b("I"));
-        r.push_media(b("K"), true);
+        r.push_init(init("I")).unwrap();
+        video(&r, "K", 0);
         let mut c = r.join(&mut Vec::new());
-        r.push_media(b("a"), false);
-        r.push_media(b("b"), false);
+        video(&r, "a", 33);
+        video(&r, "b", 66);
         let mut out = Vec::new();
         r.read(&mut c, &mut out, 1, usize::MAX); // reads one, stays behind
-        assert_eq!(out, vec![b("K")]);
+        assert_eq!(tags(&out), ["K"]);
         std::thread::sleep(Duration::from_millis(60));
         out.clear();
-        assert!(r.read(&mut c, &mut out, 1000, usize::MAX));
-        assert_eq!(out, vec![b("SKIP")]);
+        assert!(r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
+        assert_eq!(tags(&out), ["fell behind: skipped to the next keyframe"]);
     }
 
     #[test]
     fn joining_with_an_old_gop_is_not_lag() {
         let r = r(1 << 20, 20);
-        r.push_init(b("I"));
-        r.push_media(b("K"), true);
-        r.push_media(b("a"), false);
+        r.push_init(init("I")).unwrap();
+        video(&r, "K", 0);
+        video(&r, "a", 33);
         std::thread::sleep(Duration::from_millis(60)); // the cached GOP is older than max_lag
         let mut c = r.join(&mut Vec::new());
         let mut out = Vec::new();
-        assert!(!r.read(&mut c, &mut out, 1, usize::MAX));
-        assert_eq!(out, vec![b("K")]);
+        assert!(!r.read(&mut c, &mut out, 1, usize::MAX).skipped);
+        assert_eq!(tags(&out), ["K"]);
         out.clear();
-        assert!(!r.read(&mut c, &mut out, 1000, usize::MAX));
-        assert_eq!(out, vec![b("a")]);
+        assert!(!r.read(&mut c, &mut out, 1000, usize::MAX).skipped);
+        assert_eq!(tags(&out), ["a"]);
     }
 
     #[test]
     fn oversize_gop_is_not_cached() {
-        let r = r(64, 10_000);
-        r.push_init(b("I"));
-        r.push_media(b("K"), true);
-        for _ in 0..10 {
-            r.push_media(Bytes::from(vec![0u8; 16]), false);
+        let r = r(200, 10_000);
+        r.push_init(init("I")).unwrap();
+        video(&r, "K", 0);
+        for i in 1..=10 {
+            video(&r, &"d".repeat(16), i * 33);
         }
-        assert!(r.retained_bytes() <= 64);
+        assert!(r.retained_bytes() <= 200);
         let mut c = r.join(&mut Vec::new());
         assert!(
             read_all(&r, &mut c).is_empty(),
             "waits for the next keyframe"
+        );
+    }
+
+    /// Two renditions on one timeline (keyframes every 100 ms at the same dts), audio
+    /// interleaved at other places in each log.
+    fn aligned() -> (Rendition, Rendition) {
+        let (hi, lo) = (r(1 << 20, 10_000), r(1 << 20, 10_000));
+        hi.push_init(init("HI")).unwrap();
+        lo.push_init(init("LO")).unwrap();
+        for gop in 0..3u64 {
+            let t = gop * 100;
+            video(&hi, &format!("hK{t}"), t);
+            audio(&hi, &format!("a{}", t + 10), t + 10);
+            video(&hi, &format!("hd{}", t + 50), t + 50);
+            audio(&hi, &format!("a{}", t + 60), t + 60);
+            // The low rendition has its audio before the video at each point.
+            audio(&lo, &format!("a{}", t + 10), t + 10);
+            video(&lo, &format!("lK{t}"), t);
+            audio(&lo, &format!("a{}", t + 60), t + 60);
+            video(&lo, &format!("ld{}", t + 50), t + 50);
+        }
+        (hi, lo)
+    }
+
+    #[test]
+    fn a_switch_stops_at_the_keyframe_and_continues_there_with_no_hole_or_overlap() {
+        let (hi, lo) = aligned();
+        let mut first = Vec::new();
+        let mut c = hi.join(&mut first); // the GOP at 200
+        let mut out = Vec::new();
+        hi.read(&mut c, &mut out, 1000, usize::MAX);
+        assert_eq!(tags(&out), ["hK200", "a210", "hd250", "a260"]);
+        c.stop_at_keyframes(true);
+        video(&hi, "hK300", 300);
+        audio(&hi, "a310", 310);
+        audio(&lo, "a310", 310);
+        video(&lo, "lK300", 300);
+        out.clear();
+        let got = hi.read(&mut c, &mut out, 1000, usize::MAX);
+        assert_eq!(got.at_keyframe, Some(300));
+        assert!(out.is_empty());
+        let (v, a) = hi.last_sent(&c);
+        assert_eq!((v, a), (Some(250), Some(260)));
+        let mut out = Vec::new();
+        let mut c2 = lo
+            .switch_cursor(Some(300), v, a, &mut out)
+            .expect("aligned");
+        lo.read(&mut c2, &mut out, 1000, usize::MAX);
+        assert_eq!(
+            tags(&out),
+            ["I:LO", "a310", "lK300"],
+            "the audio that sat before the keyframe is not lost, the audio already sent not repeated"
+        );
+    }
+
+    #[test]
+    fn a_switch_without_the_keyframe_waits_or_takes_the_next() {
+        let (hi, lo) = aligned();
+        let mut out = Vec::new();
+        assert!(
+            lo.switch_cursor(Some(300), Some(250), Some(260), &mut out)
+                .is_none()
+        );
+        assert!(out.is_empty());
+        // From a rendition that went away: the first keyframe after what was sent.
+        let mut c = hi
+            .switch_cursor(None, Some(150), Some(160), &mut out)
+            .expect("a later keyframe");
+        hi.read(&mut c, &mut out, 1000, usize::MAX);
+        assert_eq!(tags(&out), ["I:HI", "hK200", "a210", "hd250", "a260"]);
+    }
+
+    #[test]
+    fn a_lossless_reader_starts_with_the_gop_and_sees_every_frame() {
+        let r = r(1 << 20, 10_000);
+        r.push_init(init("I")).unwrap();
+        video(&r, "K0", 0);
+        video(&r, "d1", 33);
+        let reader = r.subscribe_lossless(QueueLimits::DEFAULT);
+        video(&r, "d2", 66);
+        let mut got = Vec::new();
+        while let Some(super::super::lossless::Event::Item(item)) = reader.try_next() {
+            got.push(match item {
+                Item::Media(f) => String::from_utf8_lossy(&f.payload).into_owned(),
+                Item::Init(i) => format!("I:{}", i.tracks[0].codec),
+                Item::Status(_, m) => m.to_string(),
+            });
+        }
+        assert_eq!(got, ["I:I", "K0", "d1", "d2"]);
+        r.set_gone();
+        assert_eq!(
+            reader.try_next(),
+            Some(super::super::lossless::Event::Ended)
         );
     }
 }

@@ -12,11 +12,12 @@ use bytes::Bytes;
 use onair_protocol::codec::aac::{AacError, AudioSpecificConfig};
 use onair_protocol::codec::avc::{AvcError, AvcInfo};
 use onair_protocol::flv::FlvError;
-use onair_protocol::wire::{self, Init, MediaHeader, TrackInit, TrackParams};
+use onair_protocol::wire::{self, MediaHeader, TrackParams};
 
-use crate::hub::{AudioInfo, MediaInfo, Publisher, VideoInfo, now_us};
+use crate::hub::{
+    AudioInfo, InitConfig, MediaInfo, Publisher, TrackConfig, VIDEO_TRACK, VideoInfo, now_us,
+};
 
-pub const VIDEO_TRACK: u8 = 0;
 pub const AUDIO_TRACK: u8 = 1;
 /// RTMP timestamps are milliseconds; we keep them.
 pub const TIMESCALE: u32 = 1000;
@@ -176,16 +177,16 @@ impl MediaIngest {
         let mut media = MediaInfo::default();
         if let Some(v) = &self.video {
             let fps = self.video_fps.or(v.info.fps);
-            tracks.push(TrackInit {
+            tracks.push(TrackConfig {
                 id: VIDEO_TRACK,
                 timescale: TIMESCALE,
-                codec: &v.info.codec,
+                codec: v.info.codec.clone(),
                 params: TrackParams::Video {
                     width: v.info.width as u16,
                     height: v.info.height as u16,
                     fps_milli: fps.map_or(0, |f| (f * 1000.0).round() as u32),
                 },
-                config: &v.config,
+                config: v.config.clone(),
             });
             media.video = Some(VideoInfo {
                 codec: v.info.codec.clone(),
@@ -195,15 +196,15 @@ impl MediaIngest {
             });
         }
         if let Some(a) = &self.audio {
-            tracks.push(TrackInit {
+            tracks.push(TrackConfig {
                 id: AUDIO_TRACK,
                 timescale: TIMESCALE,
-                codec: &a.codec,
+                codec: a.codec.clone(),
                 params: TrackParams::Audio {
                     sample_rate: a.asc.sampling_frequency,
                     channels: a.asc.channels(),
                 },
-                config: &a.config,
+                config: a.config.clone(),
             });
             media.audio = Some(AudioInfo {
                 codec: a.codec.clone(),
@@ -211,13 +212,7 @@ impl MediaIngest {
                 channels: a.asc.channels(),
             });
         }
-        self.publisher.set_init(
-            &Init {
-                rendition: 0,
-                tracks,
-            },
-            media,
-        )?;
+        self.publisher.set_init(InitConfig { tracks }, media)?;
         self.init_sent = true;
         Ok(())
     }

@@ -7,16 +7,31 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fastwebsockets::{FragmentCollector, Frame, OpCode};
 use tracing::Instrument;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use super::MediaIngest;
 use super::raw::{RawError, RawH264};
-use crate::delivery::http::{App, Peer};
-use crate::hub::{PublishError, PublisherInfo, now_us};
+use crate::config::Config;
+use crate::hub::{Hub, PublishError, PublisherInfo, now_us};
+use crate::net::Peer;
+
+/// What the push endpoint needs of the server.
+#[derive(Clone)]
+pub struct PushContext {
+    pub hub: Arc<Hub>,
+    pub cfg: Arc<Config>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
 
 /// Largest message taken: far more than any chunking needs, and a bound on memory.
 const MAX_MESSAGE: usize = 16 << 20;
@@ -28,15 +43,13 @@ pub struct PushQuery {
 }
 
 pub async fn push(
-    State(app): State<App>,
+    State(app): State<PushContext>,
     Path(stream): Path<String>,
     Query(q): Query<PushQuery>,
     Extension(Peer(peer)): Extension<Peer>,
     mut req: Request,
 ) -> Response {
-    if let Some(refused) =
-        crate::delivery::ws::refuse_upgrade(&req, &stream, "raw H.264 (Annex B) ingest")
-    {
+    if let Some(refused) = crate::net::refuse_upgrade(&req, &stream, "raw H.264 (Annex B) ingest") {
         return refused;
     }
     if q.fps
@@ -62,7 +75,7 @@ pub async fn push(
             return (status, format!("{e}\n")).into_response();
         }
     };
-    let (response, upgrade) = match crate::delivery::ws::upgrade(&mut req) {
+    let (response, upgrade) = match crate::net::upgrade(&mut req) {
         Ok(x) => x,
         Err(refused) => return *refused,
     };
