@@ -281,6 +281,129 @@ pub fn parse_audio(data: &[u8]) -> Result<AudioTag<'_>, FlvError> {
     }
 }
 
+/// An FLV bytestream (a file, `ffmpeg -f flv` on a pipe or socket) read tag by tag, from
+/// chunks of any size. "Need more bytes" is `Ok(None)`.
+#[derive(Debug, Default)]
+pub struct TagReader {
+    buf: bytes::BytesMut,
+    header_done: bool,
+}
+
+/// One tag of an FLV bytestream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    /// 8 audio, 9 video, 18 script data.
+    pub kind: u8,
+    /// Milliseconds, with the extended byte.
+    pub timestamp: u32,
+    pub body: bytes::Bytes,
+}
+
+/// The largest tag a reader takes: an IDR of a high-bitrate 4K stream fits.
+pub const MAX_TAG: usize = 16 << 20;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("no FLV signature")]
+    NotFlv,
+    #[error("FLV header of {0} bytes")]
+    BadHeader(u32),
+    #[error("FLV tag of {0} bytes (more than {MAX_TAG})")]
+    TagTooLarge(usize),
+}
+
+impl TagReader {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete tag.
+    pub fn next_tag(&mut self) -> Result<Option<Tag>, StreamError> {
+        use bytes::Buf;
+        if !self.header_done {
+            if self.buf.len() < 9 {
+                return Ok(None);
+            }
+            if &self.buf[..3] != b"FLV" {
+                return Err(StreamError::NotFlv);
+            }
+            let header = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
+            if !(9..=1024).contains(&header) {
+                return Err(StreamError::BadHeader(header));
+            }
+            let skip = header as usize + 4; // the header, then PreviousTagSize0
+            if self.buf.len() < skip {
+                return Ok(None);
+            }
+            self.buf.advance(skip);
+            self.header_done = true;
+        }
+        if self.buf.len() < 11 {
+            return Ok(None);
+        }
+        let kind = self.buf[0] & 0x1f;
+        let size = u32::from_be_bytes([0, self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if size > MAX_TAG {
+            return Err(StreamError::TagTooLarge(size));
+        }
+        let timestamp = u32::from_be_bytes([self.buf[7], self.buf[4], self.buf[5], self.buf[6]]);
+        if self.buf.len() < 11 + size + 4 {
+            return Ok(None);
+        }
+        self.buf.advance(11);
+        let body = self.buf.split_to(size).freeze();
+        self.buf.advance(4); // PreviousTagSize
+        Ok(Some(Tag {
+            kind,
+            timestamp,
+            body,
+        }))
+    }
+}
+
+/// Writing an FLV bytestream: what the ladder's ffmpeg reads on its standard input.
+pub mod write {
+    /// The file header (audio and/or video flagged) and PreviousTagSize0.
+    pub fn header(video: bool, audio: bool, out: &mut Vec<u8>) {
+        let flags = if video { 0x01 } else { 0 } | if audio { 0x04 } else { 0 };
+        out.extend_from_slice(&[b'F', b'L', b'V', 1, flags, 0, 0, 0, 9, 0, 0, 0, 0]);
+    }
+
+    /// One tag: its header, the body in parts (copied once, here), then PreviousTagSize.
+    pub fn tag(kind: u8, timestamp: u32, body: &[&[u8]], out: &mut Vec<u8>) {
+        let size: usize = body.iter().map(|b| b.len()).sum();
+        let size = size as u32 & 0x00ff_ffff;
+        let ts = timestamp.to_be_bytes();
+        out.push(kind);
+        out.extend_from_slice(&size.to_be_bytes()[1..]);
+        out.extend_from_slice(&[ts[1], ts[2], ts[3], ts[0]]);
+        out.extend_from_slice(&[0, 0, 0]); // stream id
+        for b in body {
+            out.extend_from_slice(b);
+        }
+        out.extend_from_slice(&(size + 11).to_be_bytes());
+    }
+
+    /// An AVC video tag body's first five bytes: frame type and codec, packet type (0 sequence
+    /// header, 1 frame), composition time (SI24, ms).
+    pub fn avc_prefix(keyframe: bool, sequence_header: bool, cts: i32) -> [u8; 5] {
+        let c = cts.clamp(-(1 << 23), (1 << 23) - 1).to_be_bytes();
+        [
+            if keyframe { 0x17 } else { 0x27 },
+            u8::from(!sequence_header),
+            c[1],
+            c[2],
+            c[3],
+        ]
+    }
+
+    /// An AAC audio tag body's first two bytes (the flags say 44 kHz stereo 16-bit, as FLV
+    /// requires for AAC; the AudioSpecificConfig is what decoders go by).
+    pub fn aac_prefix(sequence_header: bool) -> [u8; 2] {
+        [0xaf, u8::from(!sequence_header)]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,5 +514,59 @@ mod tests {
         assert!(parse_audio(&[]).is_err());
         assert!(parse_audio(&[0xaf]).is_err());
         assert!(parse_video(&[0x90, b'a', b'v']).is_err());
+    }
+
+    #[test]
+    fn written_tags_read_back_in_any_chunking() {
+        let mut out = Vec::new();
+        write::header(true, true, &mut out);
+        let avcc = [1u8, 0x64, 0, 0x1f, 0xff, 0xe1, 0, 0];
+        write::tag(9, 0, &[&write::avc_prefix(true, true, 0), &avcc], &mut out);
+        let frame = [0u8, 0, 0, 1, 0x65];
+        write::tag(
+            9,
+            0x0123_4567,
+            &[&write::avc_prefix(true, false, -33), &frame],
+            &mut out,
+        );
+        write::tag(8, 40, &[&write::aac_prefix(false), b"aac"], &mut out);
+        for chunk in [1, 3, 7, 1000] {
+            let mut r = TagReader::default();
+            let mut tags = Vec::new();
+            for c in out.chunks(chunk) {
+                r.push(c);
+                while let Some(t) = r.next_tag().expect("tag") {
+                    tags.push(t);
+                }
+            }
+            assert_eq!(tags.len(), 3, "chunk {chunk}");
+            assert_eq!(
+                parse_video(&tags[0].body),
+                Ok(VideoTag::SequenceHeader {
+                    codec: VideoCodec::Avc,
+                    config: &avcc
+                })
+            );
+            assert_eq!(tags[1].timestamp, 0x0123_4567, "extended timestamp byte");
+            assert_eq!(
+                parse_video(&tags[1].body),
+                Ok(VideoTag::Frame {
+                    codec: VideoCodec::Avc,
+                    keyframe: true,
+                    cts: -33,
+                    data: &frame
+                })
+            );
+            assert_eq!(
+                parse_audio(&tags[2].body),
+                Ok(AudioTag::Frame {
+                    codec: AudioCodec::Aac,
+                    data: b"aac"
+                })
+            );
+        }
+        let mut bad = TagReader::default();
+        bad.push(b"NOTFLV123");
+        assert_eq!(bad.next_tag(), Err(StreamError::NotFlv));
     }
 }

@@ -162,7 +162,7 @@ pub struct ListenSource {
 }
 
 /// `[streams.NAME]` in the TOML file.
-#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSettings {
     /// Synchronized playback: every player presents the frame ingested at T at wall time
@@ -171,13 +171,126 @@ pub struct StreamSettings {
     pub sync: bool,
     /// The latency every player of a synchronized stream holds. [default: 500]
     pub latency_ms: Option<u32>,
+    /// The renditions an ffmpeg child makes from the source: preset names (`"1080p"`,
+    /// `"720p"`, `"480p"`, `"360p"`, `"240p"`) or tables `{ name, height, video_kbps, fps }`.
+    /// `[]` turns it off. [default: the presets below the source's height, at most two]
+    pub ladder: Option<Vec<LadderEntry>>,
+}
+
+/// One entry of a `ladder`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum LadderEntry {
+    Preset(String),
+    Rung(RungSettings),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RungSettings {
+    pub name: String,
+    pub height: u32,
+    pub video_kbps: u32,
+    pub fps: Option<f64>,
+}
+
+/// A ladder rung, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rung {
+    pub name: String,
+    pub height: u32,
+    pub video_kbps: u32,
+    /// None: the source's frame rate.
+    pub fps: Option<f64>,
+}
+
+/// The ladder presets: name, height, video kbit/s. The bitrates are those of common H.264
+/// ladders for live (x264 veryfast, 30 fps); audio is copied on top.
+pub const PRESETS: [(&str, u32, u32); 5] = [
+    ("1080p", 1080, 4500),
+    ("720p", 720, 2500),
+    ("480p", 480, 1000),
+    ("360p", 360, 600),
+    ("240p", 240, 300),
+];
+
+/// The default ladder: this many presets, the highest below the source's height.
+pub const DEFAULT_RUNGS: usize = 2;
+
+impl LadderEntry {
+    fn resolve(&self) -> Result<Rung, String> {
+        match self {
+            LadderEntry::Preset(p) => PRESETS
+                .iter()
+                .find(|(n, _, _)| n == p)
+                .map(|&(name, height, video_kbps)| Rung {
+                    name: name.to_string(),
+                    height,
+                    video_kbps,
+                    fps: None,
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "unknown preset {p:?} (presets: {})",
+                        PRESETS.map(|p| p.0).join(", ")
+                    )
+                }),
+            LadderEntry::Rung(r) => {
+                if !crate::hub::valid_stream_name(&r.name) || r.name == crate::hub::SOURCE {
+                    return Err(format!("{:?} is not a valid rung name", r.name));
+                }
+                if !(64..=4320).contains(&r.height) || r.height % 2 != 0 {
+                    return Err(format!("height {} must be even, 64 to 4320", r.height));
+                }
+                if !(50..=100_000).contains(&r.video_kbps) {
+                    return Err(format!("video_kbps {} must be 50 to 100000", r.video_kbps));
+                }
+                if r.fps.is_some_and(|f| !(1.0..=240.0).contains(&f)) {
+                    return Err("fps must be 1 to 240".to_string());
+                }
+                Ok(Rung {
+                    name: r.name.clone(),
+                    height: r.height,
+                    video_kbps: r.video_kbps,
+                    fps: r.fps,
+                })
+            }
+        }
+    }
+}
+
+/// The rungs to make from a source `source_height` pixels high: the configured ones below it,
+/// or (unset) the default ladder; highest first.
+pub fn plan_ladder(configured: Option<&[Rung]>, source_height: u32) -> Vec<Rung> {
+    let mut rungs: Vec<Rung> = match configured {
+        Some(rungs) => rungs
+            .iter()
+            .filter(|r| r.height < source_height)
+            .cloned()
+            .collect(),
+        None => PRESETS
+            .iter()
+            .filter(|(_, h, _)| *h < source_height)
+            .take(DEFAULT_RUNGS)
+            .map(|&(name, height, video_kbps)| Rung {
+                name: name.to_string(),
+                height,
+                video_kbps,
+                fps: None,
+            })
+            .collect(),
+    };
+    rungs.sort_by_key(|r| std::cmp::Reverse(r.height));
+    rungs
 }
 
 /// What applies to one stream, resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StreamPolicy {
     pub sync: bool,
     pub latency_ms: u32,
+    /// None: the default ladder.
+    pub ladder: Option<Vec<Rung>>,
 }
 
 /// Default latency of a synchronized stream: room for viewers a few hops away to keep up.
@@ -353,6 +466,17 @@ impl Config {
             if s.latency_ms.is_some_and(|ms| !(50..=30_000).contains(&ms)) {
                 return invalid("streams.*.latency_ms", "must be between 50 and 30000");
             }
+            let mut names = Vec::new();
+            for entry in s.ladder.iter().flatten() {
+                let rung = match entry.resolve() {
+                    Ok(r) => r,
+                    Err(e) => return invalid("streams.*.ladder", &e),
+                };
+                if names.contains(&rung.name) {
+                    return invalid("streams.*.ladder", &format!("rung {:?} twice", rung.name));
+                }
+                names.push(rung.name);
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log_filter()) {
             return invalid("log", &e.to_string());
@@ -389,15 +513,16 @@ impl PullSource {
 impl Config {
     /// The settings for stream `name`: its own table, else `[streams."*"]`, else defaults.
     pub fn stream_settings(&self, name: &str) -> StreamPolicy {
-        let s = self
-            .streams
-            .get(name)
-            .or_else(|| self.streams.get("*"))
-            .copied()
-            .unwrap_or_default();
+        let s = self.streams.get(name).or_else(|| self.streams.get("*"));
         StreamPolicy {
-            sync: s.sync,
-            latency_ms: s.latency_ms.unwrap_or(DEFAULT_SYNC_LATENCY_MS),
+            sync: s.is_some_and(|s| s.sync),
+            latency_ms: s
+                .and_then(|s| s.latency_ms)
+                .unwrap_or(DEFAULT_SYNC_LATENCY_MS),
+            // Checked by `validate`: entries that do not resolve cannot be here.
+            ladder: s
+                .and_then(|s| s.ladder.as_ref())
+                .map(|entries| entries.iter().filter_map(|e| e.resolve().ok()).collect()),
         }
     }
 }
@@ -431,6 +556,41 @@ fn check_env(names: impl Iterator<Item = String>) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ladders_resolve_presets_and_tables_and_skip_what_the_source_cannot_feed() {
+        let file: Settings = toml::from_str(
+            "[streams.a]\nladder = [\"480p\", { name = \"tiny\", height = 144, video_kbps = 90, fps = 15 }]\n\
+             [streams.off]\nladder = []\n",
+        )
+        .unwrap();
+        let cfg = Config::resolve(Settings::default(), file).unwrap();
+        let a = cfg.stream_settings("a").ladder.expect("configured");
+        assert_eq!(a.len(), 2);
+        assert_eq!((a[0].height, a[0].video_kbps), (480, 1000));
+        let planned = plan_ladder(Some(&a), 360);
+        assert_eq!(
+            planned.iter().map(|r| &r.name[..]).collect::<Vec<_>>(),
+            ["tiny"]
+        );
+        assert_eq!(cfg.stream_settings("off").ladder, Some(vec![]));
+        // Unset: the two presets below the source.
+        let default = plan_ladder(cfg.stream_settings("other").ladder.as_deref(), 720);
+        assert_eq!(
+            default.iter().map(|r| &r.name[..]).collect::<Vec<_>>(),
+            ["480p", "360p"]
+        );
+        assert!(plan_ladder(None, 240).is_empty());
+        for bad in [
+            "ladder = [\"999p\"]",
+            "ladder = [{ name = \"x\", height = 241, video_kbps = 100 }]",
+            "ladder = [{ name = \"source\", height = 240, video_kbps = 100 }]",
+            "ladder = [\"240p\", \"240p\"]",
+        ] {
+            let file: Settings = toml::from_str(&format!("[streams.s]\n{bad}\n")).unwrap();
+            assert!(Config::resolve(Settings::default(), file).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn h264_readers_log_is_off_unless_asked_for() {
@@ -467,7 +627,8 @@ mod tests {
             cfg.stream_settings("concert"),
             StreamPolicy {
                 sync: true,
-                latency_ms: 800
+                latency_ms: 800,
+                ladder: None,
             }
         );
         assert!(!cfg.stream_settings("other").sync);

@@ -8,3 +8,4 @@ pub mod ingest;
 pub mod metrics;
 pub mod net;
 pub mod stats;
+pub mod transcode;

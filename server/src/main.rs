@@ -94,7 +94,16 @@ async fn run(cfg: Config) -> Result<(), String> {
         shutdown.clone(),
         tracker.clone(),
     );
+    let transcoders = onair_server::transcode::start(
+        hub.clone(),
+        cfg.clone(),
+        Tasks {
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        },
+    );
     let app = App {
+        transcoders,
         hub: hub.clone(),
         cfg: cfg.clone(),
         stats,

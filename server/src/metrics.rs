@@ -12,6 +12,7 @@ use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::hub::{Events, Hub, SwitchReason};
+use crate::transcode::Transcoders;
 
 /// Why a viewer left, as the `reason` label of `onair_viewer_disconnects_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +135,20 @@ pub fn ingest_error(protocol: &'static str, kind: &'static str) {
         .increment(1);
 }
 
+/// The ladder's ffmpeg restarted after a failure.
+pub fn ladder_restart() {
+    metrics::counter!("onair_transcoder_restarts_total").increment(1);
+}
+
+/// A ladder rung was dropped for not keeping real time.
+pub fn ladder_rung_dropped(rung: &str) {
+    let rung = crate::config::PRESETS
+        .iter()
+        .find(|p| p.0 == rung)
+        .map_or("custom", |p| p.0);
+    metrics::counter!("onair_transcoder_rungs_dropped_total", "rung" => rung).increment(1);
+}
+
 /// Latency buckets in seconds: fine around the 100 ms–1 s where onair lives.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0,
@@ -195,6 +210,14 @@ fn describe() {
         "Viewer stats reports received"
     );
     describe_counter!(
+        "onair_transcoder_restarts_total",
+        "Times a ladder's ffmpeg was restarted after it failed"
+    );
+    describe_counter!(
+        "onair_transcoder_rungs_dropped_total",
+        "Ladder rungs dropped for falling behind real time, by preset (or custom)"
+    );
+    describe_counter!(
         "onair_rendition_switches_total",
         "Viewers moved from one rendition to another, by direction and reason"
     );
@@ -212,7 +235,7 @@ fn describe() {
 /// unknown name creates a waiting stream), so the registry would grow without bound. Written
 /// from the hub at each scrape, a stream's series goes when the stream goes. Stream names are
 /// a safe alphabet (`valid_stream_name`), so they need no escaping in a label.
-pub fn render(handle: &PrometheusHandle, hub: &Hub) -> String {
+pub fn render(handle: &PrometheusHandle, hub: &Hub, transcoders: &Transcoders) -> String {
     let summaries = hub.summaries();
     metrics::gauge!("onair_streams").set(summaries.len() as f64);
     metrics::gauge!("onair_streams_live").set(summaries.iter().filter(|s| s.live).count() as f64);
@@ -227,6 +250,45 @@ pub fn render(handle: &PrometheusHandle, hub: &Hub) -> String {
             "onair_stream_viewers{{stream=\"{}\"}} {}\n",
             s.name, s.viewers
         ));
+    }
+    // Viewers per rendition, and the ladder's speed: written like the per-stream series.
+    let mut per_rendition: std::collections::BTreeMap<(String, u8), u64> = Default::default();
+    for v in hub.viewers() {
+        let r = v.rendition.load(std::sync::atomic::Ordering::Relaxed);
+        *per_rendition.entry((v.stream.clone(), r)).or_default() += 1;
+    }
+    out.push_str(
+        "# HELP onair_rendition_viewers Connected viewers per rendition\n\
+         # TYPE onair_rendition_viewers gauge\n",
+    );
+    for stream in hub.streams() {
+        for r in stream.renditions() {
+            let n = per_rendition
+                .get(&(stream.name.clone(), r.id))
+                .copied()
+                .unwrap_or(0);
+            out.push_str(&format!(
+                "onair_rendition_viewers{{stream=\"{}\",rendition=\"{}\"}} {n}\n",
+                stream.name,
+                r.name()
+            ));
+        }
+    }
+    out.push_str(
+        "# HELP onair_transcoder_speed The ladder ffmpeg's speed per stream (1 = real time)\n\
+         # TYPE onair_transcoder_speed gauge\n",
+    );
+    for s in &summaries {
+        if let Some(speed) = transcoders
+            .state(&s.name)
+            .filter(|t| t.running)
+            .and_then(|t| t.speed)
+        {
+            out.push_str(&format!(
+                "onair_transcoder_speed{{stream=\"{}\"}} {speed}\n",
+                s.name
+            ));
+        }
     }
     out
 }

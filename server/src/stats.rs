@@ -470,6 +470,34 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0 + 0.0
 }
 
+/// A stream's renditions as they are now (a rung may have come or gone since the last
+/// snapshot), with the last snapshot's measured bitrate and viewers where it had them.
+pub fn renditions_now(stream: &Stream, measured: Option<&StreamStats>) -> Vec<RenditionStats> {
+    stream
+        .renditions()
+        .iter()
+        .map(|r| {
+            let info = r.info();
+            let m = measured.and_then(|m| {
+                m.renditions
+                    .iter()
+                    .find(|x| x.id == r.id && x.name == info.name)
+            });
+            RenditionStats {
+                id: r.id,
+                bitrate_kbps: m.map_or(0.0, |m| m.bitrate_kbps),
+                viewers: m.map_or(0, |m| m.viewers),
+                name: info.name,
+                codec: info.codec,
+                width: info.width,
+                height: info.height,
+                fps: info.fps,
+                nominal_kbps: info.nominal_kbps,
+            }
+        })
+        .collect()
+}
+
 /// Bytes of its rendition's log the viewer has yet to receive.
 pub fn backlog(stream: &Stream, v: &ViewerState) -> u64 {
     let rendition = v.rendition.load(std::sync::atomic::Ordering::Relaxed);

@@ -210,9 +210,16 @@ async fn api_and_metrics_count_what_the_hub_has_and_viewers_can_be_removed() {
     assert_eq!(listed.len(), 5, "{detail}");
     assert!(listed.contains(&reporter_id));
     assert_eq!(detail["stats"]["latency_ms"]["avg"], 240.0);
-    // One rendition, the source, described from its init, with every viewer on it.
+    // The source, described from its init, with every viewer on it; beside it at most the
+    // default ladder of a 360p source (one 240p rung), once its ffmpeg has started.
     let renditions = detail["renditions"].as_array().expect("renditions");
-    assert_eq!(renditions.len(), 1, "{detail}");
+    assert!(
+        renditions[1..]
+            .iter()
+            .all(|r| r["name"] == "240p" && r["nominal_kbps"] == 300 && r["viewers"] == 0),
+        "{detail}"
+    );
+    assert!(renditions.len() <= 2, "{detail}");
     let source = &renditions[0];
     assert_eq!(source["name"], "source", "{source}");
     assert_eq!(

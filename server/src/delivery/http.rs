@@ -33,6 +33,7 @@ pub struct App {
     pub cfg: Arc<Config>,
     pub stats: Arc<Stats>,
     pub hls: Arc<crate::hls::Hls>,
+    pub transcoders: Arc<crate::transcode::Transcoders>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -119,8 +120,10 @@ struct StreamDetail<'a> {
     summary: StreamSummary,
     /// From the last stats period.
     stats: Option<&'a StreamStats>,
-    /// Its renditions, as of the last stats period (measured bitrate, viewers on each).
-    renditions: &'a [crate::stats::RenditionStats],
+    /// Its renditions now, with the last stats period's measured bitrate and viewers.
+    renditions: Vec<crate::stats::RenditionStats>,
+    /// The ladder's ffmpeg, if the stream has a ladder.
+    transcoder: Option<crate::transcode::TranscoderState>,
     viewers: ViewerPage<'a>,
 }
 
@@ -138,7 +141,8 @@ async fn get_stream(
     axum::Json(StreamDetail {
         summary: StreamSummary::of(&s),
         stats,
-        renditions: stats.map_or(&[][..], |s| &s.renditions[..]),
+        renditions: crate::stats::renditions_now(&s, stats),
+        transcoder: app.transcoders.state(&name),
         viewers: snap.page(&page),
     })
     .into_response()
@@ -189,7 +193,7 @@ async fn metrics(State(app): State<App>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&app.prometheus, &app.hub),
+        crate::metrics::render(&app.prometheus, &app.hub, &app.transcoders),
     )
         .into_response()
 }

@@ -1,9 +1,9 @@
 //! A viewer's place in a stream: the rendition it is on, its cursor there, and a switch to
 //! another rendition while one is under way.
 //!
-//! A switch happens at a keyframe, with no hole and no overlap in dts: the viewer reads its
-//! rendition up to the next video keyframe (at dts K), and continues in the target rendition
-//! from the target's keyframe at K, after the target's init; audio continues right after the
+//! A switch happens at a keyframe, with no hole and no overlap: the viewer reads its rendition up
+//! to the next video keyframe (presented at K), and continues in the target rendition from the
+//! target's keyframe presented at K, after the target's init; audio continues right after the
 //! last audio frame sent. Renditions of a stream share one timeline, so the target has a
 //! keyframe at K; if it has not got there yet (a transcoded rung runs a little behind its
 //! source), the viewer waits for it up to [`WAIT_FOR_TARGET`]. A target without that keyframe
@@ -226,6 +226,8 @@ impl Follow {
                 now
             }
         };
+        // The target's newest dts has not reached the keyframe's presentation time: it is
+        // still coming (a rung's dts equal its pts; a source's trail its pts by the B-frames).
         let behind = to.newest_dts().is_none_or(|d| d < at);
         if behind && stopped_since.elapsed() < WAIT_FOR_TARGET && !to.is_gone() {
             return (outcome, switched); // wait here for the target to reach the keyframe

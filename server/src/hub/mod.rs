@@ -211,6 +211,7 @@ impl Stream {
             return None;
         }
         let id = (1..=u8::MAX - 1).find(|id| list.iter().all(|r| r.id != *id))?;
+        let label = format!("{}/{}", self.name, info.name);
         let rendition = Arc::new(Rendition::new(
             id,
             info,
@@ -226,6 +227,7 @@ impl Stream {
         Some(RenditionWriter {
             stream: self.clone(),
             rendition,
+            label,
         })
     }
 
@@ -254,9 +256,15 @@ impl Stream {
 pub struct RenditionWriter {
     stream: Arc<Stream>,
     pub rendition: Arc<Rendition>,
+    /// `STREAM/RENDITION`, for log lines.
+    label: String,
 }
 
 impl RenditionWriter {
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
     /// Announces this rendition's codec configuration (and its resolution and codec, from the
     /// init's video track).
     pub fn set_init(&self, init: InitConfig) -> Result<(), WireError> {
@@ -321,6 +329,8 @@ pub struct Hub {
     tasks: Tasks,
     next_viewer_id: AtomicU64,
     shutting_down: AtomicBool,
+    /// Every publish, for whoever follows them (the transcoder).
+    published: tokio::sync::broadcast::Sender<Arc<Stream>>,
 }
 
 impl Hub {
@@ -339,7 +349,14 @@ impl Hub {
             tasks,
             next_viewer_id: AtomicU64::new(1),
             shutting_down: Default::default(),
+            published: tokio::sync::broadcast::channel(64).0,
         })
+    }
+
+    /// Streams as they are published (a republish again). A receiver that lags misses some,
+    /// and is told so by the channel.
+    pub fn published(&self) -> tokio::sync::broadcast::Receiver<Arc<Stream>> {
+        self.published.subscribe()
     }
 
     pub fn events(&self) -> &Arc<dyn Events> {
@@ -412,6 +429,7 @@ impl Hub {
             live
         };
         stream.source().push_status(now, live, false);
+        let _ = self.published.send(stream.clone());
         Ok(Publisher {
             hub: self.clone(),
             stream,

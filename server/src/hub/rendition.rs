@@ -65,6 +65,8 @@ enum Kind {
         sync: bool,
         video: bool,
         dts: u64,
+        /// dts + cts: where renditions line up.
+        pts: u64,
     },
     Init {
         generation: u64,
@@ -94,8 +96,10 @@ struct Log {
     retained: u64,
     /// Sequence number of the newest sync point: where new viewers start.
     gop_start: Option<u64>,
-    /// Sync points still in the log, oldest first: (dts, sequence number).
-    keyframes: VecDeque<(u64, u64)>,
+    /// Sync points still in the log, oldest first: (pts, dts, sequence number). Renditions
+    /// line up by presentation time: a ladder rung without B-frames has its keyframe's dts
+    /// where a source with B-frames has the keyframe's pts.
+    keyframes: VecDeque<(u64, u64, u64)>,
     /// The newest media frame's dts.
     newest_dts: Option<u64>,
     /// The current configuration: its generation, framed, and as pushed.
@@ -133,7 +137,7 @@ pub struct Cursor {
     /// from the rendition switched from.
     video_from: Option<u64>,
     audio_after: Option<u64>,
-    /// Stop before the next video keyframe (a switch waits there), unless it is this one.
+    /// Stop before the next video keyframe (a switch waits there), unless it is this one (pts).
     stop_at_keyframe: bool,
     passed_keyframe: Option<u64>,
     /// The last media sent through this cursor, per kind.
@@ -148,7 +152,8 @@ pub struct Cursor {
 pub struct ReadOutcome {
     /// The viewer was too far behind and skipped to the next keyframe.
     pub skipped: bool,
-    /// Reading stopped before a video keyframe with this dts ([`Cursor::stop_at_keyframe`]).
+    /// Reading stopped before a video keyframe presented at this pts
+    /// ([`Cursor::stop_at_keyframes`]).
     pub at_keyframe: Option<u64>,
 }
 
@@ -170,9 +175,9 @@ impl Cursor {
         self.passed_keyframe = None;
     }
 
-    /// The keyframe reading stopped at is read next time after all.
-    pub fn pass_keyframe(&mut self, dts: u64) {
-        self.passed_keyframe = Some(dts);
+    /// The keyframe reading stopped at (its pts) is read next time after all.
+    pub fn pass_keyframe(&mut self, pts: u64) {
+        self.passed_keyframe = Some(pts);
     }
 }
 
@@ -297,6 +302,7 @@ impl Rendition {
             sync,
             video: frame.is_video(),
             dts: header.dts,
+            pts: header.dts.saturating_add_signed(i64::from(header.cts)),
         };
         let mut log = self.log.lock();
         log.newest_dts = Some(header.dts);
@@ -357,12 +363,15 @@ impl Rendition {
         let len = framed.len() as u64;
         let sync = matches!(kind, Kind::Media { sync: true, .. });
         if let Kind::Media {
-            sync: true, dts, ..
+            sync: true,
+            dts,
+            pts,
+            ..
         } = kind
         {
             let seq = log.head();
             log.gop_start = Some(seq);
-            log.keyframes.push_back((dts, seq));
+            log.keyframes.push_back((pts, dts, seq));
         }
         log.lossless.retain(|l| match l.upgrade() {
             Some(l) => {
@@ -415,7 +424,7 @@ impl Rendition {
         while log
             .keyframes
             .front()
-            .is_some_and(|&(_, seq)| seq < log.base)
+            .is_some_and(|&(_, _, seq)| seq < log.base)
         {
             log.keyframes.pop_front();
         }
@@ -456,15 +465,15 @@ impl Rendition {
         cursor
     }
 
-    /// The sequence number of the keyframe at `dts` (±1 ms of timestamp rounding), if the log
-    /// still holds it.
-    pub fn keyframe_at(&self, dts: u64) -> Option<u64> {
+    /// The sequence number of the keyframe presented at `pts` (±1 ms of timestamp rounding),
+    /// if the log still holds it.
+    pub fn keyframe_at(&self, pts: u64) -> Option<u64> {
         let log = self.log.lock();
         log.keyframes
             .iter()
             .rev()
-            .find(|&&(k, _)| k.abs_diff(dts) <= 1)
-            .map(|&(_, seq)| seq)
+            .find(|&&(k, _, _)| k.abs_diff(pts) <= 1)
+            .map(|&(_, _, seq)| seq)
     }
 
     /// The newest media frame's dts.
@@ -473,8 +482,9 @@ impl Rendition {
     }
 
     /// A cursor that continues a viewer here, switched from another rendition of the same
-    /// stream that sent video up to `last_video` and audio up to `last_audio`: from the keyframe
-    /// at `at` (±1 ms), or, with `at` None, from the first keyframe after `last_video`. Its
+    /// stream that sent video up to dts `last_video` and audio up to `last_audio`: from the
+    /// keyframe presented at `at` (±1 ms), or, with `at` None, from the first keyframe whose dts
+    /// is after `last_video`. Its
     /// init goes to `out` first. Audio resumes right after `last_audio` (it may sit before the
     /// keyframe in this log), video at the keyframe, so there is no hole and no overlap.
     /// None if there is no such keyframe (yet), or no configuration.
@@ -487,16 +497,16 @@ impl Rendition {
     ) -> Option<Cursor> {
         let log = self.log.lock();
         let (generation, init, _) = log.init.as_ref()?;
-        let &(k_dts, k_seq) = match at {
+        let &(_, k_dts, k_seq) = match at {
             Some(at) => log
                 .keyframes
                 .iter()
                 .rev()
-                .find(|&&(k, _)| k.abs_diff(at) <= 1)?,
+                .find(|&&(k, _, _)| k.abs_diff(at) <= 1)?,
             None => log
                 .keyframes
                 .iter()
-                .find(|&&(k, _)| last_video.is_none_or(|v| k > v))?,
+                .find(|&&(_, k, _)| last_video.is_none_or(|v| k > v))?,
         };
         // The init must precede the keyframe in this log, or the keyframe belongs to an older
         // configuration than the one we would send.
@@ -611,14 +621,19 @@ impl Rendition {
                 break;
             };
             match e.kind {
-                Kind::Media { sync, video, dts } => {
+                Kind::Media {
+                    sync,
+                    video,
+                    dts,
+                    pts,
+                } => {
                     if video
                         && sync
                         && cursor.stop_at_keyframe
-                        && cursor.passed_keyframe != Some(dts)
+                        && cursor.passed_keyframe != Some(pts)
                         && !cursor.need_sync
                     {
-                        outcome.at_keyframe = Some(dts);
+                        outcome.at_keyframe = Some(pts);
                         break;
                     }
                     cursor.next += 1;

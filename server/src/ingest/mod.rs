@@ -15,7 +15,8 @@ use onair_protocol::flv::FlvError;
 use onair_protocol::wire::{self, MediaHeader, TrackParams};
 
 use crate::hub::{
-    AudioInfo, InitConfig, MediaInfo, Publisher, TrackConfig, VIDEO_TRACK, VideoInfo, now_us,
+    AudioInfo, InitConfig, MediaInfo, Publisher, RenditionWriter, TrackConfig, VIDEO_TRACK,
+    VideoInfo, now_us,
 };
 
 pub const AUDIO_TRACK: u8 = 1;
@@ -82,8 +83,45 @@ struct Audio {
     codec: String,
 }
 
-pub struct MediaIngest {
-    publisher: Publisher,
+/// Where [`MediaIngest`] puts what it reads: a stream's source ([`Publisher`]), or another
+/// rendition of it (a ladder rung read back from ffmpeg, [`RenditionWriter`]).
+pub trait Target {
+    /// For log lines.
+    fn name(&self) -> &str;
+    fn set_init(&self, init: InitConfig, media: MediaInfo) -> Result<(), wire::WireError>;
+    fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool);
+}
+
+impl Target for Publisher {
+    fn name(&self) -> &str {
+        Publisher::name(self)
+    }
+
+    fn set_init(&self, init: InitConfig, media: MediaInfo) -> Result<(), wire::WireError> {
+        Publisher::set_init(self, init, media)
+    }
+
+    fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
+        Publisher::push_media(self, header, payload, sync)
+    }
+}
+
+impl Target for RenditionWriter {
+    fn name(&self) -> &str {
+        RenditionWriter::label(self)
+    }
+
+    fn set_init(&self, init: InitConfig, _media: MediaInfo) -> Result<(), wire::WireError> {
+        RenditionWriter::set_init(self, init)
+    }
+
+    fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
+        RenditionWriter::push_media(self, header, payload, sync)
+    }
+}
+
+pub struct MediaIngest<T: Target = Publisher> {
+    publisher: T,
     video: Option<Video>,
     audio: Option<Audio>,
     /// From metadata: whether the publisher announced a video track.
@@ -95,8 +133,8 @@ pub struct MediaIngest {
     video_fps: Option<f64>,
 }
 
-impl MediaIngest {
-    pub fn new(publisher: Publisher) -> Self {
+impl<T: Target> MediaIngest<T> {
+    pub fn new(publisher: T) -> Self {
         Self {
             publisher,
             video: None,
@@ -112,7 +150,9 @@ impl MediaIngest {
     pub fn set_video_fps(&mut self, fps: f64) {
         self.video_fps = Some(fps);
     }
+}
 
+impl MediaIngest<Publisher> {
     /// See [`Publisher::set_clock_source`].
     pub fn set_clock_source(&self, clock: &'static str) {
         self.publisher.set_clock_source(clock);
@@ -122,7 +162,9 @@ impl MediaIngest {
     pub async fn removed(&self) {
         self.publisher.removed().await
     }
+}
 
+impl<T: Target> MediaIngest<T> {
     pub fn name(&self) -> &str {
         self.publisher.name()
     }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use onair_protocol::flv::{StreamError, TagReader};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -22,15 +22,12 @@ use super::raw::{RawError, RawH264};
 use crate::config::{Config, ListenSource, PullSource};
 use crate::hub::{Hub, PublisherInfo, now_us};
 
-/// Largest FLV tag taken (a tag is one frame).
-const MAX_TAG: usize = 16 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TcpError {
     #[error("{0}")]
     Raw(#[from] RawError),
     #[error("FLV: {0}")]
-    Flv(String),
+    Flv(#[from] StreamError),
     #[error("{0}")]
     Ingest(#[from] super::IngestError),
     #[error("stream {0:?} is already being published")]
@@ -57,61 +54,10 @@ impl TcpError {
     }
 }
 
-/// An FLV bytestream, read tag by tag from chunks of any size.
-#[derive(Default)]
-struct FlvStream {
-    buf: BytesMut,
-    header_done: bool,
-}
-
-impl FlvStream {
-    fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete tag: (type, timestamp ms, body).
-    fn next_tag(&mut self) -> Result<Option<(u8, u32, Bytes)>, TcpError> {
-        if !self.header_done {
-            if self.buf.len() < 9 {
-                return Ok(None);
-            }
-            if &self.buf[..3] != b"FLV" {
-                return Err(TcpError::Flv("no FLV signature".into()));
-            }
-            let header = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
-            let skip = header as usize + 4; // the header, then PreviousTagSize0
-            if skip > 1024 {
-                return Err(TcpError::Flv(format!("header of {header} bytes")));
-            }
-            if self.buf.len() < skip {
-                return Ok(None);
-            }
-            self.buf.advance(skip);
-            self.header_done = true;
-        }
-        if self.buf.len() < 11 {
-            return Ok(None);
-        }
-        let kind = self.buf[0] & 0x1f;
-        let size = u32::from_be_bytes([0, self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if size > MAX_TAG {
-            return Err(TcpError::Flv(format!("tag of {size} bytes")));
-        }
-        let ts = u32::from_be_bytes([self.buf[7], self.buf[4], self.buf[5], self.buf[6]]);
-        if self.buf.len() < 11 + size + 4 {
-            return Ok(None);
-        }
-        self.buf.advance(11);
-        let body = self.buf.split_to(size).freeze();
-        self.buf.advance(4); // PreviousTagSize
-        Ok(Some((kind, ts, body)))
-    }
-}
-
 /// What reads one connection's bytes.
 enum Reader {
     Raw(Box<RawH264>),
-    Flv(Box<(MediaIngest, FlvStream)>),
+    Flv(Box<(MediaIngest, TagReader)>),
 }
 
 /// Serves one source connection as stream `name` until it ends.
@@ -153,7 +99,7 @@ async fn serve(
     let ingest = MediaIngest::new(publisher);
     let mut reader = if first.starts_with(b"FLV") {
         tracing::info!("publishing (FLV)");
-        Reader::Flv(Box::new((ingest, FlvStream::default())))
+        Reader::Flv(Box::new((ingest, TagReader::default())))
     } else {
         tracing::info!("publishing (raw H.264)");
         Reader::Raw(Box::new(RawH264::new(ingest, fps, cfg.ingest_idr_timeout)))
@@ -166,10 +112,10 @@ async fn serve(
             Reader::Flv(flv) => {
                 let (ingest, flv) = &mut **flv;
                 flv.push(chunk);
-                while let Some((kind, ts, body)) = flv.next_tag()? {
-                    match kind {
-                        8 => ingest.flv_audio(&body, ts)?,
-                        9 => ingest.flv_video(&body, ts)?,
+                while let Some(tag) = flv.next_tag()? {
+                    match tag.kind {
+                        8 => ingest.flv_audio(&tag.body, tag.timestamp)?,
+                        9 => ingest.flv_video(&tag.body, tag.timestamp)?,
                         _ => {} // script data
                     }
                 }
@@ -313,41 +259,4 @@ async fn pull(source: PullSource, hub: Arc<Hub>, cfg: Arc<Config>, shutdown: Can
     }
     .instrument(span)
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flv_tags_in_any_chunking() {
-        let mut stream = b"FLV\x01\x05\x00\x00\x00\x09\x00\x00\x00\x00".to_vec();
-        for (kind, ts, body) in [(9u8, 0u32, &b"abc"[..]), (8, 0x0100_0020, &b"xy"[..])] {
-            let size = body.len() as u32;
-            stream.push(kind);
-            stream.extend_from_slice(&size.to_be_bytes()[1..]);
-            stream.extend_from_slice(&ts.to_be_bytes()[1..]);
-            stream.push((ts >> 24) as u8);
-            stream.extend_from_slice(&[0, 0, 0]);
-            stream.extend_from_slice(body);
-            stream.extend_from_slice(&(size + 11).to_be_bytes());
-        }
-        let mut flv = FlvStream::default();
-        let mut tags = Vec::new();
-        for c in stream.chunks(3) {
-            flv.push(c);
-            while let Some(t) = flv.next_tag().expect("tag") {
-                tags.push(t);
-            }
-        }
-        assert_eq!(tags.len(), 2);
-        assert_eq!((tags[0].0, tags[0].1, &tags[0].2[..]), (9, 0, &b"abc"[..]));
-        assert_eq!(
-            (tags[1].0, tags[1].1, &tags[1].2[..]),
-            (8, 0x0100_0020, &b"xy"[..])
-        );
-        let mut bad = FlvStream::default();
-        bad.push(b"NOTFLV123");
-        assert!(bad.next_tag().is_err());
-    }
 }

@@ -165,7 +165,13 @@ pub async fn run(
     clients: usize,
     window: Duration,
 ) -> Result<HlsReport, BoxError> {
-    let mut server = Server::start_bin(&env.onair_bin, &[], &[("ONAIR_LOG", "info")]).await;
+    let config = super::fan_out_config()?;
+    let mut server = Server::start_bin(
+        &env.onair_bin,
+        &["--config", &config],
+        &[("ONAIR_LOG", "info")],
+    )
+    .await;
     let mut feed = Feed::start(clip, &server.rtmp_url(STREAM))?;
     server.wait_log("publishing", Duration::from_secs(20)).await;
     let base = format!("http://{}/hls/{STREAM}", server.http);

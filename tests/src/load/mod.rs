@@ -171,6 +171,17 @@ impl Report {
     }
 }
 
+/// onair's configuration for the fan-out and HLS runs: no ladder, so that onair and
+/// node-media-server deliver the same single rendition, and no ffmpeg child takes CPU from
+/// the servers being compared (the ladder's cost is measured on its own).
+pub fn fan_out_config() -> Result<String, BoxError> {
+    let dir = std::env::temp_dir().join(format!("onair-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("fan-out.toml");
+    std::fs::write(&path, "[streams.\"*\"]\nladder = []\n")?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
 /// A server under test.
 enum Running {
     Onair(Server),
@@ -180,9 +191,17 @@ enum Running {
 impl Running {
     async fn start(target: Target, env: &Env) -> Result<Running, BoxError> {
         Ok(match target {
-            Target::Onair => Running::Onair(
-                Server::start_bin(&env.onair_bin, &[], &[("ONAIR_LOG", "info")]).await,
-            ),
+            Target::Onair => {
+                let config = fan_out_config()?;
+                Running::Onair(
+                    Server::start_bin(
+                        &env.onair_bin,
+                        &["--config", &config],
+                        &[("ONAIR_LOG", "info")],
+                    )
+                    .await,
+                )
+            }
             Target::Nms => {
                 let app = env
                     .nms_app
