@@ -1,6 +1,7 @@
 //! Delivery: everything that reads from the hub. HTTP server and routes in [`http`], WebSocket
 //! viewers in [`ws`].
 
+pub mod abr;
 pub mod framing;
 pub mod hls;
 pub mod http;
