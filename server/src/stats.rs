@@ -104,6 +104,22 @@ pub struct RenditionStats {
     pub viewers: usize,
 }
 
+impl RenditionStats {
+    fn of(id: u8, info: crate::hub::RenditionInfo, bitrate_kbps: f64, viewers: usize) -> Self {
+        Self {
+            id,
+            bitrate_kbps,
+            viewers,
+            name: info.name,
+            codec: info.codec,
+            width: info.width,
+            height: info.height,
+            fps: info.fps,
+            nominal_kbps: info.nominal_kbps,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportRow {
     /// Null while the player does not know it yet.
@@ -387,20 +403,11 @@ impl Stats {
                     let key = (summary.name.clone(), r.id);
                     let before = prev.renditions.get(&key).copied().unwrap_or(pushed);
                     seen_renditions.insert(key, pushed);
-                    RenditionStats {
-                        id: r.id,
-                        bitrate_kbps: kbps(pushed.saturating_sub(before)),
-                        viewers: per_rendition
-                            .get(&(summary.name.as_str(), r.id))
-                            .copied()
-                            .unwrap_or(0),
-                        name: info.name,
-                        codec: info.codec,
-                        width: info.width,
-                        height: info.height,
-                        fps: info.fps,
-                        nominal_kbps: info.nominal_kbps,
-                    }
+                    let viewers = per_rendition
+                        .get(&(summary.name.as_str(), r.id))
+                        .copied()
+                        .unwrap_or(0);
+                    RenditionStats::of(r.id, info, kbps(pushed.saturating_sub(before)), viewers)
                 })
                 .collect();
             streams.push(StreamStats {
@@ -483,17 +490,8 @@ pub fn renditions_now(stream: &Stream, measured: Option<&StreamStats>) -> Vec<Re
                     .iter()
                     .find(|x| x.id == r.id && x.name == info.name)
             });
-            RenditionStats {
-                id: r.id,
-                bitrate_kbps: m.map_or(0.0, |m| m.bitrate_kbps),
-                viewers: m.map_or(0, |m| m.viewers),
-                name: info.name,
-                codec: info.codec,
-                width: info.width,
-                height: info.height,
-                fps: info.fps,
-                nominal_kbps: info.nominal_kbps,
-            }
+            let (kbps, viewers) = m.map_or((0.0, 0), |m| (m.bitrate_kbps, m.viewers));
+            RenditionStats::of(r.id, info, kbps, viewers)
         })
         .collect()
 }

@@ -274,22 +274,11 @@ impl Follow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::frame::{InitConfig, TrackConfig, WireFramer};
-    use crate::hub::{Hub, Limits, NoEvents, PublisherInfo, RenditionInfo, Tasks};
+    use crate::hub::frame::{InitConfig, TrackConfig};
+    use crate::hub::tests::hub;
+    use crate::hub::{PublisherInfo, RenditionInfo};
     use onair_protocol::wire::{MediaHeader, Message, TrackParams};
     use std::net::SocketAddr;
-
-    fn hub() -> Arc<Hub> {
-        Hub::new(
-            Limits {
-                max_backlog_bytes: 1 << 20,
-                max_lag: Duration::from_secs(30),
-            },
-            Arc::new(WireFramer),
-            Arc::new(NoEvents),
-            Tasks::default(),
-        )
-    }
 
     fn init(height: u16) -> InitConfig {
         InitConfig {
