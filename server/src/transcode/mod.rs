@@ -93,9 +93,17 @@ pub fn start(hub: Arc<Hub>, cfg: Arc<Config>, tasks: Tasks) -> Arc<Transcoders> 
             let state = Arc::new(Mutex::new(TranscoderState::default()));
             t.states.insert(stream.name.clone(), state.clone());
             let span = tracing::info_span!("ladder", stream = %stream.name);
-            inner
-                .tracker
-                .spawn(supervise(stream, policy.ladder, state, inner.clone()).instrument(span));
+            let (t, tasks) = (t.clone(), inner.clone());
+            inner.tracker.spawn(
+                async move {
+                    let name = stream.name.clone();
+                    supervise(stream, policy.ladder, state.clone(), tasks).await;
+                    // Gone with its publish (unless a newer publish has its own by now), so
+                    // the map holds live streams only.
+                    t.states.remove_if(&name, |_, s| Arc::ptr_eq(s, &state));
+                }
+                .instrument(span),
+            );
         }
     });
     transcoders
