@@ -399,13 +399,7 @@ async fn write_frames(
             );
         }
         if let Some(s) = switched {
-            let up = match (stream.rendition(s.from), stream.rendition(s.to)) {
-                (Some(from), Some(to)) => to.info().height > from.info().height,
-                // From one that went away: compare with what it was.
-                (None, Some(to)) => to.id == 0,
-                _ => false,
-            };
-            viewer.state.count_switch(s.to, up, s.reason);
+            viewer.state.count_switch(s.to, s.up, s.reason);
             tracing::info!(
                 from = s.from,
                 to = s.to,

@@ -66,6 +66,8 @@ struct Pending {
 pub struct Switched {
     pub from: u8,
     pub to: u8,
+    /// To a taller picture (then a higher bitrate) than the one left.
+    pub up: bool,
     pub reason: SwitchReason,
 }
 
@@ -263,9 +265,12 @@ impl Follow {
             self.rendition.attach_sink(sink);
             sink.set_position(self.cursor.next());
         }
+        // The rendition left is still at hand, even when it was removed from the stream.
+        let (a, b) = (from.info(), self.rendition.info());
         Switched {
             from: from.id,
             to: self.rendition.id,
+            up: (b.height, b.nominal_kbps) > (a.height, a.nominal_kbps),
             reason: pending.reason,
         }
     }
@@ -275,9 +280,10 @@ impl Follow {
 mod tests {
     use super::*;
     use crate::hub::frame::{InitConfig, TrackConfig};
+    use crate::hub::rendition::tests::header as h;
     use crate::hub::tests::hub;
     use crate::hub::{PublisherInfo, RenditionInfo};
-    use onair_protocol::wire::{MediaHeader, Message, TrackParams};
+    use onair_protocol::wire::{Message, TrackParams};
     use std::net::SocketAddr;
 
     fn init(height: u16) -> InitConfig {
@@ -296,17 +302,8 @@ mod tests {
         }
     }
 
-    fn h(track: u8, keyframe: bool, dts: u64) -> MediaHeader {
-        MediaHeader {
-            track,
-            keyframe,
-            dts,
-            cts: 0,
-            ingest_us: 0,
-        }
-    }
-
-    /// (kind, track, dts, codec-of-init) for what a viewer got.
+    /// What a viewer got, a tag each: `K`/`v` + dts for video (keyframe or not), `a` + dts
+    /// for audio, `I` + rendition id for an init.
     fn seen(out: &[Bytes]) -> Vec<String> {
         out.iter()
             .filter_map(|b| match Message::decode(b).expect("decodes") {
@@ -385,8 +382,8 @@ mod tests {
         let mut got = Vec::new();
         let (_, switched) = follow.read(None, &mut got, 1000, usize::MAX);
         assert_eq!(
-            switched.map(|s| (s.from, s.to)),
-            Some((0, rung.rendition.id))
+            switched.map(|s| (s.from, s.to, s.up)),
+            Some((0, rung.rendition.id, false))
         );
         assert_eq!(seen(&got), ["I1", "K100", "a105", "v150", "a155"]);
 
@@ -402,8 +399,9 @@ mod tests {
         let mut got = Vec::new();
         let (_, switched) = follow.read(None, &mut got, 1000, usize::MAX);
         assert_eq!(
-            switched.map(|s| (s.to, s.reason)),
-            Some((0, SwitchReason::RenditionGone))
+            switched.map(|s| (s.to, s.up, s.reason)),
+            Some((0, true, SwitchReason::RenditionGone)),
+            "up, compared with the rendition that went"
         );
         assert_eq!(seen(&got), ["I0", "K200", "a205", "v250", "a255"]);
     }

@@ -34,7 +34,7 @@ pub struct QueueLimits {
 }
 
 impl QueueLimits {
-    /// Seconds of a high-bitrate stream at 60 fps with audio.
+    /// 32 MB, and 4096 frames: about 38 s of 60 fps video with 48 kHz AAC beside it.
     pub const DEFAULT: QueueLimits = QueueLimits {
         max_bytes: 32 << 20,
         max_items: 4096,

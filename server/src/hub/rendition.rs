@@ -751,7 +751,7 @@ impl Rendition {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::hub::frame::WireFramer;
     use onair_protocol::wire::{TrackParams, VERSION};
@@ -786,7 +786,7 @@ mod tests {
         })
     }
 
-    fn header(track: u8, keyframe: bool, dts: u64) -> MediaHeader {
+    pub(crate) fn header(track: u8, keyframe: bool, dts: u64) -> MediaHeader {
         MediaHeader {
             track,
             keyframe,
