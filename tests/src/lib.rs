@@ -517,11 +517,16 @@ impl Viewer {
 
     /// Sends raw bytes as one binary message (for malformed input).
     pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        self.try_send_bytes(bytes).await.expect("send");
+    }
+
+    /// Like [`Viewer::send_bytes`], for input the server may refuse mid-way (a flood): once it
+    /// has closed the connection, a send fails.
+    pub async fn try_send_bytes(&mut self, bytes: Vec<u8>) -> Result<(), tungstenite::Error> {
         use futures_util::SinkExt;
         self.ws
             .send(tungstenite::Message::Binary(bytes.into()))
             .await
-            .expect("send");
     }
 
     /// Reads until the server closes; returns the close code and reason. Panics on timeout.
