@@ -117,6 +117,14 @@ pub struct Session {
     sequence: u32,
     /// Media is dropped until a keyframe: after an init, or after the player dropped data.
     need_keyframe: bool,
+    /// Audio is kept while waiting for the video keyframe: after a rendition switch, whose
+    /// audio continues right after the last audio frame (it may come before the keyframe).
+    audio_continues: bool,
+    /// A hello or a status came since the last init, so the next init starts a new publish
+    /// (a reconnect, a republish, a skip that may have crossed one) whose clock is unrelated.
+    /// Without one, an init with the same kinds of track is a rendition switch: renditions
+    /// share one timeline, so the mapping onto the player's timeline stays.
+    new_timeline: bool,
     ingest_map: std::collections::VecDeque<IngestMark>,
     /// Newest ingest time received, and the server time it was received at, for the delivery
     /// latency when nothing is buffered yet.
@@ -142,6 +150,8 @@ impl Session {
             },
             sequence: 0,
             need_keyframe: true,
+            audio_continues: false,
+            new_timeline: true,
             ingest_map: std::collections::VecDeque::with_capacity(INGEST_MAP_LEN),
             last_ingest_us: 0,
             bytes_received: 0,
@@ -154,6 +164,9 @@ impl Session {
         let msg = Message::decode(buf)?;
         if !matches!(msg, Message::Media { .. }) {
             self.bytes_received += buf.len() as u64;
+        }
+        if matches!(msg, Message::Hello(_) | Message::Status(_)) {
+            self.new_timeline = true;
         }
         Ok(match msg {
             Message::Hello(h) => Event::Hello {
@@ -257,11 +270,31 @@ impl Session {
         let same_tracks = !old_kinds.is_empty()
             && old_kinds.len() == tracks.len()
             && tracks.iter().all(|t| old_kinds.contains(&t.kind));
+        let switch = same_tracks && !self.new_timeline;
+        if switch {
+            // The same timeline goes on: what each track knows of it (the last dts, where the
+            // next audio frame starts) carries over, when the clocks are the same.
+            for t in &mut tracks {
+                if let Some(old) = self
+                    .tracks
+                    .iter()
+                    .find(|o| o.kind == t.kind && o.wire_timescale == t.wire_timescale)
+                    && old.timescale == t.timescale
+                {
+                    t.last_dts = old.last_dts;
+                    t.next_dts = old.next_dts;
+                    t.duration = old.duration;
+                }
+            }
+        } else {
+            // The new publish continues the timeline where the old one ended.
+            self.timeline.next_origin_us = self.timeline.end_us;
+            self.timeline.base = None;
+        }
         self.tracks = tracks;
-        // The new publish continues the timeline where the old one ended.
-        self.timeline.next_origin_us = self.timeline.end_us;
-        self.timeline.base = None;
         self.need_keyframe = true;
+        self.audio_continues = switch;
+        self.new_timeline = false;
         Ok(Event::Configure {
             sources,
             same_tracks,
@@ -285,13 +318,17 @@ impl Session {
         let kind = self.tracks[ti].kind;
         if self.need_keyframe {
             // Video decides where playback can start; audio before that would only be cut.
-            if kind != TrackKind::Video && self.tracks.iter().any(|t| t.kind == TrackKind::Video) {
+            let waits_for_video =
+                kind != TrackKind::Video && self.tracks.iter().any(|t| t.kind == TrackKind::Video);
+            if waits_for_video && !self.audio_continues {
                 return Ok(None);
             }
-            if !header.keyframe {
-                return Ok(None);
+            if !waits_for_video {
+                if !header.keyframe {
+                    return Ok(None);
+                }
+                self.need_keyframe = false;
             }
-            self.need_keyframe = false;
         }
         let has_video = self.tracks.iter().any(|t| t.kind == TrackKind::Video);
         let primary = kind == TrackKind::Video || !has_video;
@@ -388,6 +425,7 @@ impl Session {
     /// After the player had to drop appended data: start again from the next keyframe.
     pub fn resync(&mut self) {
         self.need_keyframe = true;
+        self.audio_continues = false;
     }
 
     /// Server ingest time of the frame showing at `media_time` seconds: the latest frame whose
@@ -538,6 +576,21 @@ mod tests {
         v
     }
 
+    fn republished() -> Vec<u8> {
+        Message::Status(Status {
+            code: wire::StatusCode::Republished,
+            message: "publisher is back",
+        })
+        .to_vec()
+        .expect("encode")
+    }
+
+    /// `base_dts` of a one-sample fragment: the moof's tfdt (version 1, after mfhd and tfhd).
+    fn tfdt(f: &Fragment) -> u64 {
+        let at = f.data.windows(4).position(|w| w == b"tfdt").expect("tfdt");
+        u64::from_be_bytes(f.data[at + 8..at + 16].try_into().expect("8 bytes"))
+    }
+
     fn fragment(s: &mut Session, msg: &[u8]) -> Option<Fragment> {
         match s.message(msg).expect("message") {
             Event::Fragment(f) => Some(f),
@@ -622,11 +675,60 @@ mod tests {
         let end = s.timeline_end();
         assert!((end - (10.0 + 30.0 * 0.033)).abs() < 0.002, "{end}");
         // The new publisher starts its clock at zero.
+        s.message(&republished()).expect("status");
         s.message(&init_msg(1280, false)).expect("init");
         fragment(&mut s, &media(0, true, 0, 0, 99)).expect("frame");
         assert_eq!(s.ingest_at(end), Some(99));
         assert_eq!(s.ingest_at(end - 0.01), Some(29));
         assert!(s.timeline_end() > end);
+    }
+
+    #[test]
+    fn a_rendition_switch_keeps_the_timeline_and_the_audio_before_its_keyframe() {
+        let mut s = Session::new();
+        s.message(&init_msg(1280, true)).expect("init");
+        fragment(&mut s, &media(0, true, 5000, 0, 1)).expect("video");
+        let a0 = fragment(&mut s, &media(1, true, 5000, 0, 1)).expect("audio");
+        fragment(&mut s, &media(0, false, 5033, 0, 2)).expect("video");
+        let a1 = fragment(&mut s, &media(1, true, 5021, 0, 2)).expect("audio");
+        assert_eq!(tfdt(&a1) - tfdt(&a0), 1024, "audio back to back");
+        // A switch: the other rendition's init with no status before it, then audio that
+        // continues right after the last one (before the keyframe), then the keyframe.
+        s.message(&init_msg(640, true)).expect("init");
+        let a2 = fragment(&mut s, &media(1, true, 5043, 0, 3))
+            .expect("audio before the new rendition's keyframe is kept");
+        assert_eq!(tfdt(&a2) - tfdt(&a1), 1024, "no hole or overlap in audio");
+        let v = fragment(&mut s, &media(0, true, 5066, 0, 3)).expect("keyframe");
+        // 66 ms after the first frame, which sits at the timeline's origin: the same
+        // timeline, not a new publish placed at its end.
+        assert_eq!(
+            tfdt(&v),
+            10_066,
+            "video at its own time on the same timeline"
+        );
+        assert_eq!(s.ingest_at(10.066), Some(3));
+
+        // After a skip (which may cross a republish) an init starts a new timeline again.
+        let skipped = Message::Status(Status {
+            code: wire::StatusCode::Skipped,
+            message: "fell behind",
+        })
+        .to_vec()
+        .expect("encode");
+        s.message(&skipped).expect("status");
+        let end = s.timeline_end();
+        s.message(&init_msg(1280, true)).expect("init");
+        assert_eq!(
+            fragment(&mut s, &media(1, true, 20, 0, 4)),
+            None,
+            "audio waits"
+        );
+        let v = fragment(&mut s, &media(0, true, 0, 0, 4)).expect("keyframe");
+        assert_eq!(
+            tfdt(&v),
+            (end * 1000.0).round() as u64,
+            "placed at the end: {end}"
+        );
     }
 
     #[test]

@@ -99,9 +99,14 @@ async fn assert_picture(b: &Browser, name: &str) -> Screenshot {
 }
 
 async fn open_watch(server: &Server, stream: &str) -> Browser {
+    open_watch_page(server, stream, "").await
+}
+
+/// The watch page with a query string (`?rendition=…`).
+async fn open_watch_page(server: &Server, stream: &str, query: &str) -> Browser {
     require_player();
     let b = Browser::start().await.expect("start chromium");
-    b.goto(&format!("http://{}/watch/{stream}", server.http))
+    b.goto(&format!("http://{}/watch/{stream}{query}", server.http))
         .await
         .expect("open the watch page");
     b
@@ -332,5 +337,96 @@ async fn player_reconnects_when_the_server_restarts() {
     .await;
     assert_same_document(&b).await;
     assert_picture(&b, "player-reconnected").await;
+    b.close().await.expect("close chromium");
+}
+
+/// The default ladder of a 640×360 source is one 240p rung. The watch page pinned to it plays
+/// 240p from the start; switched to the source and back at run time (`setRendition`), the page
+/// keeps playing through each switch, with no stall and no reload.
+#[tokio::test]
+async fn the_player_switches_renditions_at_keyframes_without_stalling() {
+    let server = Server::start(&[]).await;
+    let _publisher = Publisher::start(&server.rtmp_url("abr"), Profile::default());
+    // The rung exists once the ladder's ffmpeg connected it; until then a pinned viewer plays
+    // the source and moves to the rung when it comes, which is also fine here.
+    let b = open_watch_page(&server, "abr", "?rendition=240p").await;
+    let low = wait_until(
+        &b,
+        "s.height === 240 && s.decodedFrames > 30 && s.state === 'playing'",
+        Duration::from_secs(30),
+        "the 240p rendition playing",
+    )
+    .await;
+    mark_document(&b).await;
+    // What the element went through, for the failure message: each event with the page's
+    // clock, the playhead, the ready state, the buffered ranges and the picture height.
+    b.eval(
+        "window.__events = []; const v = document.querySelector('#video');
+         for (const e of ['waiting', 'playing', 'stalled', 'resize', 'seeking']) {
+           v.addEventListener(e, () => {
+             const r = [];
+             for (let k = 0; k < v.buffered.length; k++)
+               r.push([+v.buffered.start(k).toFixed(3), +v.buffered.end(k).toFixed(3)]);
+             window.__events.push([e, Math.round(performance.now()), +v.currentTime.toFixed(3),
+               v.readyState, r, v.videoHeight]);
+           });
+         }
+         return true;",
+    )
+    .await
+    .expect("listen to the element");
+    let stalls = num(&low, "stalls");
+    let rung = b
+        .eval("return window.onairPlayer.stats().rendition;")
+        .await
+        .expect("rendition");
+    assert_ne!(rung, Value::from(0), "on a rung, not the source: {low}");
+
+    b.eval("window.onairPlayer.setRendition(0); return true;")
+        .await
+        .expect("switch to the source");
+    let high = wait_until(
+        &b,
+        &format!(
+            "s.height === 360 && s.decodedFrames > {} && s.state === 'playing'",
+            num(&low, "decodedFrames") + 30.0
+        ),
+        Duration::from_secs(20),
+        "the source (360p) playing after the switch",
+    )
+    .await;
+    let high = wait_frames(&b, &high, 60.0, "frames after the switch up").await;
+
+    b.eval(&format!(
+        "window.onairPlayer.setRendition({rung}); return true;"
+    ))
+    .await
+    .expect("switch back down");
+    let back = wait_until(
+        &b,
+        &format!(
+            "s.height === 240 && s.decodedFrames > {} && s.state === 'playing'",
+            num(&high, "decodedFrames") + 30.0
+        ),
+        Duration::from_secs(20),
+        "240p playing after the switch down",
+    )
+    .await;
+    let back = wait_frames(&b, &back, 60.0, "frames after the switch down").await;
+    assert_same_document(&b).await;
+    let events = b
+        .eval("return window.__events;")
+        .await
+        .expect("the element's events");
+    assert_eq!(
+        num(&back, "stalls"),
+        stalls,
+        "no stall across two switches: {back}; the element's events: {events}"
+    );
+    assert!(
+        num(&back, "latencyMs") < 1000.0,
+        "latency held across the switches: {back}"
+    );
+    assert_picture(&b, "player-switched").await;
     b.close().await.expect("close chromium");
 }
