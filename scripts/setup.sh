@@ -6,7 +6,8 @@ set -euo pipefail
 # ffmpeg: the real publisher and decoder in tests. procps: `kill`, used to send SIGTERM.
 # gcc/libc6-dev: the linker rustc needs. make: the entry point itself. binaryen: wasm-opt for
 # the player. chromium + chromium-driver: the real browser the player is tested in.
-APT_PACKAGES=(ffmpeg procps gcc libc6-dev make binaryen chromium chromium-driver)
+# iproute2: `ip netns`, veth and `tc … tbf`, for the tests' own shaped links (tests/src/netns.rs).
+APT_PACKAGES=(ffmpeg procps gcc libc6-dev make binaryen chromium chromium-driver iproute2)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

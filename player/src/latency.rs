@@ -4,7 +4,8 @@
 //! nothing brings it back until a seek. Here a controller runs a few times a second on the
 //! *measured* latency (server ingest time of the frame on screen versus the server's clock now)
 //! and nudges `playbackRate` by a few percent, which nobody hears or sees, instead of seeking.
-//! It seeks only when far behind (after a long stall, or a reconnect), and it slows down a
+//! It seeks only when far behind (after a long stall, or a reconnect), plays faster for a few
+//! seconds when a backlog arrived all at once (see [`CATCHUP_BEYOND_MS`]), and it slows down a
 //! little when the buffer runs low, which turns a would-be stall into an imperceptible slowdown.
 
 /// Differences smaller than this are noise: the on-screen frame changes every frame time, so the
@@ -22,6 +23,12 @@ const MAX_SPEEDUP: f64 = 0.05;
 const MAX_SLOWDOWN: f64 = 0.03;
 /// Milliseconds of error per 1 % of rate: 100 ms behind plays 5 % fast, caught up in ~2 s.
 const MS_PER_PERCENT: f64 = 20.0;
+/// Further behind than this with the excess in the buffer (congestion that has cleared: the
+/// backlog arrived all at once), 5 % would take many seconds: up to [`MAX_CATCHUP`] faster,
+/// which is noticeable (dash.js and hls.js catch up as fast or faster) but over in a few
+/// seconds, and smoother than a seek.
+const CATCHUP_BEYOND_MS: f64 = 300.0;
+const MAX_CATCHUP: f64 = 0.20;
 /// Further behind than this, catching up by rate would take too long: seek.
 const SEEK_BEYOND_MS: f64 = 1500.0;
 /// Below this much buffer the decoder is about to starve: slow down whatever the latency says.
@@ -141,7 +148,12 @@ impl Controller {
         let wanted = if buffer_ms < LOW_BUFFER_MS {
             1.0 - MAX_SLOWDOWN
         } else if err > deadband {
-            1.0 + (err / per_percent / 100.0).min(speedup)
+            let cap = if !self.synced && err > CATCHUP_BEYOND_MS && buffer_ms > err / 2.0 {
+                MAX_CATCHUP
+            } else {
+                speedup
+            };
+            1.0 + (err / per_percent / 100.0).min(cap)
         } else if err < -deadband {
             1.0 - (-err / per_percent / 100.0).min(slowdown)
         } else {
@@ -228,13 +240,26 @@ mod tests {
     }
 
     #[test]
-    fn rates_stay_within_a_few_percent() {
+    fn rates_stay_within_a_few_percent_unless_far_behind_with_the_excess_buffered() {
         let mut c = Controller::new(100.0);
-        for lat in [100.0, 5000.0 / 4.0, 1400.0, 0.0, 120.0, 80.0] {
+        for lat in [100.0, 300.0, 0.0, 120.0, 80.0, 390.0] {
             if let Decision::Rate(r) = c.update(Some(lat), 1000.0, 5.0) {
                 assert!((0.97..=1.05).contains(&r), "{r}");
             }
         }
+        // 700 ms behind with a second buffered (congestion cleared): catches up faster.
+        let mut c = Controller::new(200.0);
+        assert_eq!(c.update(Some(900.0), 1000.0, 5.0), Decision::Rate(1.2));
+        // The same lag with little buffered is in the network: playing faster would only
+        // empty the buffer.
+        let mut c = Controller::new(200.0);
+        assert_eq!(c.update(Some(900.0), 200.0, 5.0), Decision::Rate(1.05));
+    }
+
+    #[test]
+    fn a_lag_after_congestion_is_made_good_in_a_few_seconds() {
+        let (latency, _) = simulate(200.0, 1000.0, 4.0);
+        assert!(latency < 450.0, "{latency}");
     }
 
     #[test]

@@ -201,6 +201,7 @@ struct Inner {
     bitrate_kbps: f64,
     bytes_mark: (u64, f64),
     last_stats_ms: f64,
+    last_stall_report_ms: f64,
     last_trim_ms: f64,
     last_play_ms: f64,
     last_sync_ms: f64,
@@ -322,6 +323,7 @@ impl Player {
             bitrate_kbps: 0.0,
             bytes_mark: (0, 0.0),
             last_stats_ms: 0.0,
+            last_stall_report_ms: 0.0,
             last_trim_ms: 0.0,
             last_play_ms: 0.0,
             last_sync_ms: 0.0,
@@ -945,6 +947,13 @@ impl Inner {
                 if matches!(i.state, State::Playing) && i.live {
                     i.stalls += 1;
                     i.set_state(State::Buffering);
+                    // The server's rendition choice acts on stalls: tell it now rather than at
+                    // the next report, but at most twice a second (its message budget is 20).
+                    let now_ms = now_us() as f64 / 1000.0;
+                    if now_ms - i.last_stall_report_ms >= 500.0 {
+                        i.last_stall_report_ms = now_ms;
+                        i.report();
+                    }
                 }
             })
         });

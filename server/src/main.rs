@@ -104,6 +104,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     );
     let app = App {
         transcoders,
+        abr_memory: Default::default(),
         hub: hub.clone(),
         cfg: cfg.clone(),
         stats,

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub viewer_reports: Counter,
     /// Glass-to-glass latency from viewer reports, in seconds.
     pub viewer_latency: Histogram,
+    /// Addresses the automatic choice forgot early to stay within its bound.
+    pub abr_memory_evictions: Counter,
     disconnects: [Counter; DisconnectReason::ALL.len()],
 }
 
@@ -75,6 +77,7 @@ impl Metrics {
             viewers_joined: metrics::counter!("onair_viewer_connections_total"),
             viewer_reports: metrics::counter!("onair_viewer_reports_total"),
             viewer_latency: metrics::histogram!("onair_viewer_latency_seconds"),
+            abr_memory_evictions: metrics::counter!("onair_abr_memory_evictions_total"),
             disconnects: DisconnectReason::ALL.map(
                 |r| metrics::counter!("onair_viewer_disconnects_total", "reason" => r.label()),
             ),
@@ -115,6 +118,7 @@ impl Events for HubMetrics {
     }
 
     fn switch(&self, up: bool, reason: SwitchReason) {
+        SWITCHES[usize::from(up)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Cold path (a switch is rare): the labelled lookup is fine.
         metrics::counter!(
             "onair_rendition_switches_total",
@@ -123,6 +127,18 @@ impl Events for HubMetrics {
         )
         .increment(1);
     }
+}
+
+/// Rendition switches so far, down and up: what the dashboard's chart differentiates.
+static SWITCHES: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// Rendition switches since the start: (down, up).
+pub fn switch_totals() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (SWITCHES[0].load(Relaxed), SWITCHES[1].load(Relaxed))
 }
 
 /// The process's metric handles. Touch it only after [`install`]: handles made before a recorder

@@ -64,6 +64,9 @@ pub struct Totals {
     pub bitrate_in_kbps: f64,
     pub bitrate_out_kbps: f64,
     pub latency_ms: Option<LatencyAgg>,
+    /// Viewers moved to a lower / higher rendition, per second over the last period.
+    pub switches_down_per_s: f64,
+    pub switches_up_per_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -205,6 +208,8 @@ pub struct HistoryPoint {
     pub bitrate_in_kbps: f64,
     pub bitrate_out_kbps: f64,
     pub latency: Option<LatencyAgg>,
+    pub switches_down_per_s: f64,
+    pub switches_up_per_s: f64,
 }
 
 /// The charts' starting data, column-wise as uPlot takes it.
@@ -217,6 +222,8 @@ pub struct History {
     pub latency_min_ms: Vec<Option<f64>>,
     pub latency_avg_ms: Vec<Option<f64>>,
     pub latency_max_ms: Vec<Option<f64>>,
+    pub switches_down_per_s: Vec<f64>,
+    pub switches_up_per_s: Vec<f64>,
 }
 
 pub struct Stats {
@@ -236,6 +243,8 @@ struct Previous {
     viewers: HashMap<u64, u64>,
     /// (stream, rendition id) → bytes its log took in.
     renditions: HashMap<(String, u8), u64>,
+    /// Rendition switches so far: (down, up).
+    switches: (u64, u64),
 }
 
 impl Stats {
@@ -270,6 +279,8 @@ impl Stats {
             h.latency_min_ms.push(p.latency.map(|l| l.min));
             h.latency_avg_ms.push(p.latency.map(|l| l.avg));
             h.latency_max_ms.push(p.latency.map(|l| l.max));
+            h.switches_down_per_s.push(p.switches_down_per_s);
+            h.switches_up_per_s.push(p.switches_up_per_s);
         }
         h
     }
@@ -312,6 +323,8 @@ impl Stats {
                 bitrate_in_kbps: snap.totals.bitrate_in_kbps,
                 bitrate_out_kbps: snap.totals.bitrate_out_kbps,
                 latency: snap.totals.latency_ms,
+                switches_down_per_s: snap.totals.switches_down_per_s,
+                switches_up_per_s: snap.totals.switches_up_per_s,
             });
             drop(history);
             self.latest.send_replace(Arc::new(snap));
@@ -326,6 +339,7 @@ impl Stats {
             .max(1e-3);
         let kbps = |bytes: u64| round1(bytes as f64 * 8.0 / 1000.0 / secs);
 
+        let switches = crate::metrics::switch_totals();
         // Each stream looked up once: viewers' backlogs read its rendition, and its row follows.
         let all_streams = self.hub.streams();
         let by_name: HashMap<&str, &Arc<Stream>> =
@@ -442,7 +456,10 @@ impl Stats {
             bitrate_in_kbps: round1(streams.iter().map(|s| s.bitrate_in_kbps).sum()),
             bitrate_out_kbps: round1(viewers.iter().map(|v| v.send_kbps).sum()),
             latency_ms: LatencyAgg::of(all_latencies),
+            switches_down_per_s: round1((switches.0.saturating_sub(prev.switches.0)) as f64 / secs),
+            switches_up_per_s: round1((switches.1.saturating_sub(prev.switches.1)) as f64 / secs),
         };
+        prev.switches = switches;
         let common_json = format!(
             "\"totals\":{},\"streams\":{}",
             serde_json::to_string(&totals).unwrap_or_else(|_| "null".into()),
@@ -500,7 +517,7 @@ pub fn renditions_now(stream: &Stream, measured: Option<&StreamStats>) -> Vec<Re
 pub fn backlog(stream: &Stream, v: &ViewerState) -> u64 {
     let rendition = v.rendition.load(std::sync::atomic::Ordering::Relaxed);
     match (stream.rendition(rendition), v.sink()) {
-        (Some(r), Some(sink)) => r.backlog_bytes(sink.position()),
+        (Some(r), Some(sink)) => r.backlog(sink.position()).bytes,
         _ => 0,
     }
 }
@@ -553,6 +570,8 @@ impl Snapshot {
                 bitrate_in_kbps: 0.0,
                 bitrate_out_kbps: 0.0,
                 latency_ms: None,
+                switches_down_per_s: 0.0,
+                switches_up_per_s: 0.0,
             },
             streams: Vec::new(),
             viewers: Vec::new(),

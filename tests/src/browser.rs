@@ -115,10 +115,21 @@ impl Browser {
     ///
     /// Fails (never skips) when Chromium or chromedriver is missing.
     pub async fn start() -> Result<Browser, BoxError> {
+        Self::start_at(None).await
+    }
+
+    /// Like [`Browser::start`], with chromedriver and Chromium inside the network namespace
+    /// `ns` (`ip netns exec`): the page reaches only what that namespace routes to, through
+    /// its veth. The test drives chromedriver at the namespace's address.
+    pub async fn start_in_netns(ns: &crate::netns::Netns) -> Result<Browser, BoxError> {
+        Self::start_at(Some(ns)).await
+    }
+
+    async fn start_at(ns: Option<&crate::netns::Netns>) -> Result<Browser, BoxError> {
         let chromium = tool_path("E2E_CHROMIUM", CHROMIUM)?;
         let chromedriver = tool_path("E2E_CHROMEDRIVER", CHROMEDRIVER)?;
         let dir = fresh_dir()?;
-        let started = Self::start_in(&chromium, &chromedriver, &dir).await;
+        let started = Self::start_in(&chromium, &chromedriver, &dir, ns).await;
         if started.is_err() {
             remove_dir(&dir);
         }
@@ -129,7 +140,9 @@ impl Browser {
         chromium: &Path,
         chromedriver: &Path,
         dir: &Path,
+        ns: Option<&crate::netns::Netns>,
     ) -> Result<Browser, BoxError> {
+        let host = ns.map_or("127.0.0.1".to_string(), |n| n.inner_addr().to_string());
         let profile = dir.join("profile");
         std::fs::create_dir_all(&profile)?;
         let mut last_err: Option<BoxError> = None;
@@ -137,8 +150,8 @@ impl Browser {
         // between, chromedriver exits at once, and the next attempt takes another port.
         for attempt in 0..3 {
             let port = free_port()?;
-            let mut driver = spawn_driver(chromedriver, port, dir, attempt > 0)?;
-            match wait_driver_ready(&mut driver.child, port, dir).await {
+            let mut driver = spawn_driver(chromedriver, port, dir, attempt > 0, ns)?;
+            match wait_driver_ready(&mut driver.child, &host, port, dir).await {
                 Ok(()) => {}
                 Err(DriverStart::Exited(e)) => {
                     driver.kill(dir);
@@ -150,7 +163,7 @@ impl Browser {
                     return Err(e);
                 }
             }
-            let client = match open_session(chromium, &profile, port).await {
+            let client = match open_session(chromium, &profile, &host, port).await {
                 Ok(c) => c,
                 Err(e) => {
                     driver.kill(dir);
@@ -650,12 +663,26 @@ fn spawn_driver(
     port: u16,
     dir: &Path,
     append: bool,
+    ns: Option<&crate::netns::Netns>,
 ) -> Result<Driver, BoxError> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("chromedriver.out"))?;
-    let mut cmd = Command::new(chromedriver);
+    let mut cmd = match ns {
+        None => Command::new(chromedriver),
+        Some(ns) => {
+            // `ip netns exec` enters the namespace and execs chromedriver (same process), which
+            // must then listen on the namespace's address for the test to reach it; only the
+            // host end of the veth can.
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns.name()])
+                .arg(chromedriver)
+                .arg(format!("--allowed-ips={}", ns.outer_addr()))
+                .arg("--allowed-origins=*");
+            cmd
+        }
+    };
     cmd.arg(format!("--port={port}")).arg(format!(
         "--log-path={}",
         dir.join("chromedriver.log").display()
@@ -699,7 +726,12 @@ fn spawn_driver(
 }
 
 /// Polls chromedriver's `/status` until it says `ready` (a process start: there is no event).
-async fn wait_driver_ready(driver: &mut Child, port: u16, dir: &Path) -> Result<(), DriverStart> {
+async fn wait_driver_ready(
+    driver: &mut Child,
+    host: &str,
+    port: u16,
+    dir: &Path,
+) -> Result<(), DriverStart> {
     let start = Instant::now();
     loop {
         if let Ok(Some(status)) = driver.try_wait() {
@@ -708,7 +740,7 @@ async fn wait_driver_ready(driver: &mut Child, port: u16, dir: &Path) -> Result<
                 driver_log_tail(dir)
             ))));
         }
-        let last = match driver_status(port).await {
+        let last = match driver_status(host, port).await {
             Ok((200, body)) => {
                 let ready = serde_json::from_str::<Value>(&body)
                     .ok()
@@ -734,11 +766,11 @@ async fn wait_driver_ready(driver: &mut Child, port: u16, dir: &Path) -> Result<
 
 /// `GET /status` of the chromedriver on `port`: (HTTP status, body). chromedriver keeps the
 /// connection open, so this reads by Content-Length (hyper), within a short timeout.
-async fn driver_status(port: u16) -> Result<(u16, String), BoxError> {
+async fn driver_status(host: &str, port: u16) -> Result<(u16, String), BoxError> {
     use http_body_util::BodyExt as _;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: http::Uri = format!("http://127.0.0.1:{port}/status").parse()?;
+    let uri: http::Uri = format!("http://{host}:{port}/status").parse()?;
     let ask = async {
         let resp = client.get(uri).await?;
         let code = resp.status().as_u16();
@@ -750,7 +782,12 @@ async fn driver_status(port: u16) -> Result<(u16, String), BoxError> {
         .map_err(|_| fail("no answer within 2 s"))?
 }
 
-async fn open_session(chromium: &Path, profile: &Path, port: u16) -> Result<Client, BoxError> {
+async fn open_session(
+    chromium: &Path,
+    profile: &Path,
+    host: &str,
+    port: u16,
+) -> Result<Client, BoxError> {
     let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|s| s.to_string()).collect();
     args.push(format!("--user-data-dir={}", profile.display()));
     let caps = json!({
@@ -773,7 +810,7 @@ async fn open_session(chromium: &Path, profile: &Path, port: u16) -> Result<Clie
     let caps: Capabilities = caps;
     let mut builder = ClientBuilder::new(HttpConnector::new());
     builder.capabilities(caps);
-    let url = format!("http://127.0.0.1:{port}/");
+    let url = format!("http://{host}:{port}/");
     match tokio::time::timeout(SESSION_TIMEOUT, builder.connect(&url)).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(fail(e)),

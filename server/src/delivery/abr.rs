@@ -1,31 +1,51 @@
 //! Automatic rendition choice for one viewer, on the server: a controller fed what the server
 //! sees of the viewer's socket and what the player reports, returning "stay" or "move to this
 //! rendition at its next keyframe". No I/O and no clock of its own: every call is given `now`,
-//! so the rules are tested on made-up timelines.
+//! so the rules are tested on made-up timelines. The viewer's connection ([`super::ws`]) takes
+//! a [`Sample`] every [`SAMPLE_EVERY`] and carries out the moves.
 //!
-//! Throughput cannot be measured from a live push (data flows at the encode rate), so:
+//! Throughput cannot be measured from a live push while the viewer keeps up (data flows at the
+//! encode rate), so:
 //! - **down** on the signals a live push has: the viewer's backlog (how long its oldest unsent
-//!   frame has waited), a keyframe skip, a stall the player reports, or a player dropping more
-//!   than a tenth of its frames (CPU-bound: a lower resolution helps it too);
-//! - **up** by probing: after [`HOLD`] without trouble, the next higher rendition is tried. A
-//!   rendition the viewer had to leave within [`PROBE_FAILED_WITHIN`] of moving to it is not
-//!   tried again for a back-off that doubles each time (OvenMediaEngine's rule of a growing
-//!   back-off for a rung that failed), so a viewer does not flap.
+//!   frame has waited; viewer sockets keep little unsent in the kernel, so the backlog is in
+//!   the server's log where it can be seen), a keyframe skip, a stall the player reports, or a
+//!   player dropping more than a tenth of its frames (CPU-bound: a lower resolution helps it
+//!   too). While the socket was full for a whole sample, what it took *is* the link's rate:
+//!   the move goes straight to the highest rendition that rate carries with 10 % to spare
+//!   (OvenMediaEngine's rule), otherwise one step down.
+//! - **up** by probing: after [`HOLD`] without trouble, the next higher rendition is tried (not
+//!   when a recent measured rate says it would not fit). A rendition the viewer had to leave
+//!   within [`PROBE_FAILED_WITHIN`] of moving to it is not tried again for a back-off that
+//!   doubles each time (OvenMediaEngine's rule of a growing back-off for a rung that failed),
+//!   so a viewer does not flap. After a probe that held for [`PROBE_HELD`], the next step up
+//!   is tried without waiting a whole hold again.
 //!
-//! Not wired to the viewers' connections yet: `?rendition=auto` still stays where it is. What
-//! is missing is the kernel side of the backlog (a viewer socket's send buffer can hold seconds
-//! that the server never sees) and the shaped-link test that sets the thresholds.
+//! For [`SETTLE`] after a move, backlog, stalls and dropped frames do not count: what the
+//! viewer has queued then, and what its player reports, is from before the move.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Backlog age above which the viewer is moved down.
-pub const BEHIND_DOWN: Duration = Duration::from_millis(1000);
-/// Backlog age under which a viewer counts as keeping up.
+use crate::hub::{Follow, Rendition, Stream, SwitchReason, ViewerState};
+
+/// How often the connection samples a viewer on automatic.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Backlog age above which the viewer is moved down at once.
+pub const BEHIND_DOWN: Duration = Duration::from_millis(600);
+/// Backlog age under which a viewer counts as keeping up. Above it for [`BEHIND_FOR`] in a
+/// row (not a keyframe's burst, which drains in a sample or two) also moves it down.
 pub const BEHIND_OK: Duration = Duration::from_millis(250);
-/// Time without trouble before probing a higher rendition, and after any move.
-pub const HOLD: Duration = Duration::from_secs(10);
+pub const BEHIND_FOR: Duration = Duration::from_millis(1500);
+/// Time without trouble before probing a higher rendition.
+pub const HOLD: Duration = Duration::from_secs(8);
+/// A probe that held this long without trouble is followed by the next step up.
+pub const PROBE_HELD: Duration = Duration::from_secs(4);
 /// A move up that fails this soon marks the rendition as failed.
 pub const PROBE_FAILED_WITHIN: Duration = Duration::from_secs(15);
+/// After a move, trouble other than a skip is not acted on for this long.
+pub const SETTLE: Duration = Duration::from_millis(1500);
+/// A measured rate older than this says nothing about the link any more.
+const RATE_VALID_FOR: Duration = Duration::from_secs(15);
 const FIRST_BACKOFF: Duration = Duration::from_secs(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(160);
 
@@ -38,6 +58,10 @@ pub struct Sample {
     pub skipped: bool,
     /// From the player's latest report, when one came since the last sample.
     pub report: Option<Report>,
+    /// What the viewer's socket took since the last sample, in kbit/s, when it had a backlog
+    /// the whole time: the rate of the link. None when it kept up. The controller takes the
+    /// rate over a run of such samples, not one alone.
+    pub saturated_kbps: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,37 +72,15 @@ pub struct Report {
     pub dropped_frames: u32,
 }
 
-/// Why a move was decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
-    Backlog,
-    Skipped,
-    Stalled,
-    DroppedFrames,
-    Probe,
-}
-
-impl Why {
-    pub fn name(self) -> &'static str {
-        match self {
-            Why::Backlog => "backlog",
-            Why::Skipped => "skipped",
-            Why::Stalled => "stalled",
-            Why::DroppedFrames => "dropped_frames",
-            Why::Probe => "probe",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Stay,
     /// Move to the rendition at this index of the ladder (0 is the highest bitrate).
-    MoveTo(usize, Why),
+    MoveTo(usize, SwitchReason),
 }
 
 /// One viewer's controller. Renditions are given by index into the stream's ladder sorted by
-/// bitrate, highest first.
+/// bitrate, highest first; each sample comes with the ladder's bitrates.
 #[derive(Debug)]
 pub struct Abr {
     /// Where the viewer is (index into the ladder) and since when.
@@ -86,13 +88,37 @@ pub struct Abr {
     since: Instant,
     /// When trouble was last seen.
     trouble: Instant,
+    /// Since when the backlog has been above [`BEHIND_OK`].
+    behind_since: Option<Instant>,
     /// Per index: not to be probed before this, and the back-off to apply next.
     banned_until: Vec<Option<Instant>>,
     backoff: Vec<Duration>,
     /// Whether the last move was up (a probe), to judge it.
     probing_from: Option<usize>,
     last: Option<Report>,
+    /// The link's rate as last measured, and when.
+    rate: Option<(f64, Instant)>,
+    /// The current run of full samples: kbit taken and seconds, for the rate over the run (a
+    /// single sample can catch a loss recovery that took nothing).
+    run: (f64, f64),
+    last_sample: Option<Instant>,
+    /// When the viewer was last seen more than [`BEHIND_LINK`] behind, and its last stall.
+    behind_at: Option<Instant>,
+    stalled_at: Option<Instant>,
+    /// Samples in a row with the socket full the whole time.
+    saturated: u32,
 }
+
+/// Samples in a row with the socket full, taking less than the rendition's bitrate over the
+/// intervals between them, that move the viewer down.
+const SATURATED_SAMPLES: u32 = 2;
+
+/// A stall counts against the rendition if the viewer was this far behind within
+/// [`STALL_WINDOW`] (the link was involved), or if it is the second within that window. A lone
+/// stall of a viewer that had everything sent in time is its player's own (a start, a busy
+/// tab), and moving it down would not help.
+const BEHIND_LINK: Duration = Duration::from_millis(100);
+const STALL_WINDOW: Duration = Duration::from_secs(10);
 
 impl Abr {
     pub fn new(at: usize, renditions: usize, now: Instant) -> Self {
@@ -100,10 +126,17 @@ impl Abr {
             at,
             since: now,
             trouble: now,
+            behind_since: None,
             banned_until: vec![None; renditions],
             backoff: vec![FIRST_BACKOFF; renditions],
             probing_from: None,
             last: None,
+            rate: None,
+            behind_at: None,
+            stalled_at: None,
+            saturated: 0,
+            run: (0.0, 0.0),
+            last_sample: None,
         }
     }
 
@@ -111,71 +144,166 @@ impl Abr {
         self.at
     }
 
+    /// The link's rate as last measured, in kbit/s, if recent.
+    pub fn rate_kbps(&self, now: Instant) -> Option<u32> {
+        self.rate
+            .filter(|&(_, t)| now.duration_since(t) < RATE_VALID_FOR)
+            .map(|(r, _)| r as u32)
+    }
+
     /// The ladder changed (a rung came or went) or the viewer was moved by something else: it
-    /// is now at `at` of `renditions`.
+    /// is now at `at` of `renditions`. What was learnt of the old indices no longer applies.
     pub fn reset(&mut self, at: usize, renditions: usize, now: Instant) {
         self.at = at;
         self.since = now;
-        self.banned_until.resize(renditions, None);
-        self.backoff.resize(renditions, FIRST_BACKOFF);
+        self.behind_since = None;
+        self.banned_until = vec![None; renditions];
+        self.backoff = vec![FIRST_BACKOFF; renditions];
         self.probing_from = None;
     }
 
-    /// Takes one sample; returns what to do.
-    pub fn on_sample(&mut self, now: Instant, s: &Sample) -> Decision {
-        let lowest = self.banned_until.len().saturating_sub(1);
-        let trouble = self.trouble_in(s);
-        if let Some(why) = trouble {
+    /// A move this controller decided has been carried out (at the target's keyframe): the
+    /// settle time runs from now.
+    pub fn moved(&mut self, now: Instant) {
+        self.since = now;
+        self.behind_since = None;
+    }
+
+    /// Takes one sample; `kbps` are the ladder's bitrates, highest first. Returns what to do.
+    pub fn on_sample(&mut self, now: Instant, s: &Sample, kbps: &[u32]) -> Decision {
+        if kbps.len() != self.banned_until.len() {
+            self.reset(self.at.min(kbps.len().saturating_sub(1)), kbps.len(), now);
+        }
+        let interval = self
+            .last_sample
+            .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+        self.last_sample = Some(now);
+        match s.saturated_kbps {
+            Some(kbps) => {
+                // The run's first sample says the socket was full at both ends of its interval,
+                // not in between: the rate is taken from the intervals after it.
+                if self.saturated > 0 {
+                    self.run.0 += f64::from(kbps) * interval;
+                    self.run.1 += interval;
+                }
+                self.saturated += 1;
+                if self.run.1 > 0.0 && self.run.0 > 0.0 {
+                    self.rate = Some((self.run.0 / self.run.1, now));
+                }
+            }
+            None => {
+                self.saturated = 0;
+                self.run = (0.0, 0.0);
+            }
+        }
+        let lowest = kbps.len().saturating_sub(1);
+        let current = kbps.get(self.at).copied().unwrap_or(0);
+        if let Some(why) = self.trouble_in(now, s, current) {
             self.trouble = now;
             if self.at < lowest {
-                return self.move_to(self.at + 1, why, now);
+                let to = match self.rate_kbps(now) {
+                    // The highest rendition the measured rate carries with 10 % to spare, at
+                    // least one step down.
+                    Some(rate) => (self.at + 1..=lowest)
+                        .find(|&i| f64::from(kbps[i]) * 1.1 <= f64::from(rate))
+                        .unwrap_or(lowest),
+                    None => self.at + 1,
+                };
+                return self.move_to(to, why, now);
             }
             return Decision::Stay;
         }
-        let calm = s.behind <= BEHIND_OK;
-        if !calm {
+        if s.behind > BEHIND_OK {
             self.trouble = now;
         }
-        if self.at == 0
-            || now.duration_since(self.since) < HOLD
-            || now.duration_since(self.trouble) < HOLD
-        {
+        if self.at == 0 {
+            return Decision::Stay;
+        }
+        let held = if self.probing_from.is_some() {
+            // Climbing: the last probe held, so the next step needs less proof.
+            PROBE_HELD
+        } else {
+            HOLD
+        };
+        if now.duration_since(self.since) < held || now.duration_since(self.trouble) < held {
             return Decision::Stay;
         }
         let up = self.at - 1;
         if self.banned_until[up].is_some_and(|t| now < t) {
             return Decision::Stay;
         }
+        if self
+            .rate_kbps(now)
+            .is_some_and(|rate| f64::from(rate) * 0.75 <= f64::from(kbps[up]))
+        {
+            // Measured recently: the link would not carry it.
+            return Decision::Stay;
+        }
         self.probing_from = Some(self.at);
-        self.move_to(up, Why::Probe, now)
+        self.move_to(up, SwitchReason::Probe, now)
     }
 
-    fn trouble_in(&mut self, s: &Sample) -> Option<Why> {
+    fn trouble_in(&mut self, now: Instant, s: &Sample, current_kbps: u32) -> Option<SwitchReason> {
         let mut why = None;
+        if self.saturated >= SATURATED_SAMPLES
+            && self.run.1 > 0.0
+            && self.run.0 / self.run.1 < f64::from(current_kbps)
+        {
+            // Full for a quarter of a second and taking less than the rendition needs: the link cannot
+            // carry it, whatever the backlog is yet (a keyframe's burst on a link that can
+            // takes more, not less).
+            why = Some(SwitchReason::Backlog);
+        }
         if let Some(r) = s.report {
             if let Some(last) = self.last {
                 let decoded = r.decoded_frames.saturating_sub(last.decoded_frames);
                 let dropped = r.dropped_frames.saturating_sub(last.dropped_frames);
                 if r.stalls > last.stalls {
-                    why = Some(Why::Stalled);
+                    let within = |t: Option<Instant>| {
+                        t.is_some_and(|t| now.duration_since(t) < STALL_WINDOW)
+                    };
+                    if r.stalls > last.stalls + 1
+                        || within(self.stalled_at)
+                        || within(self.behind_at)
+                    {
+                        why = Some(SwitchReason::Stalled);
+                    }
+                    self.stalled_at = Some(now);
                 } else if decoded >= 10 && dropped * 10 > decoded {
-                    why = Some(Why::DroppedFrames);
+                    why = Some(SwitchReason::DroppedFrames);
                 }
             }
             self.last = Some(r);
         }
+        if s.behind > BEHIND_LINK {
+            self.behind_at = Some(now);
+        }
+        // Behind, but the socket is taking more than the rendition needs: the backlog (from
+        // before a move, or a burst) is draining, not growing.
+        let draining = self.saturated >= SATURATED_SAMPLES
+            && self.run.1 > 0.0
+            && self.run.0 / self.run.1 > 1.1 * f64::from(current_kbps);
+        if s.behind > BEHIND_OK {
+            let since = *self.behind_since.get_or_insert(now);
+            if !draining && (s.behind > BEHIND_DOWN || now.duration_since(since) >= BEHIND_FOR) {
+                why = why.or(Some(SwitchReason::Backlog));
+            }
+        } else {
+            self.behind_since = None;
+        }
         if s.skipped {
-            why = Some(Why::Skipped);
-        } else if s.behind > BEHIND_DOWN {
-            why = why.or(Some(Why::Backlog));
+            return Some(SwitchReason::Skipped);
+        }
+        if now.duration_since(self.since) < SETTLE {
+            return None;
         }
         why
     }
 
-    fn move_to(&mut self, to: usize, why: Why, now: Instant) -> Decision {
+    fn move_to(&mut self, to: usize, why: SwitchReason, now: Instant) -> Decision {
         // A move down soon after a probe up: the probed rendition failed.
-        if why != Why::Probe
-            && self.probing_from == Some(to)
+        if why != SwitchReason::Probe
+            && self.probing_from.is_some_and(|from| to >= from)
             && now.duration_since(self.since) < PROBE_FAILED_WITHIN
         {
             let failed = self.at;
@@ -183,18 +311,254 @@ impl Abr {
             self.banned_until[failed] = Some(now + backoff);
             self.backoff[failed] = (backoff * 2).min(MAX_BACKOFF);
         }
-        if why != Why::Probe {
+        if why != SwitchReason::Probe {
             self.probing_from = None;
         }
         self.at = to;
         self.since = now;
+        self.behind_since = None;
         Decision::MoveTo(to, why)
     }
+}
+
+/// How long a finished session's rendition is remembered for the next from its address.
+pub const REMEMBER_FOR: Duration = Duration::from_secs(600);
+/// Addresses remembered at most; the oldest goes first (counted in
+/// `onair_abr_memory_evictions_total`).
+pub const REMEMBER_MAX: usize = 4096;
+
+/// Where automatic viewers from an address left off, so that the next session from there (a
+/// reload, a reconnect) starts on what the last one could sustain instead of at the top, and
+/// probes up from there.
+#[derive(Default)]
+pub struct Memory {
+    by_addr: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, Remembered>>,
+}
+
+struct Remembered {
+    stream: String,
+    rendition: String,
+    at: Instant,
+}
+
+impl Memory {
+    /// The rendition the last automatic session of `stream` from `addr` ended on, if recent.
+    pub fn recall(&self, addr: std::net::IpAddr, stream: &str, now: Instant) -> Option<String> {
+        let map = self.by_addr.lock();
+        let r = map.get(&addr)?;
+        (r.stream == stream && now.duration_since(r.at) < REMEMBER_FOR).then(|| r.rendition.clone())
+    }
+
+    /// Returns how many entries were evicted to stay within [`REMEMBER_MAX`].
+    pub fn remember(
+        &self,
+        addr: std::net::IpAddr,
+        stream: &str,
+        rendition: String,
+        now: Instant,
+    ) -> usize {
+        let mut map = self.by_addr.lock();
+        let mut evicted = 0;
+        if map.len() >= REMEMBER_MAX && !map.contains_key(&addr) {
+            let before = map.len();
+            map.retain(|_, r| now.duration_since(r.at) < REMEMBER_FOR);
+            evicted = before - map.len();
+            if map.len() >= REMEMBER_MAX
+                && let Some(oldest) = map.iter().min_by_key(|(_, r)| r.at).map(|(a, _)| *a)
+            {
+                map.remove(&oldest);
+                evicted += 1;
+            }
+        }
+        map.insert(
+            addr,
+            Remembered {
+                stream: stream.to_string(),
+                rendition,
+                at: now,
+            },
+        );
+        evicted
+    }
+}
+
+/// Over how much of a rendition's log its bitrate is measured.
+const BITRATE_WINDOW: Duration = Duration::from_secs(2);
+
+/// A viewer on automatic, as its connection sees it: the controller, the ladder it indexes,
+/// and what the last sample left to compare with.
+pub struct Auto {
+    abr: Abr,
+    /// The stream's renditions by bitrate, highest first, as of `version`.
+    ladder: Vec<Arc<Rendition>>,
+    version: Option<u64>,
+    /// The move this controller asked for, until it is carried out or given up.
+    asked: Option<Arc<Rendition>>,
+    last_at: Instant,
+    last_sent: u64,
+    /// The viewer had a backlog at the last sample.
+    had_backlog: bool,
+    skips: u64,
+    report_at: Option<Instant>,
+    /// How old the first frame was when the viewer joined or switched: until it first reaches
+    /// the live edge, only lag beyond that is its own.
+    start_age: Option<Duration>,
+}
+
+impl Auto {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            abr: Abr::new(0, 1, now),
+            ladder: Vec::new(),
+            version: None,
+            asked: None,
+            last_at: now,
+            last_sent: 0,
+            had_backlog: false,
+            skips: 0,
+            report_at: None,
+            start_age: None,
+        }
+    }
+
+    /// Whether there is a choice to make: more than one rendition.
+    pub fn active(&self, stream: &Stream) -> bool {
+        stream.rendition_count() > 1
+    }
+
+    /// The viewer is at the live edge (handed to the fan-out).
+    pub fn caught_up(&mut self) {
+        self.start_age = Some(Duration::ZERO);
+    }
+
+    /// A switch was carried out (by this controller or not): settle from now, and measure lag
+    /// from where the new rendition started.
+    pub fn switched(&mut self, follow: &Follow, now: Instant) {
+        let ours = self
+            .asked
+            .take()
+            .is_some_and(|r| Arc::ptr_eq(&r, follow.rendition()));
+        self.start_age = None;
+        match self.index_of(follow.rendition()) {
+            Some(i) if ours && i == self.abr.at() => self.abr.moved(now),
+            Some(i) => self.abr.reset(i, self.ladder.len(), now),
+            None => self.version = None,
+        }
+    }
+
+    fn index_of(&self, r: &Arc<Rendition>) -> Option<usize> {
+        self.ladder.iter().position(|x| Arc::ptr_eq(x, r))
+    }
+
+    /// Takes a sample of the viewer (`promoted`: at the live edge, written by the fan-out) and
+    /// returns the rendition to move to, if the controller decided a move.
+    pub fn sample(
+        &mut self,
+        now: Instant,
+        stream: &Stream,
+        follow: &Follow,
+        state: &ViewerState,
+        promoted: bool,
+    ) -> Option<(Arc<Rendition>, SwitchReason)> {
+        let version = stream.renditions_version();
+        if self.version != Some(version) {
+            let mut ladder: Vec<_> = stream
+                .renditions()
+                .into_iter()
+                .filter(|r| !r.is_gone())
+                .collect();
+            ladder.sort_by_key(|r| std::cmp::Reverse(bitrate(r)));
+            self.ladder = ladder;
+            self.version = Some(version);
+            let at = self.index_of(follow.rendition()).unwrap_or(0);
+            self.abr.reset(at, self.ladder.len(), now);
+        }
+        if self.asked.is_some() && follow.target().is_none() {
+            // Our move was given up (the target had no keyframe where this rendition has).
+            self.asked = None;
+        }
+        if self.asked.is_none()
+            && let Some(i) = self.index_of(follow.rendition())
+            && i != self.abr.at()
+        {
+            self.abr.reset(i, self.ladder.len(), now);
+        }
+        let sent = state.bytes_sent();
+        let interval = now.duration_since(self.last_at);
+        let sent_kbps = ((sent - self.last_sent.min(sent)) as f64 * 8.0
+            / interval.as_secs_f64().max(1e-3)
+            / 1000.0) as u32;
+        self.last_at = now;
+        self.last_sent = sent;
+        let backlog = match (promoted, state.sink()) {
+            (false, Some(sink)) => follow.rendition().backlog(sink.position()),
+            _ => Default::default(),
+        };
+        let had_backlog = std::mem::replace(&mut self.had_backlog, backlog.bytes > 0);
+        let skips = follow.cursor().skips;
+        let skipped = skips > std::mem::replace(&mut self.skips, skips);
+        let report = state.report().and_then(|(r, at)| {
+            (self.report_at != Some(at)).then(|| {
+                self.report_at = Some(at);
+                Report {
+                    stalls: r.stalls,
+                    decoded_frames: r.decoded_frames,
+                    dropped_frames: r.dropped_frames,
+                }
+            })
+        });
+        if follow.target().is_some() || self.ladder.len() < 2 {
+            // A switch is under way (ours or the viewer's): judge what comes after it.
+            return None;
+        }
+        let start_age = *self.start_age.get_or_insert(backlog.age);
+        let sample = Sample {
+            behind: backlog.age.saturating_sub(start_age),
+            skipped,
+            report,
+            saturated_kbps: (had_backlog && backlog.bytes > 0).then_some(sent_kbps),
+        };
+        let kbps: Vec<u32> = self.ladder.iter().map(|r| bitrate(r)).collect();
+        tracing::trace!(
+            at = self.abr.at(),
+            behind_ms = sample.behind.as_millis() as u64,
+            backlog = backlog.bytes,
+            promoted,
+            sent_kbps,
+            saturated = sample.saturated_kbps.is_some(),
+            ?kbps,
+            "abr sample"
+        );
+        match self.abr.on_sample(now, &sample, &kbps) {
+            Decision::Stay => None,
+            Decision::MoveTo(i, why) => {
+                let to = self.ladder.get(i)?.clone();
+                tracing::debug!(
+                    to = to.id,
+                    reason = why.name(),
+                    behind_ms = sample.behind.as_millis() as u64,
+                    rate_kbps = self.abr.rate_kbps(now),
+                    "automatic switch decided"
+                );
+                self.asked = Some(to.clone());
+                Some((to, why))
+            }
+        }
+    }
+}
+
+/// A rendition's bitrate as measured over its recent log, or as configured until there is
+/// enough of it.
+fn bitrate(r: &Rendition) -> u32 {
+    r.recent_kbps(BITRATE_WINDOW)
+        .unwrap_or_else(|| r.info().nominal_kbps)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LADDER: [u32; 3] = [2500, 1000, 300];
 
     fn behind(ms: u64) -> Sample {
         Sample {
@@ -214,7 +578,7 @@ mod tests {
         let mut out = Vec::new();
         let mut t = from_s;
         while t < from_s + secs {
-            let d = abr.on_sample(t0 + Duration::from_secs_f64(t), &sample);
+            let d = abr.on_sample(t0 + Duration::from_secs_f64(t), &sample, &LADDER);
             if d != Decision::Stay {
                 out.push((t, d));
             }
@@ -224,21 +588,164 @@ mod tests {
     }
 
     #[test]
-    fn a_growing_backlog_moves_down_one_step_at_a_time_and_calm_probes_back_up() {
+    fn a_growing_backlog_moves_down_a_step_at_a_time_after_settling_and_calm_climbs_back() {
         let t0 = Instant::now();
         let mut abr = Abr::new(0, 3, t0);
-        let moves = run(&mut abr, t0, 0.0, 1.0, behind(1500));
-        assert_eq!(moves[0].1, Decision::MoveTo(1, Why::Backlog));
-        assert_eq!(abr.at(), 2, "down again while still behind: {moves:?}");
-        // Calm: nothing for HOLD, then one step up, then after another HOLD the next.
-        let moves = run(&mut abr, t0, 1.0, 30.0, behind(0));
+        // Right after it joined (the GOP it starts with is old by design): nothing.
+        assert!(run(&mut abr, t0, 0.0, 1.5, behind(1500)).is_empty());
+        let moves = run(&mut abr, t0, 1.5, 1.0, behind(1500));
+        assert_eq!(
+            moves,
+            [(1.5, Decision::MoveTo(1, SwitchReason::Backlog))],
+            "one step, then it settles"
+        );
+        let moves = run(&mut abr, t0, 2.5, 1.0, behind(1500));
+        assert_eq!(moves, [(3.0, Decision::MoveTo(2, SwitchReason::Backlog))]);
+        // Calm: nothing for HOLD, then one step up, then after PROBE_HELD the next.
+        let moves = run(&mut abr, t0, 3.5, 30.0, behind(0));
         assert_eq!(moves.len(), 2, "{moves:?}");
-        assert_eq!(moves[0].1, Decision::MoveTo(1, Why::Probe));
-        assert!(moves[0].0 >= 10.75, "held: {moves:?}");
-        assert_eq!(moves[1].1, Decision::MoveTo(0, Why::Probe));
+        assert_eq!(moves[0].1, Decision::MoveTo(1, SwitchReason::Probe));
+        assert!(moves[0].0 >= 3.0 + 8.0, "held: {moves:?}");
+        assert_eq!(moves[1].1, Decision::MoveTo(0, SwitchReason::Probe));
         assert!(
-            moves[1].0 - moves[0].0 >= 10.0,
+            moves[1].0 - moves[0].0 >= 4.0,
             "held after the probe: {moves:?}"
+        );
+    }
+
+    #[test]
+    fn a_keyframe_burst_is_not_a_backlog_but_a_lasting_one_is() {
+        let t0 = Instant::now();
+        let mut abr = Abr::new(0, 3, t0);
+        // 400 ms behind for half a second, every two seconds: a big keyframe on a link that
+        // carries the stream.
+        for gop in 0..10 {
+            let t = 2.0 + f64::from(gop) * 2.0;
+            assert!(run(&mut abr, t0, t, 0.5, behind(400)).is_empty());
+            assert!(run(&mut abr, t0, t + 0.5, 1.5, behind(50)).is_empty());
+        }
+        // 400 ms for longer than BEHIND_FOR: down.
+        let moves = run(&mut abr, t0, 30.0, 2.0, behind(400));
+        assert_eq!(moves, [(31.5, Decision::MoveTo(1, SwitchReason::Backlog))]);
+    }
+
+    #[test]
+    fn a_measured_rate_picks_the_rendition_it_carries_and_blocks_probes_above_it() {
+        let t0 = Instant::now();
+        let mut abr = Abr::new(0, 3, t0);
+        let full = Sample {
+            behind: Duration::from_millis(100),
+            saturated_kbps: Some(1200),
+            ..Default::default()
+        };
+        // Full for two samples at 1200 < 2500; 1000 × 1.1 ≤ 1200: the middle one.
+        assert_eq!(
+            run(&mut abr, t0, 2.0, 0.5, full),
+            [(2.25, Decision::MoveTo(1, SwitchReason::Backlog))]
+        );
+        // Calm for long, but 2500 is far above what was measured: no probe while it is recent.
+        let moves = run(
+            &mut abr,
+            t0,
+            2.25,
+            RATE_VALID_FOR.as_secs_f64() - 1.0,
+            behind(0),
+        );
+        assert!(moves.is_empty(), "{moves:?}");
+        // Once the measure is old, probing resumes.
+        let moves = run(
+            &mut abr,
+            t0,
+            2.25 + RATE_VALID_FOR.as_secs_f64(),
+            10.0,
+            behind(0),
+        );
+        assert_eq!(moves[0].1, Decision::MoveTo(0, SwitchReason::Probe));
+        // A rate below every rendition: the lowest.
+        let mut abr = Abr::new(0, 3, t0);
+        let starved = Sample {
+            saturated_kbps: Some(200),
+            ..full
+        };
+        assert_eq!(
+            run(&mut abr, t0, 2.0, 0.5, starved),
+            [(2.25, Decision::MoveTo(2, SwitchReason::Backlog))]
+        );
+        // One sample that took nothing (a loss recovery) in a run does not make the link slow.
+        let mut abr = Abr::new(0, 3, t0);
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        for (t, kbps) in [
+            (2.0, 2000),
+            (2.25, 2000),
+            (2.5, 2000),
+            (2.75, 0),
+            (3.0, 2000),
+        ] {
+            let s = Sample {
+                saturated_kbps: Some(kbps),
+                ..full
+            };
+            abr.on_sample(at(t), &s, &[1200, 1000, 300]);
+        }
+        assert_eq!(abr.at(), 0, "{abr:?}");
+        assert_eq!(abr.rate_kbps(at(3.0)), Some(1500), "over the run");
+    }
+
+    #[test]
+    fn a_full_socket_taking_less_than_the_bitrate_moves_down_before_the_backlog_is_long() {
+        let t0 = Instant::now();
+        let mut abr = Abr::new(0, 3, t0);
+        let full = |kbps| Sample {
+            behind: Duration::from_millis(150),
+            saturated_kbps: Some(kbps),
+            ..Default::default()
+        };
+        // Full, but taking more than the 2500 the rendition needs: a burst, not a slow link.
+        assert!(run(&mut abr, t0, 2.0, 2.0, full(6000)).is_empty());
+        assert_eq!(abr.rate_kbps(t0 + Duration::from_secs(4)), Some(6000));
+        let mut abr = Abr::new(0, 3, t0);
+        assert_eq!(
+            run(&mut abr, t0, 2.0, 1.0, full(1800)),
+            [(2.25, Decision::MoveTo(1, SwitchReason::Backlog))]
+        );
+        // A sample that took nothing (a loss recovery) is trouble, but says nothing of the
+        // rate: one step down, not to the lowest.
+        let mut abr = Abr::new(0, 3, t0);
+        assert_eq!(
+            run(&mut abr, t0, 2.0, 0.5, full(0)),
+            [(2.25, Decision::MoveTo(1, SwitchReason::Backlog))]
+        );
+    }
+
+    #[test]
+    fn a_backlog_that_drains_is_left_to_drain() {
+        let t0 = Instant::now();
+        let mut abr = Abr::new(1, 3, t0);
+        // 700 ms behind after a move, the socket full and taking 1600 of the 1000 needed.
+        let draining = Sample {
+            behind: Duration::from_millis(700),
+            saturated_kbps: Some(1600),
+            ..Default::default()
+        };
+        // (The first full sample says nothing of the rate yet.)
+        let first = Sample {
+            behind: Duration::from_millis(200),
+            ..draining
+        };
+        assert_eq!(
+            abr.on_sample(t0 + Duration::from_secs(2), &first, &LADDER),
+            Decision::Stay
+        );
+        assert!(run(&mut abr, t0, 2.25, 3.0, draining).is_empty());
+        // The same backlog while taking 900: down.
+        let mut abr = Abr::new(1, 3, t0);
+        let growing = Sample {
+            saturated_kbps: Some(900),
+            ..draining
+        };
+        assert_eq!(
+            run(&mut abr, t0, 2.0, 1.0, growing),
+            [(2.0, Decision::MoveTo(2, SwitchReason::Backlog))]
         );
     }
 
@@ -246,19 +753,22 @@ mod tests {
     fn a_failed_probe_is_not_tried_again_until_its_backoff_and_the_backoff_grows() {
         let t0 = Instant::now();
         let mut abr = Abr::new(0, 2, t0);
-        run(&mut abr, t0, 0.0, 0.25, behind(2000));
-        assert_eq!(abr.at(), 1);
+        let ladder = [2500, 1000];
+        assert_eq!(
+            abr.on_sample(t0 + Duration::from_secs(2), &behind(2000), &ladder),
+            Decision::MoveTo(1, SwitchReason::Backlog)
+        );
         let mut probes = Vec::new();
-        let mut t = 0.25;
-        // The top rendition is too much for this viewer: every probe fails a second later.
-        while t < 200.0 {
+        let mut t = 2.25;
+        // The top rendition is too much for this viewer: every probe fails a few seconds later.
+        while t < 300.0 {
             let now = t0 + Duration::from_secs_f64(t);
             let s = if abr.at() == 0 {
                 behind(2000)
             } else {
                 behind(0)
             };
-            if let Decision::MoveTo(0, Why::Probe) = abr.on_sample(now, &s) {
+            if let Decision::MoveTo(0, SwitchReason::Probe) = abr.on_sample(now, &s, &ladder) {
                 probes.push(t);
             }
             t += 0.25;
@@ -269,7 +779,7 @@ mod tests {
             gaps.windows(2).all(|g| g[1] > g[0]),
             "back-off grows: {probes:?}"
         );
-        assert!(probes.len() <= 5, "no flapping: {probes:?}");
+        assert!(probes.len() <= 6, "no flapping: {probes:?}");
     }
 
     #[test]
@@ -284,24 +794,73 @@ mod tests {
             ..Default::default()
         };
         let mut abr = Abr::new(0, 3, t0);
-        assert_eq!(abr.on_sample(t0, &report(0, 100, 0)), Decision::Stay);
         let t = |s| t0 + Duration::from_secs(s);
         assert_eq!(
-            abr.on_sample(t(1), &report(1, 130, 0)),
-            Decision::MoveTo(1, Why::Stalled)
+            abr.on_sample(t(2), &report(0, 100, 0), &LADDER),
+            Decision::Stay
+        );
+        // A lone stall with nothing queued for the viewer is its player's own.
+        assert_eq!(
+            abr.on_sample(t(3), &report(1, 130, 0), &LADDER),
+            Decision::Stay
+        );
+        // A second one within the window is not.
+        assert_eq!(
+            abr.on_sample(t(4), &report(2, 160, 0), &LADDER),
+            Decision::MoveTo(1, SwitchReason::Stalled)
+        );
+        // Within SETTLE of the move, a report's trouble is from before it.
+        assert_eq!(
+            abr.on_sample(t(5), &report(3, 190, 0), &LADDER),
+            Decision::Stay
         );
         assert_eq!(
-            abr.on_sample(t(2), &report(1, 160, 10)),
-            Decision::MoveTo(2, Why::DroppedFrames)
+            abr.on_sample(t(6), &report(3, 220, 10), &LADDER),
+            Decision::MoveTo(2, SwitchReason::DroppedFrames)
         );
         let skipped = Sample {
             skipped: true,
             ..Default::default()
         };
         assert_eq!(
-            abr.on_sample(t(3), &skipped),
+            abr.on_sample(t(8), &skipped, &LADDER),
             Decision::Stay,
             "nothing lower"
         );
+    }
+
+    #[test]
+    fn the_memory_recalls_recent_sessions_of_the_same_stream_and_stays_bounded() {
+        let t0 = Instant::now();
+        let m = Memory::default();
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(m.recall(a, "cam", t0), None);
+        assert_eq!(m.remember(a, "cam", "480p".into(), t0), 0);
+        assert_eq!(m.recall(a, "cam", t0).as_deref(), Some("480p"));
+        assert_eq!(m.recall(a, "other", t0), None, "another stream's ladder");
+        assert_eq!(m.recall(a, "cam", t0 + REMEMBER_FOR), None, "too old");
+        let mut evicted = 0;
+        for i in 0..REMEMBER_MAX as u32 + 10 {
+            let addr = std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            evicted += m.remember(
+                addr,
+                "cam",
+                "240p".into(),
+                t0 + Duration::from_millis(i.into()),
+            );
+        }
+        assert_eq!(m.by_addr.lock().len(), REMEMBER_MAX);
+        assert_eq!(evicted, 11, "the first one and the ten oldest made room");
+        assert_eq!(m.recall(a, "cam", t0), None);
+    }
+
+    #[test]
+    fn a_ladder_that_changes_size_restarts_the_controller_within_it() {
+        let t0 = Instant::now();
+        let mut abr = Abr::new(2, 3, t0);
+        // A rung went: the viewer is re-indexed by its connection; here the ladder shrank
+        // under it and it lands on what is now the lowest.
+        assert_eq!(abr.on_sample(t0, &behind(0), &[2500, 1000]), Decision::Stay);
+        assert_eq!(abr.at(), 1);
     }
 }

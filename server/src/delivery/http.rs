@@ -34,6 +34,8 @@ pub struct App {
     pub stats: Arc<Stats>,
     pub hls: Arc<crate::hls::Hls>,
     pub transcoders: Arc<crate::transcode::Transcoders>,
+    /// Where automatic viewers left off, per address.
+    pub abr_memory: Arc<super::abr::Memory>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,

@@ -9,7 +9,7 @@
 
 use std::io::IoSlice;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::abr::{self, Auto};
 use super::framing as frame;
 use super::http::{App, Peer};
 use crate::hub::fanout::MAX_IOV;
@@ -34,10 +35,18 @@ use crate::hub::follow::Preference;
 use crate::hub::{self, Follow, Sink, Stream, SwitchReason, ViewerState, now_us};
 use crate::metrics::{DisconnectReason, METRICS};
 
-/// Bytes per write batch: enough to fill a socket buffer in one call.
-const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Bytes per write batch. The socket takes about [`VIEWER_NOTSENT_LOWAT`] plus a segment per
+/// call anyway, so a bigger batch would not save calls; a smaller one lets a move decided while
+/// a slow viewer is writing start sooner (it starts at the first keyframe after the batch).
+const MAX_BATCH_BYTES: usize = 64 << 10;
 /// Largest message a viewer may send us. Ours are tens of bytes; this bounds the read buffer.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Unsent bytes a viewer's socket may hold in the kernel (`TCP_NOTSENT_LOWAT`). Left to the
+/// default, a socket buffers seconds of a slow viewer's stream where the server cannot see
+/// it; with this bound the backlog stays in the rendition's log, where the keyframe skip and
+/// the automatic rendition choice see it. Bytes in flight (the link's bandwidth-delay
+/// product) are not limited by it.
+const VIEWER_NOTSENT_LOWAT: u32 = 16 * 1024;
 
 /// Close codes (RFC 6455 7.4.1 and the private range).
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -111,6 +120,7 @@ pub async fn play(
     let span = tracing::info_span!("viewer", stream = %stream, id = viewer.id, %peer);
     let shutdown = app.shutdown.clone();
     let cfg = app.cfg.clone();
+    let memory = app.abr_memory.clone();
     app.tracker.spawn(
         async move {
             let ws = match upgrade.await {
@@ -139,6 +149,7 @@ pub async fn play(
                 parts.io.into_inner(),
                 parts.read_buf,
                 &cfg,
+                &memory,
                 shutdown,
             )
             .await;
@@ -247,8 +258,12 @@ async fn run(
     tcp: TcpStream,
     read_buf: Bytes,
     cfg: &crate::config::Config,
+    memory: &abr::Memory,
     shutdown: CancellationToken,
 ) -> End {
+    if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(VIEWER_NOTSENT_LOWAT) {
+        tracing::warn!(error = %e, "could not bound the socket's unsent bytes");
+    }
     let (rd, wr) = tcp.into_split();
     let wr = Arc::new(wr);
     let (tx, mut rx) = mpsc::channel(32);
@@ -269,9 +284,31 @@ async fn run(
         )
         .in_current_span(),
     );
-    let (end, follow) = write_loop(&viewer, preference, &wr, &sink, &mut rx, cfg, &shutdown).await;
+    let start = (preference == Preference::Auto)
+        .then(|| memory.recall(viewer.state.peer.ip(), &viewer.stream.name, Instant::now()))
+        .flatten();
+    let (end, follow, auto) = write_loop(
+        &viewer,
+        preference,
+        start.as_deref(),
+        &wr,
+        &sink,
+        &mut rx,
+        cfg,
+        &shutdown,
+    )
+    .await;
     if let Some(follow) = &follow {
         follow.rendition().detach_sink(&sink);
+        if auto {
+            let evicted = memory.remember(
+                viewer.state.peer.ip(),
+                &viewer.stream.name,
+                follow.rendition().name(),
+                Instant::now(),
+            );
+            METRICS.abr_memory_evictions.increment(evicted as u64);
+        }
     }
     reader_stop.cancel();
     let _ = reader.await;
@@ -296,6 +333,8 @@ async fn run(
 /// Why a promoted viewer's task woke up.
 enum Wake {
     Returned,
+    /// The automatic choice decided a move.
+    Move,
     Reader(Option<FromReader>),
     Renditions,
     Removed,
@@ -303,26 +342,61 @@ enum Wake {
 }
 
 /// Applies what a viewer asked for: a rendition to pin, or the server's choice.
-fn prefer(follow: &mut Follow, stream: &Stream, preference: Preference) {
-    let auto = preference == Preference::Auto;
+fn prefer(follow: &mut Follow, auto: &mut Option<Auto>, stream: &Stream, preference: Preference) {
+    let is_auto = preference == Preference::Auto;
     follow.set_preference(preference);
-    if auto {
+    if is_auto {
         // Stay where it is until the server has a reason to move it.
         let here = follow.rendition().clone();
         follow.request(here, SwitchReason::Requested);
+        auto.get_or_insert_with(|| Auto::new(Instant::now()));
+    } else {
+        *auto = None;
     }
     follow.reconcile(stream);
 }
 
+/// The next sample of a viewer on automatic, when its stream has renditions to choose from;
+/// never otherwise.
+async fn next_sample(auto: &Option<Auto>, stream: &Stream, tick: &mut tokio::time::Interval) {
+    match auto {
+        Some(a) if a.active(stream) => {
+            tick.tick().await;
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Samples a viewer on automatic; starts the move it decides. Returns whether it did.
+fn sample(
+    auto: &mut Option<Auto>,
+    stream: &Stream,
+    follow: &mut Follow,
+    state: &ViewerState,
+    promoted: bool,
+) -> bool {
+    let Some(a) = auto else { return false };
+    match a.sample(Instant::now(), stream, follow, state, promoted) {
+        Some((to, why)) => {
+            follow.request(to, why);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Returns why the viewer ended, where it was, and whether it was on automatic at the end.
+#[allow(clippy::too_many_arguments)]
 async fn write_loop(
     viewer: &hub::Viewer,
     preference: Preference,
+    start: Option<&str>,
     wr: &OwnedWriteHalf,
     sink: &Arc<Sink>,
     rx: &mut mpsc::Receiver<FromReader>,
     cfg: &crate::config::Config,
     shutdown: &CancellationToken,
-) -> (End, Option<Follow>) {
+) -> (End, Option<Follow>, bool) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     let hello = frame::message(&Message::Hello(Hello {
         version: wire::VERSION,
@@ -332,7 +406,7 @@ async fn write_loop(
     }));
     match hello {
         Ok(h) => batch.push(h),
-        Err(e) => return (End::Protocol(e.to_string()), None),
+        Err(e) => return (End::Protocol(e.to_string()), None, false),
     }
     let policy = cfg.stream_settings(&viewer.stream.name);
     if policy.sync {
@@ -343,7 +417,8 @@ async fn write_loop(
         batch.extend(frame::message(&Message::Control(sync)).ok());
     }
     let stream = viewer.stream.clone();
-    let mut follow = Follow::join(&stream, preference, &mut batch);
+    let mut auto = (preference == Preference::Auto).then(|| Auto::new(Instant::now()));
+    let mut follow = Follow::join(&stream, preference, start, &mut batch);
     follow.rendition().attach_sink(sink);
     viewer
         .state
@@ -353,6 +428,7 @@ async fn write_loop(
         viewer,
         &stream,
         &mut follow,
+        &mut auto,
         &mut batch,
         wr,
         sink,
@@ -361,7 +437,7 @@ async fn write_loop(
         shutdown,
     )
     .await;
-    (end, Some(follow))
+    (end, Some(follow), auto.is_some())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -369,6 +445,7 @@ async fn write_frames(
     viewer: &hub::Viewer,
     stream: &Stream,
     follow: &mut Follow,
+    auto: &mut Option<Auto>,
     batch: &mut Vec<Bytes>,
     wr: &OwnedWriteHalf,
     sink: &Arc<Sink>,
@@ -376,6 +453,8 @@ async fn write_frames(
     cfg: &crate::config::Config,
     shutdown: &CancellationToken,
 ) -> End {
+    let mut tick = tokio::time::interval(abr::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         follow.reconcile(stream);
         let rendition = follow.rendition().clone();
@@ -399,6 +478,9 @@ async fn write_frames(
             );
         }
         if let Some(s) = switched {
+            if let Some(a) = auto.as_mut() {
+                a.switched(follow, Instant::now());
+            }
             viewer.state.count_switch(s.to, s.up, s.reason);
             tracing::info!(
                 from = s.from,
@@ -412,7 +494,7 @@ async fn write_frames(
         while batch.len() < MAX_IOV {
             match rx.try_recv() {
                 Ok(FromReader::Send(b)) => batch.push(b),
-                Ok(FromReader::Prefer(p)) => prefer(follow, stream, p),
+                Ok(FromReader::Prefer(p)) => prefer(follow, auto, stream, p),
                 Ok(FromReader::Closed(end)) => {
                     closed = Some(end);
                     break;
@@ -422,15 +504,27 @@ async fn write_frames(
         }
         if batch.is_empty() && closed.is_none() {
             if rendition.promote(sink, follow.cursor()) {
+                if let Some(a) = auto.as_mut() {
+                    a.caught_up();
+                }
                 // At the live edge: the fan-out writes for us until it hands the socket back
-                // or we take it back.
-                let wake = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => Wake::Shutdown,
-                    _ = viewer.state.removed() => Wake::Removed,
-                    m = rx.recv() => Wake::Reader(m),
-                    _ = sink.returned() => Wake::Returned,
-                    _ = &mut renditions_changed => Wake::Renditions,
+                // or we take it back (a sample that decides nothing leaves it there).
+                let wake = loop {
+                    let wake = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => Wake::Shutdown,
+                        _ = viewer.state.removed() => Wake::Removed,
+                        m = rx.recv() => Wake::Reader(m),
+                        _ = sink.returned() => Wake::Returned,
+                        _ = &mut renditions_changed => Wake::Renditions,
+                        _ = next_sample(auto, stream, &mut tick) => {
+                            if !sample(auto, stream, follow, &viewer.state, true) {
+                                continue;
+                            }
+                            Wake::Move
+                        }
+                    };
+                    break wake;
                 };
                 let back = sink.reclaim();
                 follow.cursor_mut().resume(&back);
@@ -440,9 +534,9 @@ async fn write_frames(
                     return End::WriteError(e);
                 }
                 match wake {
-                    Wake::Returned | Wake::Renditions => {}
+                    Wake::Returned | Wake::Renditions | Wake::Move => {}
                     Wake::Reader(Some(FromReader::Send(b))) => batch.push(b),
-                    Wake::Reader(Some(FromReader::Prefer(p))) => prefer(follow, stream, p),
+                    Wake::Reader(Some(FromReader::Prefer(p))) => prefer(follow, auto, stream, p),
                     Wake::Reader(Some(FromReader::Closed(end))) => closed = Some(end),
                     Wake::Reader(None) => return End::ClientGone("reader ended".into()),
                     // Finish the frame in flight, then close.
@@ -462,9 +556,12 @@ async fn write_frames(
                     _ = &mut notified => {}
                     _ = target_news => {}
                     _ = &mut renditions_changed => {}
+                    _ = next_sample(auto, stream, &mut tick) => {
+                        sample(auto, stream, follow, &viewer.state, false);
+                    }
                     m = rx.recv() => match m {
                         Some(FromReader::Send(b)) => batch.push(b),
-                        Some(FromReader::Prefer(p)) => prefer(follow, stream, p),
+                        Some(FromReader::Prefer(p)) => prefer(follow, auto, stream, p),
                         Some(FromReader::Closed(end)) => closed = Some(end),
                         None => return End::ClientGone("reader ended".into()),
                     },
@@ -484,16 +581,26 @@ async fn write_frames(
         {
             let write = write_all(wr, sink, batch, cfg.stall_timeout);
             tokio::pin!(write);
-            tokio::select! {
-                r = &mut write => if let Err(end) = r { return end },
-                _ = shutdown.cancelled() => return End::ShutdownMidWrite,
-                _ = viewer.state.removed() => {
-                    // Finish what is in flight (a slow viewer is the one an operator removes), so
-                    // that the close frame with its reason can follow.
-                    return match tokio::time::timeout(Duration::from_secs(1), write).await {
-                        Ok(Ok(())) => End::Removed,
-                        _ => End::RemovedMidWrite,
-                    };
+            loop {
+                tokio::select! {
+                    r = &mut write => match r {
+                        Ok(()) => break,
+                        Err(end) => return end,
+                    },
+                    _ = shutdown.cancelled() => return End::ShutdownMidWrite,
+                    _ = viewer.state.removed() => {
+                        // Finish what is in flight (a slow viewer is the one an operator
+                        // removes), so that the close frame with its reason can follow.
+                        return match tokio::time::timeout(Duration::from_secs(1), write).await {
+                            Ok(Ok(())) => End::Removed,
+                            _ => End::RemovedMidWrite,
+                        };
+                    }
+                    // A slow viewer spends its time here: sample it here too. A move decided
+                    // now starts at the first keyframe after this batch.
+                    _ = next_sample(auto, stream, &mut tick) => {
+                        sample(auto, stream, follow, &viewer.state, false);
+                    }
                 }
             }
         }

@@ -33,6 +33,16 @@ pub enum SwitchReason {
     Requested,
     /// The rendition it was on went away.
     RenditionGone,
+    /// Automatic, down: its backlog grew (the link carries less than the rendition needs).
+    Backlog,
+    /// Automatic, down: it fell so far behind that it skipped to a keyframe.
+    Skipped,
+    /// Automatic, down: its player reported a stall.
+    Stalled,
+    /// Automatic, down: its player dropped frames (it cannot decode this one in time).
+    DroppedFrames,
+    /// Automatic, up: calm long enough to try the next higher rendition.
+    Probe,
 }
 
 impl SwitchReason {
@@ -40,6 +50,11 @@ impl SwitchReason {
         match self {
             SwitchReason::Requested => "requested",
             SwitchReason::RenditionGone => "rendition_gone",
+            SwitchReason::Backlog => "backlog",
+            SwitchReason::Skipped => "skipped",
+            SwitchReason::Stalled => "stalled",
+            SwitchReason::DroppedFrames => "dropped_frames",
+            SwitchReason::Probe => "probe",
         }
     }
 }
@@ -81,13 +96,19 @@ pub struct Follow {
 }
 
 impl Follow {
-    /// Joins `stream` on the rendition the preference names (or the source); the status and
-    /// init it starts with go to `out`.
-    pub fn join(stream: &Stream, preference: Preference, out: &mut Vec<Bytes>) -> Follow {
+    /// Joins `stream` on the rendition the preference names, or on automatic on `start` (by
+    /// name), or else the source; the status and init it starts with go to `out`.
+    pub fn join(
+        stream: &Stream,
+        preference: Preference,
+        start: Option<&str>,
+        out: &mut Vec<Bytes>,
+    ) -> Follow {
         let rendition = match &preference {
             Preference::Pinned(name) => stream.rendition_named(name),
-            Preference::Auto => None,
+            Preference::Auto => start.and_then(|name| stream.rendition_named(name)),
         }
+        .filter(|r| !r.is_gone())
         .unwrap_or_else(|| stream.source());
         let cursor = rendition.join(out);
         Follow {
@@ -359,7 +380,7 @@ mod tests {
         assert_eq!(rung.rendition.info().height, 240);
 
         let mut out = Vec::new();
-        let mut follow = Follow::join(&stream, Preference::Auto, &mut out);
+        let mut follow = Follow::join(&stream, Preference::Auto, None, &mut out);
         assert_eq!(follow.rendition().id, 0);
         // Both renditions: a keyframe every 100 ms, audio between.
         let frame = |t: u64| {

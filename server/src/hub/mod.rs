@@ -159,6 +159,10 @@ impl Stream {
         self.renditions.read().clone()
     }
 
+    pub fn rendition_count(&self) -> usize {
+        self.renditions.read().len()
+    }
+
     /// The published rendition.
     pub fn source(&self) -> Arc<Rendition> {
         self.renditions.read()[0].clone()

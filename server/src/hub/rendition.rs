@@ -76,6 +76,14 @@ enum Kind {
     },
 }
 
+/// A viewer's backlog in a rendition's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub bytes: u64,
+    /// How long its oldest entry has waited since it was pushed.
+    pub age: Duration,
+}
+
 struct Entry {
     item: Item,
     /// The entry as a WebSocket viewer receives it.
@@ -726,17 +734,36 @@ impl Rendition {
         true
     }
 
-    /// Bytes in the log from entry `next` to the head: what a viewer there still has to get.
-    pub fn backlog_bytes(&self, next: u64) -> u64 {
+    /// What a viewer whose next entry is `next` still has to get: the bytes from there to the
+    /// head, and how long the first of them has waited.
+    pub fn backlog(&self, next: u64) -> Backlog {
         let log = self.log.lock();
         if next >= log.head() {
-            return 0;
+            return Backlog::default();
         }
-        let from = log
-            .entry(next)
-            .or_else(|| log.entries.front())
-            .map_or(log.pushed, |e| e.offset);
-        log.pushed - from
+        let Some(first) = log.entry(next).or_else(|| log.entries.front()) else {
+            return Backlog::default();
+        };
+        Backlog {
+            bytes: log.pushed - first.offset,
+            age: first.pushed.elapsed(),
+        }
+    }
+
+    /// The rate of this rendition over the last `window` of its log (at most what the log
+    /// retains), in kbit/s; None when the log holds less than half of `window`.
+    pub fn recent_kbps(&self, window: Duration) -> Option<u32> {
+        let log = self.log.lock();
+        let last = log.entries.back()?;
+        let since = last.pushed.checked_sub(window)?;
+        let i = log.entries.partition_point(|e| e.pushed < since);
+        let first = log.entries.get(i)?;
+        let span = last.pushed.duration_since(first.pushed);
+        if span < window / 2 {
+            return None;
+        }
+        let bits = (log.pushed - first.offset) * 8;
+        Some((bits as f64 / span.as_secs_f64() / 1000.0) as u32)
     }
 
     /// Bytes retained in the log (GOP cache plus backlog window).

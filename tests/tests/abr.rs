@@ -1,0 +1,320 @@
+//! Automatic rendition choice over a real shaped link: headless Chromium in its own network
+//! namespace, behind a veth whose server-side end is shaped with `tc … tbf`, plays
+//! `/watch/STREAM` of a 720p publish with a 480p and a 240p rung. The link's rate steps from
+//! 20 Mbit/s to below the top rendition's bitrate and back; the page must be moved down
+//! quickly, with little stall and its latency back near target, and back up when the rate
+//! returns. A WebSocket viewer on loopback pinned to the source loses no frame meanwhile.
+
+use std::time::{Duration, Instant};
+
+use onair_tests::browser::Browser;
+use onair_tests::netns::Netns;
+use onair_tests::{Profile, Publisher, Recording, Server, Viewer};
+use serde_json::Value;
+
+const STREAM: &str = "abr";
+/// Fast enough for every rendition many times over.
+const HIGH_KBIT: u32 = 20_000;
+/// Below the source's ~2.6 Mbit/s (video and audio), above the 480p rung's ~1.1 Mbit/s.
+const LOW_KBIT: u32 = 1_600;
+
+fn config() -> String {
+    let dir = onair_tests::browser::artifacts_dir().join(format!("abr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create dir");
+    let path = dir.join("abr.toml");
+    std::fs::write(
+        &path,
+        "[streams.\"*\"]\nladder = [\"480p\", { name = \"240p\", height = 240, video_kbps = 300 }]\n",
+    )
+    .expect("write config");
+    path.to_string_lossy().to_string()
+}
+
+/// Polls the API until the stream has renditions of these heights (the ladder starts after the
+/// source's first keyframe; nothing outside the server can be told when).
+async fn wait_for_heights(server: &Server, heights: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = onair_tests::http_get(&server.http, &format!("/api/streams/{STREAM}"))
+            .await
+            .expect("GET the stream");
+        if status == 200 {
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            let mut got: Vec<u64> = v["renditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["codec"].as_str().is_some_and(|c| !c.is_empty()))
+                .filter_map(|r| r["height"].as_u64())
+                .collect();
+            got.sort_unstable_by(|a, b| b.cmp(a));
+            if got == heights {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ladder never came up: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The page's trace: every 100 ms, [page ms, state, rendition, height, latency ms, stalls].
+const TRACE: &str = "window.__trace = [];
+  setInterval(() => {
+    if (!window.onairPlayer) return;
+    const s = window.onairPlayer.stats();
+    window.__trace.push([performance.now(), s.state, s.rendition, s.height, s.latencyMs, s.stalls]);
+  }, 100);
+  return performance.now();";
+
+struct Point {
+    t: f64,
+    state: String,
+    height: u64,
+    latency_ms: Option<f64>,
+}
+
+async fn trace(b: &Browser) -> Vec<Point> {
+    let v = b.eval("return window.__trace;").await.expect("the trace");
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|p| Point {
+            t: p[0].as_f64().unwrap_or(0.0),
+            state: p[1].as_str().unwrap_or_default().to_string(),
+            height: p[3].as_u64().unwrap_or(0),
+            latency_ms: p[4].as_f64(),
+        })
+        .collect()
+}
+
+async fn page_now(b: &Browser) -> f64 {
+    b.eval("return performance.now();")
+        .await
+        .expect("page clock")
+        .as_f64()
+        .expect("a number")
+}
+
+/// Waits (on the page's own clock) until `cond` holds for the player's stats `s`.
+async fn wait(b: &Browser, cond: &str, timeout: Duration, what: &str) -> Value {
+    b.wait_for(
+        &format!(
+            "(() => {{ const s = window.onairPlayer.stats(); if ({cond}) return s; \
+             throw new Error(JSON.stringify(s)); }})()"
+        ),
+        timeout,
+        what,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Milliseconds the page spent buffering (stalled) between `from` and `to` (page ms).
+fn stalled_ms(tr: &[Point], from: f64, to: f64) -> f64 {
+    tr.windows(2)
+        .filter(|w| w[0].t >= from && w[1].t <= to && w[0].state == "buffering")
+        .map(|w| w[1].t - w[0].t)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
+    let ns = Netns::create().expect("a network namespace (needs root and iproute2)");
+    ns.shape(HIGH_KBIT).expect("shape the link");
+    let cfg = config();
+    let http = format!("{}:0", ns.outer_addr());
+    let server = Server::start(&["--http", &http, "--config", &cfg]).await;
+    let _publisher = Publisher::start(
+        &server.rtmp_url(STREAM),
+        Profile {
+            width: 1280,
+            height: 720,
+            gop: 30,
+            bitrate_kbps: Some(2500),
+            ..Profile::default()
+        },
+    );
+    wait_for_heights(&server, &[720, 480, 240]).await;
+
+    // A viewer on loopback (not shaped) pinned to the source, for the whole run.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = format!("{}?rendition=source", server.ws_url(STREAM));
+    let loopback_since = Instant::now();
+    let loopback = tokio::spawn(async move {
+        let mut viewer = Viewer::connect(&url).await;
+        let mut rec = Recording::default();
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return rec,
+                r = viewer.recv(Duration::from_secs(10)) => rec.push(&r),
+            }
+        }
+    });
+
+    let b = Browser::start_in_netns(&ns)
+        .await
+        .expect("Chromium in the namespace");
+    b.goto(&format!("http://{}/watch/{STREAM}", server.http))
+        .await
+        .expect("open the watch page");
+    b.eval(TRACE).await.expect("start the trace");
+
+    // 20 Mbit/s: it plays the top rendition, and stays there.
+    wait(
+        &b,
+        "s.state === 'playing' && s.height === 720 && s.decodedFrames > 60",
+        Duration::from_secs(30),
+        "the 720p source playing",
+    )
+    .await;
+    let settled = page_now(&b).await;
+    b.play_for(Duration::from_secs(5)).await.expect("play");
+    let tr = trace(&b).await;
+    assert!(
+        tr.iter()
+            .filter(|p| p.t >= settled)
+            .all(|p| p.height == 720),
+        "stays on the top rendition at {HIGH_KBIT} kbit/s"
+    );
+
+    // Below the top rendition's bitrate.
+    ns.shape(LOW_KBIT).expect("shape the link down");
+    let dropped = page_now(&b).await;
+    let down = wait(
+        &b,
+        "s.height > 0 && s.height < 720",
+        Duration::from_secs(15),
+        "a lower rendition after the rate dropped",
+    )
+    .await;
+    let moved_down = page_now(&b).await;
+    b.play_for(Duration::from_secs(12)).await.expect("play");
+    let low_end = page_now(&b).await;
+    let tr = trace(&b).await;
+    let stall_down = stalled_ms(&tr, dropped, low_end);
+    let recovered: Vec<f64> = tr
+        .iter()
+        .filter(|p| p.t >= low_end - 3000.0)
+        .filter_map(|p| p.latency_ms)
+        .collect();
+    let latency_low = recovered.iter().sum::<f64>() / recovered.len().max(1) as f64;
+    let low_heights: Vec<u64> = tr
+        .iter()
+        .filter(|p| p.t >= moved_down)
+        .map(|p| p.height)
+        .collect();
+
+    // The rate comes back.
+    ns.shape(HIGH_KBIT).expect("shape the link up");
+    let restored = page_now(&b).await;
+    wait(
+        &b,
+        "s.height === 720 && s.state === 'playing'",
+        Duration::from_secs(30),
+        "back on the top rendition after the rate came back",
+    )
+    .await;
+    let back_up = page_now(&b).await;
+
+    // Where the page was, for the failure message: (seconds from the drop, height, state).
+    let tr = trace(&b).await;
+    let mut path: Vec<(f64, u64, String)> = Vec::new();
+    for p in &tr {
+        if path
+            .last()
+            .is_none_or(|l| l.1 != p.height || l.2 != p.state)
+        {
+            path.push((
+                ((p.t - dropped) / 100.0).round() / 10.0,
+                p.height,
+                p.state.clone(),
+            ));
+        }
+    }
+    let _ = stop_tx.send(());
+    let rec = loopback.await.expect("the loopback viewer");
+    let summary = format!(
+        "moved down {:.1} s after the drop (to {}p), stalled {:.0} ms in the {:.0} s at \
+         {LOW_KBIT} kbit/s, latency {:.0} ms over its last 3 s; back on 720p {:.1} s after the \
+         rate returned (at {:.1} s); the page: {path:?}",
+        (moved_down - dropped) / 1000.0,
+        down["height"],
+        stall_down,
+        (low_end - dropped) / 1000.0,
+        latency_low,
+        (back_up - restored) / 1000.0,
+        (restored - dropped) / 1000.0,
+    );
+    eprintln!("abr: {summary}");
+    // One GOP (1 s) for the backlog to show, the next keyframe, and a second or two.
+    assert!(moved_down - dropped < 5000.0, "{summary}");
+    assert!(stall_down <= 1000.0, "{summary}");
+    assert!(latency_low < 600.0, "latency near target again: {summary}");
+    assert!(
+        low_heights.iter().all(|&h| h < 720),
+        "no probe up while the rate is low: {summary}"
+    );
+    assert!(back_up - restored < 20_000.0, "{summary}");
+
+    // What an operator sees: the page's row with its moves (the API's rows are the stats
+    // snapshot's, taken every second: polled until it has the last move), and the counters.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let page = loop {
+        let (_, body) = onair_tests::http_get(&server.http, &format!("/api/streams/{STREAM}"))
+            .await
+            .expect("GET the stream");
+        let detail: Value = serde_json::from_str(&body).expect("JSON");
+        let page = detail["viewers"]["rows"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter().find(|r| {
+                    r["peer"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with(ns.inner_addr()))
+                })
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("the page's viewer row: {detail}"));
+        if page["last_switch"] == "probe" || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(page["switches"].as_u64() >= Some(2), "{page}");
+    assert_eq!(
+        page["last_switch"], "probe",
+        "it came back up by probing: {page}"
+    );
+    let (_, metrics) = onair_tests::http_get(&server.http, "/metrics")
+        .await
+        .expect("GET /metrics");
+    for direction in ["down", "up"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("onair_rendition_switches_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))),
+            "switches {direction} counted:\n{metrics}"
+        );
+    }
+
+    // Meanwhile, on loopback: every frame, in order, no skip.
+    let expected = 30.0 * loopback_since.elapsed().as_secs_f64();
+    assert!(
+        rec.video_frames.len() as f64 > 0.9 * expected,
+        "{} frames in {:?}",
+        rec.video_frames.len(),
+        loopback_since.elapsed()
+    );
+    rec.assert_video_continuous(40);
+    assert!(
+        !rec.statuses
+            .contains(&onair_protocol::wire::StatusCode::Skipped),
+        "the loopback viewer skipped: {:?}",
+        rec.statuses
+    );
+    b.close().await.expect("close chromium");
+}
