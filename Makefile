@@ -43,6 +43,6 @@ e2e:
 # The fan-out benchmark against node-media-server (docs/benchmarks.md). Not part of `make test`;
 # its smoke version (10 viewers, 5 s) is. Takes about 10 minutes with the defaults.
 BENCH_ARGS ?= --viewers 1000 --burst 500 --window-secs 60 --runs 3
-bench: setup
+bench: setup player
 	$(CARGO) build --release --locked -p onair-server -p onair-tests --bin onair --bin onair-bench
 	./target/release/onair-bench $(BENCH_ARGS) --json target/bench/results.json

@@ -197,6 +197,12 @@ impl Server {
         self.log.lock().expect("log lock").len()
     }
 
+    /// Every line of the log containing `needle`.
+    pub fn log_matching(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().expect("log lock");
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     /// The last `n` lines of the log.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log.lock().expect("log lock");
@@ -351,6 +357,25 @@ pub struct Profile {
     /// Video bitrate in kbit/s, or x264's default rate control.
     pub bitrate_kbps: Option<u32>,
 }
+
+impl Profile {
+    /// The source of the ladder tests and the ABR benchmark: 720p30, x264 at 2500 kbit/s, a
+    /// keyframe every second, with audio (about 2.6 Mbit/s on the wire).
+    pub fn hd_ladder_source() -> Profile {
+        Profile {
+            width: 1280,
+            height: 720,
+            gop: 30,
+            bitrate_kbps: Some(2500),
+            ..Profile::default()
+        }
+    }
+}
+
+/// A config giving every stream a 480p rung (the preset, 1000 kbit/s) and a 240p one at
+/// 300 kbit/s.
+pub const LADDER_480_240: &str =
+    "[streams.\"*\"]\nladder = [\"480p\", { name = \"240p\", height = 240, video_kbps = 300 }]\n";
 
 impl Default for Profile {
     fn default() -> Self {

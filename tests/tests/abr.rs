@@ -22,11 +22,7 @@ fn config() -> String {
     let dir = onair_tests::browser::artifacts_dir().join(format!("abr-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create dir");
     let path = dir.join("abr.toml");
-    std::fs::write(
-        &path,
-        "[streams.\"*\"]\nladder = [\"480p\", { name = \"240p\", height = 240, video_kbps = 300 }]\n",
-    )
-    .expect("write config");
+    std::fs::write(&path, onair_tests::LADDER_480_240).expect("write config");
     path.to_string_lossy().to_string()
 }
 
@@ -127,16 +123,7 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
     let cfg = config();
     let http = format!("{}:0", ns.outer_addr());
     let server = Server::start(&["--http", &http, "--config", &cfg]).await;
-    let _publisher = Publisher::start(
-        &server.rtmp_url(STREAM),
-        Profile {
-            width: 1280,
-            height: 720,
-            gop: 30,
-            bitrate_kbps: Some(2500),
-            ..Profile::default()
-        },
-    );
+    let _publisher = Publisher::start(&server.rtmp_url(STREAM), Profile::hd_ladder_source());
     wait_for_heights(&server, &[720, 480, 240]).await;
 
     // A viewer on loopback (not shaped) pinned to the source, for the whole run.

@@ -3,6 +3,7 @@
 //! list is fetched, blocking reload is timed against the moment each part was ready, and hls.js
 //! plays it in headless Chromium at low latency.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use onair_tests::browser::{Browser, artifacts_dir};
@@ -115,13 +116,25 @@ async fn wait_segments(server: &Server, stream: &str, segments: u64) -> Playlist
     last.expect("a playlist")
 }
 
+/// A server whose streams have no ladder: `/hls/STREAM/index.m3u8` is the source's media
+/// playlist, as for every single-rendition stream.
+async fn single_rendition_server(extra: &[&str]) -> Server {
+    let config = artifacts_dir().join(format!("hls-no-ladder-{}.toml", std::process::id()));
+    std::fs::create_dir_all(artifacts_dir()).expect("artifacts dir");
+    std::fs::write(&config, "[streams.\"*\"]\nladder = []\n").expect("write config");
+    let config = config.to_string_lossy().to_string();
+    let mut args = vec!["--config", config.as_str()];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
 fn url(server: &Server, stream: &str) -> String {
     format!("http://{}/hls/{stream}/index.m3u8", server.http)
 }
 
 async fn read_with_ffmpeg(profile: Profile, name: &str) {
     require_tool("ffprobe");
-    let server = Server::start(&[]).await;
+    let server = single_rendition_server(&[]).await;
     let _publisher = Publisher::start(&server.rtmp_url(name), profile);
     wait_segments(&server, name, 3).await;
     let probe = tokio::process::Command::new("ffprobe")
@@ -186,7 +199,7 @@ async fn ffprobe_and_ffmpeg_read_a_bframe_stream() {
 
 #[tokio::test]
 async fn playlists_list_only_what_exists_and_blocking_reload_waits_for_the_part() {
-    let server = Server::start(&[
+    let server = single_rendition_server(&[
         "--hls-segment-ms",
         "1000",
         "--hls-part-ms",
@@ -412,22 +425,9 @@ fn path_of(p: &Playlist) -> String {
     format!("/hls/cam/{}", p.segments[0].0)
 }
 
-#[tokio::test]
-async fn hlsjs_plays_it_in_chromium_at_low_latency() {
-    // What is measured is hls.js against the packager: no ladder encoder competes with
-    // Chromium for this machine's two cores (with one, hls.js's latency here rose from about
-    // 0.9 s to 1.2-1.5 s).
-    let config = artifacts_dir().join(format!("hls-no-ladder-{}.toml", std::process::id()));
-    std::fs::create_dir_all(artifacts_dir()).expect("artifacts dir");
-    std::fs::write(&config, "[streams.\"*\"]\nladder = []\n").expect("write config");
-    let server = Server::start(&["--config", &config.to_string_lossy()]).await;
-    let _publisher = Publisher::start(&server.rtmp_url("cam"), Profile::default());
-    wait_segments(&server, "cam", 1).await;
-    let b = Browser::start().await.expect("start chromium");
-    b.goto(&format!("http://{}/", server.http))
-        .await
-        .expect("open a page of the server");
-    let started = Instant::now();
+/// Loads hls.js (low-latency mode) into the page with a muted `<video id=hlsvideo>` playing
+/// `src`; its errors go to `window.hlsErrors`.
+async fn start_hlsjs(b: &Browser, src: &str) {
     b.eval_async(&format!(
         "const done = arguments[arguments.length - 1]; \
          const s = document.createElement('script'); s.src = '/vendor/hlsjs/hls.min.js'; \
@@ -437,17 +437,198 @@ async fn hlsjs_plays_it_in_chromium_at_low_latency() {
            v.autoplay = true; v.width = 640; v.height = 360; document.body.prepend(v); \
            const hls = new Hls({{ lowLatencyMode: true }}); window.hls = hls; window.hlsErrors = []; \
            hls.on(Hls.Events.ERROR, (e, d) => window.hlsErrors.push({{ fatal: d.fatal, type: d.type, details: d.details }})); \
-           hls.loadSource('{}'); hls.attachMedia(v); v.play().catch(() => {{}}); done(true); }}; \
-         document.head.append(s);",
-        url(&server, "cam")
+           hls.loadSource('{src}'); hls.attachMedia(v); v.play().catch(() => {{}}); done(true); }}; \
+         document.head.append(s);"
     ))
     .await
     .expect("start hls.js");
-    let state = "(() => { const v = document.getElementById('hlsvideo'); \
-        return { frames: v.getVideoPlaybackQuality().totalVideoFrames, time: v.currentTime, \
-          latency: window.hls.latency, errors: window.hlsErrors, \
-          fatal: window.hlsErrors.filter((e) => e.fatal).length, \
-          error: v.error ? v.error.message : null }; })()";
+}
+
+/// What the hls.js page shows: decoded frames, its clock, latency, levels, errors.
+const HLSJS_STATE: &str = "(() => { const v = document.getElementById('hlsvideo'); \
+    return { frames: v.getVideoPlaybackQuality().totalVideoFrames, time: v.currentTime, \
+      latency: window.hls.latency, errors: window.hlsErrors, levels: window.hls.levels.length, \
+      height: v.videoHeight, fatal: window.hlsErrors.filter((e) => e.fatal).length, \
+      error: v.error ? v.error.message : null }; })()";
+
+/// The decode time of a segment's first video sample: its first `tfdt` (the video's run comes
+/// first in every part).
+fn first_tfdt(segment: &[u8]) -> u64 {
+    let at = segment
+        .windows(4)
+        .position(|w| w == b"tfdt")
+        .expect("a tfdt box");
+    let v = &segment[at + 4..];
+    if v[0] == 1 {
+        u64::from_be_bytes(v[4..12].try_into().expect("8 bytes"))
+    } else {
+        u64::from(u32::from_be_bytes(v[4..8].try_into().expect("4 bytes")))
+    }
+}
+
+/// A 720p publish with a 480p and a 240p rung: `/hls/STREAM/index.m3u8` is a multivariant
+/// playlist with one entry per rendition (bandwidths, resolution, codecs, frame rate); every
+/// rendition's media playlist decodes at its height; segments of the same number start at the
+/// same dts in every rendition; and hls.js plays it in Chromium.
+#[tokio::test]
+async fn a_ladder_makes_a_multivariant_playlist_cut_alike_that_hlsjs_plays() {
+    require_tool("ffprobe");
+    let config = artifacts_dir().join(format!("hls-ladder-{}.toml", std::process::id()));
+    std::fs::create_dir_all(artifacts_dir()).expect("artifacts dir");
+    std::fs::write(&config, onair_tests::LADDER_480_240).expect("write config");
+    let server = Server::start(&[
+        "--config",
+        &config.to_string_lossy(),
+        "--hls-segment-ms",
+        "1000",
+    ])
+    .await;
+    let _publisher = Publisher::start(&server.rtmp_url("mv"), Profile::hd_ladder_source());
+    server.wait_log("publishing", T).await;
+    let r = get(&server, "/hls/mv/index.m3u8", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/vnd.apple.mpegurl")
+    );
+    let text = r.text();
+    let mut variants = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(v) = line.strip_prefix("#EXT-X-STREAM-INF:") {
+            let uri = lines
+                .next()
+                .expect("a URI after EXT-X-STREAM-INF")
+                .to_string();
+            variants.push((v.to_string(), uri));
+        }
+    }
+    assert_eq!(variants.len(), 3, "{text}");
+    let mut heights = Vec::new();
+    for (attrs, uri) in &variants {
+        let bw: u64 = attr(attrs, "BANDWIDTH")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let avg: u64 = attr(attrs, "AVERAGE-BANDWIDTH")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(bw >= avg && avg > 50_000, "{attrs}");
+        let codecs = attr(attrs, "CODECS").unwrap_or_default();
+        assert!(
+            codecs.starts_with("avc1.") && codecs.contains(",mp4a.40."),
+            "{attrs}"
+        );
+        assert_eq!(attr(attrs, "FRAME-RATE"), Some("30.000"), "{attrs}");
+        let (_, h) = attr(attrs, "RESOLUTION")
+            .and_then(|r| r.split_once('x'))
+            .unwrap_or_else(|| panic!("RESOLUTION in {attrs}"));
+        heights.push(h.parse::<u32>().expect("a height"));
+        assert!(uri.ends_with("/index.m3u8"), "{uri}");
+    }
+    assert_eq!(heights, [720, 480, 240], "{text}");
+
+    // Every rendition's media playlist, three more segments on.
+    let mut playlists = Vec::new();
+    for (_, uri) in &variants {
+        let path = format!("/hls/mv/{uri}");
+        let mut p = parse(&get(&server, &path, &[]).await.text());
+        for _ in 0..3 {
+            // Held until the next segment is complete (blocking reload).
+            let msn = p.media_sequence + p.segments.len() as u64;
+            let r = get(&server, &format!("{path}?_HLS_msn={msn}"), &[]).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            p = parse(&r.text());
+        }
+        playlists.push((path, p));
+    }
+    // Segments of the same number start at the same dts in every rendition.
+    let numbers = |p: &Playlist| {
+        (p.media_sequence..p.media_sequence + p.segments.len() as u64).collect::<BTreeSet<u64>>()
+    };
+    let common: BTreeSet<u64> = playlists
+        .iter()
+        .map(|(_, p)| numbers(p))
+        .reduce(|a, b| a.intersection(&b).copied().collect())
+        .unwrap_or_default();
+    let common: Vec<u64> = common.into_iter().rev().take(3).collect();
+    assert!(common.len() >= 3, "segments in every rendition: {common:?}");
+    for msn in &common {
+        let mut starts = Vec::new();
+        for (path, p) in &playlists {
+            let seg = &p.segments[(msn - p.media_sequence) as usize].0;
+            let dir = path.trim_end_matches("index.m3u8");
+            let body = get(&server, &format!("{dir}{seg}"), &[]).await;
+            assert_eq!(body.status, 200, "{dir}{seg}");
+            starts.push(first_tfdt(&body.body));
+        }
+        assert!(
+            starts.iter().all(|s| s.abs_diff(starts[0]) <= 1),
+            "segment {msn} starts at {starts:?} (ms) across the renditions"
+        );
+    }
+    // Each decodes at its height.
+    for ((path, _), height) in playlists.iter().zip(&heights) {
+        let probe = tokio::process::Command::new("ffprobe")
+            .args(["-v", "error", "-select_streams", "v:0"])
+            .args(["-show_entries", "stream=height", "-of", "csv=p=0"])
+            .arg(format!("http://{}{path}", server.http))
+            .output()
+            .await
+            .expect("run ffprobe");
+        // One line per program and stream that ffprobe lists: every one at this height.
+        let out = String::from_utf8_lossy(&probe.stdout);
+        let found: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            !found.is_empty() && found.iter().all(|h| h.trim() == height.to_string()),
+            "{path}: {out} {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+    }
+
+    let b = Browser::start().await.expect("start chromium");
+    b.goto(&format!("http://{}/", server.http))
+        .await
+        .expect("open a page of the server");
+    start_hlsjs(&b, &url(&server, "mv")).await;
+    let first = b
+        .wait_for(
+            &format!("(() => {{ const s = {HLSJS_STATE}; if (s.fatal) return s; if (s.frames > 30) return s; throw new Error(JSON.stringify(s)); }})()"),
+            T,
+            "hls.js decoding frames of the multivariant playlist",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first["fatal"], 0, "{first}");
+    assert_eq!(first["levels"], 3, "hls.js sees every rendition: {first}");
+    b.play_for(Duration::from_secs(8)).await.expect("play");
+    let after = b
+        .eval(&format!("return {HLSJS_STATE};"))
+        .await
+        .expect("read hls.js");
+    eprintln!("hls.js, multivariant: {after}");
+    assert_eq!(after["fatal"], 0, "{after}");
+    assert!(
+        after["frames"].as_f64().unwrap_or(0.0) >= first["frames"].as_f64().unwrap_or(0.0) + 120.0,
+        "frames kept coming: {after}"
+    );
+    b.close().await.expect("close chromium");
+}
+
+#[tokio::test]
+async fn hlsjs_plays_it_in_chromium_at_low_latency() {
+    // What is measured is hls.js against the packager: no ladder encoder competes with
+    // Chromium for this machine's two cores (with one, hls.js's latency here rose from about
+    // 0.9 s to 1.2-1.5 s).
+    let server = single_rendition_server(&[]).await;
+    let _publisher = Publisher::start(&server.rtmp_url("cam"), Profile::default());
+    wait_segments(&server, "cam", 1).await;
+    let b = Browser::start().await.expect("start chromium");
+    b.goto(&format!("http://{}/", server.http))
+        .await
+        .expect("open a page of the server");
+    let started = Instant::now();
+    start_hlsjs(&b, &url(&server, "cam")).await;
+    let state = HLSJS_STATE;
     let first = b
         .wait_for(
             &format!("(() => {{ const s = {state}; if (s.fatal) return s; if (s.frames > 30) return s; throw new Error(JSON.stringify(s)); }})()"),
@@ -494,7 +675,7 @@ async fn hlsjs_plays_it_in_chromium_at_low_latency() {
 
 #[tokio::test]
 async fn a_republish_continues_the_same_playlist_after_a_discontinuity() {
-    let server = Server::start(&["--hls-segment-ms", "1000"]).await;
+    let server = single_rendition_server(&["--hls-segment-ms", "1000"]).await;
     let first = Publisher::start(&server.rtmp_url("re"), Profile::default());
     let before = wait_segments(&server, "re", 2).await;
     let epoch = before.maps[0].split('/').next().expect("epoch").to_string();

@@ -90,35 +90,152 @@ fn has(hls: &HlsStream, msn: u64, part: Option<u64>) -> bool {
     })
 }
 
-/// `GET /hls/STREAM/index.m3u8[?_HLS_msn=M[&_HLS_part=P]][&_HLS_skip=YES]`.
-pub async fn media_playlist(
+/// Waits (boundedly) for a packager that just started to have its first part: it boxes the
+/// GOP cache at once, and an empty playlist would only make the client wait longer.
+async fn first_part(hls: &HlsStream) -> bool {
+    if hls.read(has_parts) {
+        return true;
+    }
+    let mut updates = hls.subscribe();
+    let wait =
+        Duration::from_millis(u64::from(hls.read(|s| s.settings().segment_target_ms)) + 2000);
+    let _ = tokio::time::timeout(wait, async {
+        while !hls.read(has_parts) {
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    hls.read(has_parts)
+}
+
+/// `GET /hls/STREAM/index.m3u8`: the multivariant playlist of every rendition when the stream
+/// has a ladder, else (`ladder = []`) the source's media playlist, as it always was.
+pub async fn index(
     State(app): State<App>,
     Path(name): Path<String>,
     Query(q): Query<PlaylistQuery>,
 ) -> Response {
-    let Some(hls) = app.hls.stream_or_start(&name) else {
-        return no_stream(&name);
+    let ladder_off = app
+        .cfg
+        .stream_settings(&name)
+        .ladder
+        .as_ref()
+        .is_some_and(|l| l.is_empty());
+    if ladder_off {
+        let Some(hls) = app.hls.stream_or_start(&name) else {
+            return no_stream(&name);
+        };
+        return serve_media(&app, &name, &hls, q).await;
+    }
+    multivariant(&app, &name).await
+}
+
+/// `GET /hls/STREAM/RENDITION/index.m3u8[?_HLS_msn=M[&_HLS_part=P]][&_HLS_skip=YES]`: one
+/// rendition's media playlist.
+pub async fn media_playlist(
+    State(app): State<App>,
+    Path((name, rendition)): Path<(String, String)>,
+    Query(q): Query<PlaylistQuery>,
+) -> Response {
+    let Some(hls) = app.hls.variant_or_start(&name, &rendition) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("404: stream {name:?} has no live rendition {rendition:?}\n"),
+        );
     };
-    // A packager that just started boxes the GOP cache at once: wait for its first part rather
-    // than answer with an empty playlist.
-    if !hls.read(has_parts) {
-        let mut updates = hls.subscribe();
-        let wait =
-            Duration::from_millis(u64::from(hls.read(|s| s.settings().segment_target_ms)) + 2000);
-        let _ = tokio::time::timeout(wait, async {
-            while !hls.read(has_parts) {
-                if updates.changed().await.is_err() {
-                    return;
-                }
+    serve_media(&app, &name, &hls, q).await
+}
+
+/// How long the multivariant playlist waits for the ladder a stream will have: its rungs start
+/// a moment after the source (a player reads the multivariant playlist once).
+const LADDER_WAIT: Duration = Duration::from_secs(8);
+
+async fn multivariant(app: &App, name: &str) -> Response {
+    let Some(source) = app.hls.stream_or_start(name) else {
+        return no_stream(name);
+    };
+    if !first_part(&source).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no media from {name:?} yet: try again in a moment\n"),
+        );
+    }
+    let Some(stream) = app.hub.stream(name) else {
+        return no_stream(name);
+    };
+    let height = stream.source().info().height;
+    let policy = app.cfg.stream_settings(name);
+    let planned = crate::config::plan_ladder(policy.ladder.as_deref(), height).len();
+    // Every rendition the stream has (or will have within LADDER_WAIT), each with media.
+    let deadline = tokio::time::Instant::now() + LADDER_WAIT;
+    let variants = loop {
+        let mut ready = vec![source.clone()];
+        for r in stream.renditions().iter().skip(1).filter(|r| !r.is_gone()) {
+            if let Some(v) = app.hls.variant_or_start(name, &r.name())
+                && v.read(has_parts)
+            {
+                ready.push(v);
             }
-        })
-        .await;
-        if !hls.read(has_parts) {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("no media from {name:?} yet: try again in a moment\n"),
-            );
         }
+        if ready.len() > planned || tokio::time::Instant::now() >= deadline {
+            break ready;
+        }
+        // A rung comes when its ffmpeg has encoded a frame, and its packager boxes a first
+        // part a moment after it starts: re-checked when a rendition comes, and every 200 ms
+        // (a part's time) for the packagers, which announce nothing across streams.
+        tokio::select! {
+            _ = stream.renditions_changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    };
+    let list: Vec<playlist::VariantStream> = variants
+        .iter()
+        .filter_map(|v| {
+            let uri = format!("{}/index.m3u8", v.rendition);
+            // Until it has a complete segment: its log's recent rate, or the ladder's nominal
+            // video bitrate for a rung that just started, with a margin for the peak.
+            let kbps = stream.rendition_named(&v.rendition).map(|r| {
+                r.recent_kbps(Duration::from_secs(2))
+                    .unwrap_or_else(|| r.info().nominal_kbps)
+            });
+            v.read(|s| {
+                let init = s.init()?;
+                let (peak, average) = s.bitrates().unwrap_or_else(|| {
+                    let bps = u64::from(kbps.unwrap_or(0)) * 1000;
+                    (bps + bps / 4, bps)
+                });
+                Some(playlist::VariantStream {
+                    uri,
+                    bandwidth: peak.max(1),
+                    average_bandwidth: average.max(1),
+                    resolution: init.resolution,
+                    codecs: init.codecs.join(","),
+                    fps: init.fps,
+                })
+            })
+        })
+        .collect();
+    cors(
+        (
+            [
+                (header::CONTENT_TYPE, PLAYLIST_TYPE.to_string()),
+                // Renditions come and go with the ladder: a client reads it anew each time.
+                (header::CACHE_CONTROL, "no-cache".to_string()),
+            ],
+            playlist::multivariant(&list),
+        )
+            .into_response(),
+    )
+}
+
+async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -> Response {
+    if !first_part(hls).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no media from {name:?} yet: try again in a moment\n"),
+        );
     }
     let skip = match q.skip.as_deref() {
         None => false,
@@ -147,9 +264,9 @@ pub async fn media_playlist(
         // Held until that part exists, for at most three target durations (the spec's bound).
         let mut updates = hls.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3 * td);
-        while !has(&hls, msn, q.part) {
+        while !has(hls, msn, q.part) {
             tokio::select! {
-                r = updates.changed() => if r.is_err() { return no_stream(&name) },
+                r = updates.changed() => if r.is_err() { return no_stream(name) },
                 _ = tokio::time::sleep_until(deadline) => {
                     return error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -209,16 +326,48 @@ fn parse_file(file: &str) -> Option<File> {
     stem.strip_prefix('p')?.parse().ok().map(File::Part)
 }
 
-/// `GET /hls/STREAM/EPOCH/{init<id>.mp4, s<msn>.m4s, p<seq>.m4s}`.
+/// `GET /hls/STREAM/EPOCH/{init<id>.mp4, s<msn>.m4s, p<seq>.m4s}`: the source's files, as
+/// its media playlist at `/hls/STREAM/index.m3u8` (no ladder) lists them.
 pub async fn media_file(
     State(app): State<App>,
-    Path((name, epoch, file)): Path<(String, u64, String)>,
+    Path((name, epoch, file)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(hls) = app.hls.stream(&name).filter(|h| h.epoch == epoch) else {
-        return no_stream(&name);
+    serve_file(&app, &name, crate::hls::SOURCE, &epoch, &file, &headers).await
+}
+
+/// `GET /hls/STREAM/RENDITION/EPOCH/FILE`: a rendition's files, as its media playlist lists
+/// them.
+pub async fn variant_file(
+    State(app): State<App>,
+    Path((name, rendition, epoch, file)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    serve_file(&app, &name, &rendition, &epoch, &file, &headers).await
+}
+
+async fn serve_file(
+    app: &App,
+    name: &str,
+    rendition: &str,
+    epoch: &str,
+    file: &str,
+    headers: &HeaderMap,
+) -> Response {
+    let Ok(epoch) = epoch.parse::<u64>() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("404: no {epoch}/{file} here\n"),
+        );
     };
-    let Some(what) = parse_file(&file) else {
+    let Some(hls) = app
+        .hls
+        .variant(name, rendition)
+        .filter(|h| h.epoch == epoch)
+    else {
+        return no_stream(name);
+    };
+    let Some(what) = parse_file(file) else {
         return error(StatusCode::NOT_FOUND, format!("404: no {file} here\n"));
     };
     let etag = format!("\"{epoch}-{file}\"");
@@ -254,12 +403,12 @@ pub async fn media_file(
                 None => return error(StatusCode::NOT_FOUND, format!("404: no {file} here\n")),
             }
         }
-        File::Part(seq) => match part(&app, &hls, seq).await {
+        File::Part(seq) => match part(app, &hls, seq).await {
             Ok((bytes, ready)) => ("video/iso.segment", vec![bytes], Some(ready)),
             Err(r) => return r,
         },
     };
-    let mut r = ranged(&headers, chunks);
+    let mut r = ranged(headers, chunks);
     if r.status() == StatusCode::RANGE_NOT_SATISFIABLE {
         return cors(r);
     }

@@ -83,11 +83,20 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route(
             "/hls/{stream}/index.m3u8",
+            get(super::hls::index).options(super::hls::preflight),
+        )
+        // `{epoch}` here is a rendition's name: matchit wants one name per position.
+        .route(
+            "/hls/{stream}/{epoch}/index.m3u8",
             get(super::hls::media_playlist).options(super::hls::preflight),
         )
         .route(
             "/hls/{stream}/{epoch}/{file}",
             get(super::hls::media_file).options(super::hls::preflight),
+        )
+        .route(
+            "/hls/{stream}/{epoch}/{file}/{part}",
+            get(super::hls::variant_file).options(super::hls::preflight),
         )
         .route("/", page("index.html"))
         .route("/watch/{stream}", page("watch.html"))

@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::{Event, Hub, Item, QueueLimits, Stream, StreamHold, now_us};
+
+/// The published rendition's name.
+pub const SOURCE: &str = "source";
 use segmenter::{Counters, Frame, Segmenter, Settings};
 
 /// The HLS side of the server: a packager per stream.
@@ -42,11 +45,17 @@ pub struct Hls {
     tracker: TaskTracker,
 }
 
-/// One stream's packaged window, shared by its packager and the HTTP handlers.
+/// One rendition's packaged window, shared by its packager and the HTTP handlers.
 pub struct HlsStream {
     /// Unix ms when this packager started: the URLs' directory.
     pub epoch: u64,
     source: Arc<Stream>,
+    /// The rendition it packages (`source`, or a ladder rung's name).
+    pub rendition: String,
+    /// The source's packager, whose segments a rung's are cut like.
+    leader: Option<Arc<HlsStream>>,
+    /// Its key in [`Hls`]'s maps: the stream's name, `/` and the rendition for a rung.
+    key: String,
     segmenter: RwLock<Segmenter>,
     /// Bumped on every new part or segment; blocked requests wait on it.
     version: watch::Sender<u64>,
@@ -101,9 +110,70 @@ impl Hls {
         })
     }
 
-    /// The packaged stream, if one is running or in its grace period.
+    /// The packaged stream (its source rendition), if one is running or in its grace period.
     pub fn stream(&self, name: &str) -> Option<Arc<HlsStream>> {
         self.streams.get(name).map(|s| s.value().clone())
+    }
+
+    /// A rendition's packager, if one is running or in its grace period.
+    pub fn variant(&self, name: &str, rendition: &str) -> Option<Arc<HlsStream>> {
+        if rendition == SOURCE {
+            return self.stream(name);
+        }
+        self.streams
+            .get(&format!("{name}/{rendition}"))
+            .map(|s| s.value().clone())
+    }
+
+    /// A rendition's packager, starting it (and the source's, which it follows) if the stream
+    /// is live with that rendition and has none yet.
+    pub fn variant_or_start(
+        self: &Arc<Self>,
+        name: &str,
+        rendition: &str,
+    ) -> Option<Arc<HlsStream>> {
+        let leader = self.stream_or_start(name)?;
+        if rendition == SOURCE {
+            return Some(leader);
+        }
+        let key = format!("{name}/{rendition}");
+        let live = self
+            .hub
+            .stream(name)
+            .filter(|s| Arc::ptr_eq(s, &leader.source) && s.publisher().is_some())
+            .and_then(|s| {
+                s.rendition_named(rendition)
+                    .filter(|r| !r.is_gone())
+                    .map(|_| s)
+            });
+        match (self.streams.entry(key.clone()), live) {
+            (dashmap::Entry::Occupied(e), _) => Some(e.get().clone()),
+            (entry, Some(stream)) => {
+                let mut segmenter = Segmenter::new(self.settings);
+                if let Some(c) = self.counters.get(&key) {
+                    segmenter.resume(*c);
+                }
+                let hls = Arc::new(HlsStream {
+                    epoch: now_us() / 1000,
+                    source: stream,
+                    rendition: rendition.to_string(),
+                    leader: Some(leader),
+                    key,
+                    segmenter: RwLock::new(segmenter),
+                    version: watch::channel(0).0,
+                    cache: Mutex::new([None, None]),
+                });
+                entry.insert(hls.clone());
+                self.tracker.spawn(package(
+                    self.clone(),
+                    hls.clone(),
+                    None,
+                    self.shutdown.clone(),
+                ));
+                Some(hls)
+            }
+            (dashmap::Entry::Vacant(_), None) => None,
+        }
     }
 
     /// The packaged stream, starting its packager if the stream is live and has none yet (or
@@ -131,6 +201,9 @@ impl Hls {
                 let hls = Arc::new(HlsStream {
                     epoch: now_us() / 1000,
                     source: stream.clone(),
+                    rendition: SOURCE.to_string(),
+                    leader: None,
+                    key: name.to_string(),
                     segmenter: RwLock::new(segmenter),
                     version: watch::channel(0).0,
                     cache: Mutex::new([None, None]),
@@ -150,9 +223,8 @@ impl Hls {
 
     fn remove(&self, hls: &Arc<HlsStream>) {
         let counters = hls.read(|s| s.counters());
-        self.counters.insert(hls.source.name.clone(), counters);
-        self.streams
-            .remove_if(&hls.source.name, |_, h| Arc::ptr_eq(h, hls));
+        self.counters.insert(hls.key.clone(), counters);
+        self.streams.remove_if(&hls.key, |_, h| Arc::ptr_eq(h, hls));
     }
 }
 
@@ -164,9 +236,23 @@ async fn package(
     hold: Option<StreamHold>,
     shutdown: CancellationToken,
 ) {
-    let name = me.source.name.clone();
+    let name = me.key.clone();
     tracing::info!(stream = %name, epoch = me.epoch, "hls: packaging");
-    let reader = me.source.source().subscribe_lossless(QueueLimits::DEFAULT);
+    let rendition = match &me.leader {
+        None => Some(me.source.source()),
+        Some(_) => me.source.rendition_named(&me.rendition),
+    };
+    let Some(rendition) = rendition else {
+        hls.remove(&me);
+        return;
+    };
+    let reader = rendition.subscribe_lossless(QueueLimits::DEFAULT);
+    // A rung cuts its segments where the source's packager cut them.
+    let leader_cut = |t_us: u64| {
+        me.leader
+            .as_ref()
+            .map_or(segmenter::Cut::Own, |l| l.read(|s| s.cut_at(t_us)))
+    };
     let mut ended: Option<tokio::time::Instant> = None;
     // Frames the segmenter refused since the last init: logged once, not once per frame.
     let mut dropped = 0u64;
@@ -204,7 +290,12 @@ async fn package(
                         ingest_us: f.header.ingest_us,
                         payload: &f.payload,
                     };
-                    match seg.push(&frame, now) {
+                    let pushed = if me.leader.is_some() {
+                        seg.push_following(&frame, now, Some(&leader_cut))
+                    } else {
+                        seg.push(&frame, now)
+                    };
+                    match pushed {
                         Ok(closed) => changed |= closed,
                         Err(e) => {
                             if dropped == 0 {

@@ -18,6 +18,43 @@ pub fn skip_until_s(s: &Segmenter) -> f64 {
     6.0 * s.target_duration() as f64
 }
 
+/// One rendition in a multivariant playlist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantStream {
+    /// Its media playlist, relative to the multivariant one.
+    pub uri: String,
+    /// Peak and average segment bitrate, bit/s.
+    pub bandwidth: u64,
+    pub average_bandwidth: u64,
+    pub resolution: Option<(u16, u16)>,
+    /// RFC 6381, comma-separated.
+    pub codecs: String,
+    pub fps: Option<f64>,
+}
+
+/// The multivariant playlist: one `EXT-X-STREAM-INF` per rendition, in the order given.
+pub fn multivariant(variants: &[VariantStream]) -> String {
+    let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+    for v in variants {
+        let _ = write!(
+            out,
+            "#EXT-X-STREAM-INF:BANDWIDTH={},AVERAGE-BANDWIDTH={}",
+            v.bandwidth, v.average_bandwidth
+        );
+        if let Some((w, h)) = v.resolution {
+            let _ = write!(out, ",RESOLUTION={w}x{h}");
+        }
+        if !v.codecs.is_empty() {
+            let _ = write!(out, ",CODECS=\"{}\"", v.codecs);
+        }
+        if let Some(fps) = v.fps {
+            let _ = write!(out, ",FRAME-RATE={fps:.3}");
+        }
+        let _ = writeln!(out, "\n{}", v.uri);
+    }
+    out
+}
+
 /// The media playlist. `prefix` goes before every URI (the packager's epoch directory).
 pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
     let td = s.target_duration();

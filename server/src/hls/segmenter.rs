@@ -59,6 +59,8 @@ pub struct Segment {
     pub parts: Vec<Arc<Part>>,
     pub duration_s: f64,
     pub complete: bool,
+    /// Where it starts on the stream's timeline, µs (its first keyframe's dts).
+    pub start_us: u64,
 }
 
 /// The current codec configuration.
@@ -66,8 +68,26 @@ pub struct Segment {
 pub struct InitSegment {
     pub id: u32,
     pub bytes: Bytes,
+    /// RFC 6381 codec strings of its tracks, video first: a variant's `CODECS`.
+    pub codecs: Vec<String>,
+    /// The video's size and frame rate, if it has video.
+    pub resolution: Option<(u16, u16)>,
+    pub fps: Option<f64>,
     video: Option<VideoTrack>,
     audio: Option<AudioTrack>,
+}
+
+/// Where a segment may start when this rendition follows another one's segments (a ladder
+/// rung follows the source), so that every rendition is cut at the same instants with the
+/// same sequence numbers and players can switch between them at any segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// No leader, or it has not got there yet: cut by this segmenter's own rule.
+    Own,
+    /// The leader has a segment starting at this keyframe, numbered so.
+    At(u64),
+    /// The leader went past this keyframe without starting a segment there.
+    No,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -270,6 +290,48 @@ impl Segmenter {
     }
 
     /// Sequence number the next part will have: the preload hint.
+    /// For a follower's keyframe at `t_us`: whether this segmenter started a segment there
+    /// (within a millisecond), or went past it without one.
+    pub fn cut_at(&self, t_us: u64) -> Cut {
+        if let Some(g) = self
+            .segments
+            .iter()
+            .find(|g| g.start_us.abs_diff(t_us) <= 1000)
+        {
+            return Cut::At(g.msn);
+        }
+        match self.last_video_us {
+            Some(last) if last >= t_us => Cut::No,
+            _ => Cut::Own,
+        }
+    }
+
+    /// Peak and average bitrate of the complete segments listed, bit/s: a variant's
+    /// `BANDWIDTH` and `AVERAGE-BANDWIDTH`.
+    pub fn bitrates(&self) -> Option<(u64, u64)> {
+        let done: Vec<(u64, f64)> = self
+            .listed()
+            .filter(|g| g.complete && g.duration_s > 0.0)
+            .map(|g| {
+                (
+                    g.parts.iter().map(|p| p.bytes.len() as u64).sum(),
+                    g.duration_s,
+                )
+            })
+            .collect();
+        if done.is_empty() {
+            return None;
+        }
+        let peak = done
+            .iter()
+            .map(|&(b, d)| (b as f64 * 8.0 / d) as u64)
+            .max()?;
+        let (bytes, secs) = done
+            .iter()
+            .fold((0u64, 0.0), |(b, s), &(gb, gs)| (b + gb, s + gs));
+        Some((peak, (bytes as f64 * 8.0 / secs) as u64))
+    }
+
     pub fn next_part_seq(&self) -> u64 {
         self.next_part_seq
     }
@@ -281,6 +343,7 @@ impl Segmenter {
         let mut tracks = Vec::new();
         let mut video = None;
         let mut audio = None;
+        let (mut video_codec, mut audio_codec, mut resolution, mut fps) = (None, None, None, None);
         for t in &init.tracks {
             match (t.kind(), t.params) {
                 (
@@ -310,6 +373,9 @@ impl Segmenter {
                         timescale: t.timescale,
                         frame_us,
                     });
+                    video_codec = Some(t.codec.to_string());
+                    resolution = Some((width, height));
+                    fps = (fps_milli > 0).then(|| f64::from(fps_milli) / 1000.0);
                 }
                 (
                     TrackKind::Audio,
@@ -332,6 +398,7 @@ impl Segmenter {
                         wire_timescale: t.timescale,
                         sample_rate,
                     });
+                    audio_codec = Some(t.codec.to_string());
                 }
                 _ => {}
             }
@@ -363,6 +430,9 @@ impl Segmenter {
         let init = InitSegment {
             id,
             bytes,
+            codecs: video_codec.into_iter().chain(audio_codec).collect(),
+            resolution,
+            fps,
             video,
             audio,
         };
@@ -388,6 +458,19 @@ impl Segmenter {
 
     /// Adds one frame; returns whether a part was completed.
     pub fn push(&mut self, f: &Frame<'_>, now_us: u64) -> Result<bool, SegmentError> {
+        self.push_following(f, now_us, None)
+    }
+
+    /// Like [`Segmenter::push`], with segments cut where a leader's are: `leader` tells, for
+    /// a video keyframe at `t_us` (µs of the shared timeline), whether the leader starts a
+    /// segment there. Until the first such keyframe nothing is packaged, so that the first
+    /// segment already has the leader's number.
+    pub fn push_following(
+        &mut self,
+        f: &Frame<'_>,
+        now_us: u64,
+        leader: Option<&dyn Fn(u64) -> Cut>,
+    ) -> Result<bool, SegmentError> {
         let Some(init) = &self.init else {
             return Ok(false);
         };
@@ -403,7 +486,22 @@ impl Segmenter {
             if !self.segment_open() && !f.keyframe {
                 return Ok(false); // a segment starts at a keyframe
             }
-            closed = self.boundary(t_us, f.keyframe, self.video_delta_us, f.ingest_us, now_us)?;
+            let cut = match leader {
+                Some(leader) if f.keyframe => leader(t_us),
+                Some(_) => Cut::No,
+                None => Cut::Own,
+            };
+            if !self.segment_open() && leader.is_some() && !matches!(cut, Cut::At(_)) {
+                return Ok(false); // the first segment starts where one of the leader's does
+            }
+            closed = self.boundary(
+                t_us,
+                f.keyframe,
+                self.video_delta_us,
+                f.ingest_us,
+                now_us,
+                cut,
+            )?;
             if let Some(last) = self.last_video_us
                 && t_us > last
             {
@@ -430,7 +528,7 @@ impl Segmenter {
             if video.is_none() {
                 // Audio only: audio drives the parts, and every frame can start a segment.
                 let frame_us = AAC_FRAME * 1_000_000 / u64::from(a.sample_rate);
-                closed = self.boundary(t_us, true, frame_us, f.ingest_us, now_us)?;
+                closed = self.boundary(t_us, true, frame_us, f.ingest_us, now_us, Cut::Own)?;
             } else if !self.segment_open() {
                 return Ok(false); // before the first video keyframe
             }
@@ -486,13 +584,18 @@ impl Segmenter {
         frame_us: u64,
         ingest_us: u64,
         now_us: u64,
+        cut: Cut,
     ) -> Result<bool, SegmentError> {
         let mut closed = false;
         if let Some(start) = self.part_start_us {
             let segment_target = u64::from(self.settings.segment_target_ms) * 1000;
             let in_segment = t_us.saturating_sub(self.segment_start_us);
-            let cut_segment = (keyframe && in_segment + frame_us / 2 >= segment_target)
-                || in_segment >= MAX_SEGMENT_TARGETS * segment_target;
+            let own = keyframe && in_segment + frame_us / 2 >= segment_target;
+            let cut_segment = match cut {
+                Cut::Own => own,
+                Cut::At(_) => keyframe,
+                Cut::No => false,
+            } || in_segment >= MAX_SEGMENT_TARGETS * segment_target;
             // Close on the frame boundary nearest the part target (which is whole frames).
             let cut_part =
                 cut_segment || t_us.saturating_sub(start) + frame_us / 2 >= self.part_target_us;
@@ -508,6 +611,13 @@ impl Segmenter {
             let Some(init) = &self.init else {
                 return Ok(closed);
             };
+            if let Cut::At(msn) = cut
+                && self.segments.is_empty()
+            {
+                // The first segment takes the leader's number; the rest follow one by one,
+                // cut where the leader's are (a playlist's numbers have no holes).
+                self.next_msn = self.next_msn.max(msn);
+            }
             self.segments.push_back(Segment {
                 msn: self.next_msn,
                 init_id: init.id,
@@ -516,6 +626,7 @@ impl Segmenter {
                 parts: Vec::new(),
                 duration_s: 0.0,
                 complete: false,
+                start_us: t_us,
             });
             self.next_msn += 1;
             self.segment_start_us = t_us;

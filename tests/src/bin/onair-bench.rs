@@ -51,6 +51,11 @@ struct Args {
     /// Measuring window of the HLS run.
     #[arg(long, default_value_t = 30)]
     hls_window_secs: u64,
+    /// Run the ABR scenario (onair only): Chromium in its own network namespace behind a
+    /// `tc tbf` link stepping 8 → 1.5 → 0.6 → 8 Mbit/s. Needs root, iproute2 and the player
+    /// (`make player`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    abr: bool,
 }
 
 type Row = (&'static str, fn(&Report) -> Option<f64>, usize);
@@ -353,8 +358,15 @@ async fn main() -> Result<(), BoxError> {
         }
         hls = Some(r);
     }
+    let mut abr = None;
+    if args.abr && onair.is_some() {
+        eprintln!("bench: ABR over a shaped link ...");
+        let r = load::abr::run(&env.onair_bin, &work.join("abr")).await?;
+        println!("{}", load::abr::table(&r));
+        abr = Some(r);
+    }
     if let Some(path) = &args.json {
-        let out = serde_json::json!({ "fanout": all, "hls": hls });
+        let out = serde_json::json!({ "fanout": all, "hls": hls, "abr": abr });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())

@@ -13,6 +13,7 @@
 //! wall clock in each media header. "End to end" works for any server: receipt minus the wall
 //! clock the pacer wrote into the frame's SEI just before handing it to the publishing ffmpeg.
 
+pub mod abr;
 pub mod flv;
 pub mod hls;
 pub mod nms;
