@@ -175,6 +175,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_multivariant_playlist_lists_each_rendition_with_its_attributes() {
+        let text = multivariant(&[
+            VariantStream {
+                uri: "source/index.m3u8".into(),
+                bandwidth: 3_000_000,
+                average_bandwidth: 2_600_000,
+                resolution: Some((1280, 720)),
+                codecs: "avc1.64001f,mp4a.40.2".into(),
+                fps: Some(30.0),
+            },
+            VariantStream {
+                uri: "240p/index.m3u8".into(),
+                bandwidth: 500_000,
+                average_bandwidth: 430_000,
+                resolution: None,
+                codecs: String::new(),
+                fps: None,
+            },
+        ]);
+        assert_eq!(
+            text,
+            "#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n\
+             #EXT-X-STREAM-INF:BANDWIDTH=3000000,AVERAGE-BANDWIDTH=2600000,RESOLUTION=1280x720,\
+             CODECS=\"avc1.64001f,mp4a.40.2\",FRAME-RATE=30.000\nsource/index.m3u8\n\
+             #EXT-X-STREAM-INF:BANDWIDTH=500000,AVERAGE-BANDWIDTH=430000\n240p/index.m3u8\n"
+        );
+    }
+
+    #[test]
     fn dates() {
         assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");

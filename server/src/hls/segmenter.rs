@@ -836,6 +836,52 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_cuts_where_its_leader_cut_and_takes_its_numbers() {
+        // The leader: keyframes every second from 0, segments of 2 s at 0, 2, 4, … s.
+        let mut leader = Segmenter::new(settings());
+        leader.set_init(&init(false)).unwrap();
+        leader.resume(Counters {
+            next_msn: 40,
+            ..Counters::default()
+        });
+        feed(&mut leader, 0, 14, 30);
+        // A rung that starts at 3 s: by its own rule it would cut at 3, 5, 7, … s.
+        let mut rung = Segmenter::new(settings());
+        rung.set_init(&init(false)).unwrap();
+        let follow = |t_us: u64| leader.cut_at(t_us);
+        for i in 90..420u64 {
+            let dts = i * 1000 / 30;
+            let f = Frame {
+                track: 0,
+                keyframe: i % 30 == 0,
+                dts,
+                cts: 0,
+                ingest_us: dts * 1000,
+                payload: &[0x55; 100],
+            };
+            rung.push_following(&f, 0, Some(&follow)).unwrap();
+        }
+        let starts = |s: &Segmenter| -> Vec<(u64, u64)> {
+            s.segments().iter().map(|g| (g.msn, g.start_us)).collect()
+        };
+        let rung_starts = starts(&rung);
+        assert_eq!(
+            rung_starts.first(),
+            Some(&(42, 4_000_000)),
+            "the first segment waits for a cut of the leader's and takes its number"
+        );
+        let leader_starts = starts(&leader);
+        for g in &rung_starts {
+            assert!(leader_starts.contains(g), "{g:?} not in {leader_starts:?}");
+        }
+        assert!(rung_starts.len() >= 5, "{rung_starts:?}");
+        assert_eq!(leader.cut_at(5_000_000), Cut::No, "passed without a cut");
+        assert_eq!(leader.cut_at(20_000_000), Cut::Own, "not there yet");
+        let (peak, average) = leader.bitrates().expect("complete segments");
+        assert!(peak >= average && average > 0);
+    }
+
+    #[test]
     fn parts_keep_within_the_target_and_segments_start_at_keyframes() {
         let mut s = Segmenter::new(settings());
         s.set_init(&init(true)).unwrap();
