@@ -1,7 +1,8 @@
 //! Real headless Chromium (Debian's `chromium` + `chromium-driver`) driven over WebDriver, for
 //! end-to-end tests of the Wasm player and the web pages.
 //!
-//! Each [`Browser`] owns one chromedriver on its own loopback port and one Chromium with a fresh
+//! Each [`Browser`] owns one chromedriver on its own port (loopback, or the address of the
+//! network namespace it runs in) and one Chromium with a fresh
 //! profile, both under a private temporary folder, so several can run at once. Dropping a
 //! `Browser` kills chromedriver and Chromium; [`Browser::close`] ends the session in order.
 //!

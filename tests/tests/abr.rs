@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use onair_tests::browser::Browser;
+use onair_tests::load::abr::{TRACE, page_now, stalled_ms, trace, wait_for_heights};
 use onair_tests::netns::Netns;
 use onair_tests::{Profile, Publisher, Recording, Server, Viewer};
 use serde_json::Value;
@@ -26,74 +27,6 @@ fn config() -> String {
     path.to_string_lossy().to_string()
 }
 
-/// Polls the API until the stream has renditions of these heights (the ladder starts after the
-/// source's first keyframe; nothing outside the server can be told when).
-async fn wait_for_heights(server: &Server, heights: &[u64]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = onair_tests::http_get(&server.http, &format!("/api/streams/{STREAM}"))
-            .await
-            .expect("GET the stream");
-        if status == 200 {
-            let v: Value = serde_json::from_str(&body).expect("JSON");
-            let mut got: Vec<u64> = v["renditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|r| r["codec"].as_str().is_some_and(|c| !c.is_empty()))
-                .filter_map(|r| r["height"].as_u64())
-                .collect();
-            got.sort_unstable_by(|a, b| b.cmp(a));
-            if got == heights {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the ladder never came up: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The page's trace: every 100 ms, [page ms, state, rendition, height, latency ms, stalls].
-const TRACE: &str = "window.__trace = [];
-  setInterval(() => {
-    if (!window.onairPlayer) return;
-    const s = window.onairPlayer.stats();
-    window.__trace.push([performance.now(), s.state, s.rendition, s.height, s.latencyMs, s.stalls]);
-  }, 100);
-  return performance.now();";
-
-struct Point {
-    t: f64,
-    state: String,
-    height: u64,
-    latency_ms: Option<f64>,
-}
-
-async fn trace(b: &Browser) -> Vec<Point> {
-    let v = b.eval("return window.__trace;").await.expect("the trace");
-    v.as_array()
-        .expect("an array")
-        .iter()
-        .map(|p| Point {
-            t: p[0].as_f64().unwrap_or(0.0),
-            state: p[1].as_str().unwrap_or_default().to_string(),
-            height: p[3].as_u64().unwrap_or(0),
-            latency_ms: p[4].as_f64(),
-        })
-        .collect()
-}
-
-async fn page_now(b: &Browser) -> f64 {
-    b.eval("return performance.now();")
-        .await
-        .expect("page clock")
-        .as_f64()
-        .expect("a number")
-}
-
 /// Waits (on the page's own clock) until `cond` holds for the player's stats `s`.
 async fn wait(b: &Browser, cond: &str, timeout: Duration, what: &str) -> Value {
     b.wait_for(
@@ -108,14 +41,6 @@ async fn wait(b: &Browser, cond: &str, timeout: Duration, what: &str) -> Value {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Milliseconds the page spent buffering (stalled) between `from` and `to` (page ms).
-fn stalled_ms(tr: &[Point], from: f64, to: f64) -> f64 {
-    tr.windows(2)
-        .filter(|w| w[0].t >= from && w[1].t <= to && w[0].state == "buffering")
-        .map(|w| w[1].t - w[0].t)
-        .sum()
-}
-
 #[tokio::test]
 async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
     let ns = Netns::create().expect("a network namespace (needs root and iproute2)");
@@ -124,7 +49,9 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
     let http = format!("{}:0", ns.outer_addr());
     let server = Server::start(&["--http", &http, "--config", &cfg]).await;
     let _publisher = Publisher::start(&server.rtmp_url(STREAM), Profile::hd_ladder_source());
-    wait_for_heights(&server, &[720, 480, 240]).await;
+    wait_for_heights(&server, STREAM, &[720, 480, 240])
+        .await
+        .expect("the ladder");
 
     // A viewer on loopback (not shaped) pinned to the source, for the whole run.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -157,9 +84,9 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
         "the 720p source playing",
     )
     .await;
-    let settled = page_now(&b).await;
+    let settled = page_now(&b).await.expect("the page's clock");
     b.play_for(Duration::from_secs(5)).await.expect("play");
-    let tr = trace(&b).await;
+    let tr = trace(&b).await.expect("the page's trace");
     assert!(
         tr.iter()
             .filter(|p| p.t >= settled)
@@ -169,7 +96,7 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
 
     // Below the top rendition's bitrate.
     ns.shape(LOW_KBIT).expect("shape the link down");
-    let dropped = page_now(&b).await;
+    let dropped = page_now(&b).await.expect("the page's clock");
     let down = wait(
         &b,
         "s.height > 0 && s.height < 720",
@@ -177,10 +104,10 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
         "a lower rendition after the rate dropped",
     )
     .await;
-    let moved_down = page_now(&b).await;
+    let moved_down = page_now(&b).await.expect("the page's clock");
     b.play_for(Duration::from_secs(12)).await.expect("play");
-    let low_end = page_now(&b).await;
-    let tr = trace(&b).await;
+    let low_end = page_now(&b).await.expect("the page's clock");
+    let tr = trace(&b).await.expect("the page's trace");
     let stall_down = stalled_ms(&tr, dropped, low_end);
     let recovered: Vec<f64> = tr
         .iter()
@@ -196,7 +123,7 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
 
     // The rate comes back.
     ns.shape(HIGH_KBIT).expect("shape the link up");
-    let restored = page_now(&b).await;
+    let restored = page_now(&b).await.expect("the page's clock");
     wait(
         &b,
         "s.height === 720 && s.state === 'playing'",
@@ -204,10 +131,10 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
         "back on the top rendition after the rate came back",
     )
     .await;
-    let back_up = page_now(&b).await;
+    let back_up = page_now(&b).await.expect("the page's clock");
 
     // Where the page was, for the failure message: (seconds from the drop, height, state).
-    let tr = trace(&b).await;
+    let tr = trace(&b).await.expect("the page's trace");
     let mut path: Vec<(f64, u64, String)> = Vec::new();
     for p in &tr {
         if path

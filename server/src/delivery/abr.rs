@@ -382,8 +382,10 @@ impl Memory {
     }
 }
 
-/// Over how much of a rendition's log its bitrate is measured.
+/// Over how much of a rendition's log its bitrate is measured, and how often a viewer's
+/// controller reads it again.
 const BITRATE_WINDOW: Duration = Duration::from_secs(2);
+const BITRATE_REFRESH: Duration = Duration::from_secs(1);
 
 /// A viewer on automatic, as its connection sees it: the controller, the ladder it indexes,
 /// and what the last sample left to compare with.
@@ -392,6 +394,10 @@ pub struct Auto {
     /// The stream's renditions by bitrate, highest first, as of `version`.
     ladder: Vec<Arc<Rendition>>,
     version: Option<u64>,
+    /// Their bitrates, measured at `kbps_at`: a stream's figure, read again once a
+    /// [`BITRATE_REFRESH`] rather than at every sample.
+    kbps: Vec<u32>,
+    kbps_at: Option<Instant>,
     /// The move this controller asked for, until it is carried out or given up.
     asked: Option<Arc<Rendition>>,
     last_at: Instant,
@@ -411,6 +417,8 @@ impl Auto {
             abr: Abr::new(0, 1, now),
             ladder: Vec::new(),
             version: None,
+            kbps: Vec::new(),
+            kbps_at: None,
             asked: None,
             last_at: now,
             last_sent: 0,
@@ -470,6 +478,7 @@ impl Auto {
             ladder.sort_by_key(|r| std::cmp::Reverse(bitrate(r)));
             self.ladder = ladder;
             self.version = Some(version);
+            self.kbps_at = None;
             let at = self.index_of(follow.rendition()).unwrap_or(0);
             self.abr.reset(at, self.ladder.len(), now);
         }
@@ -518,7 +527,14 @@ impl Auto {
             report,
             saturated_kbps: (had_backlog && backlog.bytes > 0).then_some(sent_kbps),
         };
-        let kbps: Vec<u32> = self.ladder.iter().map(|r| bitrate(r)).collect();
+        if self
+            .kbps_at
+            .is_none_or(|t| now.duration_since(t) >= BITRATE_REFRESH)
+        {
+            self.kbps = self.ladder.iter().map(|r| bitrate(r)).collect();
+            self.kbps_at = Some(now);
+        }
+        let kbps = &self.kbps;
         tracing::trace!(
             at = self.abr.at(),
             behind_ms = sample.behind.as_millis() as u64,
@@ -529,7 +545,7 @@ impl Auto {
             ?kbps,
             "abr sample"
         );
-        match self.abr.on_sample(now, &sample, &kbps) {
+        match self.abr.on_sample(now, &sample, kbps) {
             Decision::Stay => None,
             Decision::MoveTo(i, why) => {
                 let to = self.ladder.get(i)?.clone();

@@ -91,10 +91,11 @@ fn has(hls: &HlsStream, msn: u64, part: Option<u64>) -> bool {
 }
 
 /// Waits (boundedly) for a packager that just started to have its first part: it boxes the
-/// GOP cache at once, and an empty playlist would only make the client wait longer.
-async fn first_part(hls: &HlsStream) -> bool {
+/// GOP cache at once, and an empty playlist would only make the client wait longer. Without
+/// one in time: the 503 to answer with.
+async fn first_part(hls: &HlsStream, name: &str) -> Result<(), Response> {
     if hls.read(has_parts) {
-        return true;
+        return Ok(());
     }
     let mut updates = hls.subscribe();
     let wait =
@@ -107,7 +108,13 @@ async fn first_part(hls: &HlsStream) -> bool {
         }
     })
     .await;
-    hls.read(has_parts)
+    if hls.read(has_parts) {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no media from {name:?} yet: try again in a moment\n"),
+    ))
 }
 
 /// `GET /hls/STREAM/index.m3u8`: the multivariant playlist of every rendition when the stream
@@ -156,11 +163,8 @@ async fn multivariant(app: &App, name: &str) -> Response {
     let Some(source) = app.hls.stream_or_start(name) else {
         return no_stream(name);
     };
-    if !first_part(&source).await {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no media from {name:?} yet: try again in a moment\n"),
-        );
+    if let Err(unavailable) = first_part(&source, name).await {
+        return unavailable;
     }
     let Some(stream) = app.hub.stream(name) else {
         return no_stream(name);
@@ -231,11 +235,8 @@ async fn multivariant(app: &App, name: &str) -> Response {
 }
 
 async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -> Response {
-    if !first_part(hls).await {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no media from {name:?} yet: try again in a moment\n"),
-        );
+    if let Err(unavailable) = first_part(hls, name).await {
+        return unavailable;
     }
     let skip = match q.skip.as_deref() {
         None => false,

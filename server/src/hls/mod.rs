@@ -1,14 +1,16 @@
-//! LL-HLS from memory: one packager per live stream, reading every frame of its source
-//! rendition (the hub's lossless reader), boxing parts and segments with the same fMP4 muxer as the browser player. Nothing
-//! is written to disk; a window of segments is kept, and a stream that ends is served for a
-//! grace period, then forgotten (its URLs answer 404).
+//! LL-HLS from memory: one packager per live rendition of a stream, reading every frame of it
+//! (the hub's lossless reader), boxing parts and segments with the same fMP4 muxer as the
+//! browser player. A ladder rung's packager cuts its segments where the source's did
+//! ([`segmenter::Cut`]). Nothing is written to disk; a window of segments is kept, and a stream
+//! that ends is served for a grace period, then forgotten (its URLs answer 404).
 //!
 //! A packager starts with the first HLS request for a stream, not with every publish: a stream
 //! nobody watches over HLS costs no window of segments. Starting late costs the first client
 //! nothing, since the packager joins from the GOP cache and boxes it at once.
 //!
-//! URLs: `/hls/STREAM/index.m3u8`, and below `/hls/STREAM/EPOCH/` the init segments, segments
-//! and parts it lists. EPOCH identifies one packager run, so the URLs of a stream published
+//! URLs: `/hls/STREAM/index.m3u8` (the multivariant playlist, or with `ladder = []` the
+//! source's media playlist), `/hls/STREAM/RENDITION/index.m3u8`, and below `EPOCH/` next to a
+//! media playlist the init segments, segments and parts it lists. EPOCH identifies one packager run, so the URLs of a stream published
 //! again later never collide with cached copies of the earlier one: everything under it is
 //! immutable.
 
@@ -149,27 +151,8 @@ impl Hls {
         match (self.streams.entry(key.clone()), live) {
             (dashmap::Entry::Occupied(e), _) => Some(e.get().clone()),
             (entry, Some(stream)) => {
-                let mut segmenter = Segmenter::new(self.settings);
-                if let Some(c) = self.counters.get(&key) {
-                    segmenter.resume(*c);
-                }
-                let hls = Arc::new(HlsStream {
-                    epoch: now_us() / 1000,
-                    source: stream,
-                    rendition: rendition.to_string(),
-                    leader: Some(leader),
-                    key,
-                    segmenter: RwLock::new(segmenter),
-                    version: watch::channel(0).0,
-                    cache: Mutex::new([None, None]),
-                });
+                let hls = self.start(key, stream, rendition, Some(leader), None);
                 entry.insert(hls.clone());
-                self.tracker.spawn(package(
-                    self.clone(),
-                    hls.clone(),
-                    None,
-                    self.shutdown.clone(),
-                ));
                 Some(hls)
             }
             (dashmap::Entry::Vacant(_), None) => None,
@@ -188,37 +171,51 @@ impl Hls {
             }
             (dashmap::Entry::Occupied(e), None) => Some(e.get().clone()),
             (entry, Some(stream)) => {
-                let mut segmenter = Segmenter::new(self.settings);
-                if let Some(c) = self.counters.get(name) {
-                    segmenter.resume(*c);
-                }
                 // Held, the stream outlives a publisher's departure while this packager runs:
                 // a republish within the grace period continues the same playlist.
                 let hold = self
                     .hub
                     .hold(name)
                     .filter(|h| Arc::ptr_eq(&h.stream, stream));
-                let hls = Arc::new(HlsStream {
-                    epoch: now_us() / 1000,
-                    source: stream.clone(),
-                    rendition: SOURCE.to_string(),
-                    leader: None,
-                    key: name.to_string(),
-                    segmenter: RwLock::new(segmenter),
-                    version: watch::channel(0).0,
-                    cache: Mutex::new([None, None]),
-                });
+                let hls = self.start(name.to_string(), stream.clone(), SOURCE, None, hold);
                 entry.insert(hls.clone());
-                self.tracker.spawn(package(
-                    self.clone(),
-                    hls.clone(),
-                    hold,
-                    self.shutdown.clone(),
-                ));
                 Some(hls)
             }
             (dashmap::Entry::Vacant(_), None) => None,
         }
+    }
+
+    /// A new packager for `rendition` of `stream` under `key`, its numbering continuing where
+    /// the last one of that key stopped; its task is spawned. The caller puts it in the map.
+    fn start(
+        self: &Arc<Self>,
+        key: String,
+        stream: Arc<Stream>,
+        rendition: &str,
+        leader: Option<Arc<HlsStream>>,
+        hold: Option<StreamHold>,
+    ) -> Arc<HlsStream> {
+        let mut segmenter = Segmenter::new(self.settings);
+        if let Some(c) = self.counters.get(&key) {
+            segmenter.resume(*c);
+        }
+        let hls = Arc::new(HlsStream {
+            epoch: now_us() / 1000,
+            source: stream,
+            rendition: rendition.to_string(),
+            leader,
+            key,
+            segmenter: RwLock::new(segmenter),
+            version: watch::channel(0).0,
+            cache: Mutex::new([None, None]),
+        });
+        self.tracker.spawn(package(
+            self.clone(),
+            hls.clone(),
+            hold,
+            self.shutdown.clone(),
+        ));
+        hls
     }
 
     fn remove(&self, hls: &Arc<HlsStream>) {
@@ -228,8 +225,9 @@ impl Hls {
     }
 }
 
-/// Follows the stream's source rendition, every frame of it (a lossless reader), and packages
-/// it, until the stream has been gone for the grace period (or shutdown).
+/// Follows its rendition of the stream, every frame of it (a lossless reader), and packages
+/// it, until the stream has been gone for the grace period, the rendition ends (a rung that
+/// went), or shutdown.
 async fn package(
     hls: Arc<Hls>,
     me: Arc<HlsStream>,

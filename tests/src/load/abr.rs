@@ -46,13 +46,91 @@ pub struct AbrReport {
     pub decisions: Vec<String>,
 }
 
-const TRACE: &str = "window.__trace = [];
+/// Starts the page's trace: every 100 ms, [page ms, state, height, latency ms] of the
+/// player's stats, in `window.__trace`. Returns the page's clock.
+pub const TRACE: &str = "window.__trace = [];
   setInterval(() => {
     if (!window.onairPlayer) return;
     const s = window.onairPlayer.stats();
     window.__trace.push([performance.now(), s.state, s.height, s.latencyMs]);
   }, 100);
   return performance.now();";
+
+/// One entry of the page's trace.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// The page's clock, ms.
+    pub t: f64,
+    pub state: String,
+    pub height: u64,
+    pub latency_ms: Option<f64>,
+}
+
+/// The page's trace so far.
+pub async fn trace(b: &Browser) -> Result<Vec<Point>, BoxError> {
+    let v = b.eval("return window.__trace;").await?;
+    Ok(v.as_array()
+        .ok_or("no trace")?
+        .iter()
+        .map(|p| Point {
+            t: p[0].as_f64().unwrap_or(0.0),
+            state: p[1].as_str().unwrap_or_default().to_string(),
+            height: p[2].as_u64().unwrap_or(0),
+            latency_ms: p[3].as_f64(),
+        })
+        .collect())
+}
+
+/// The page's clock, ms.
+pub async fn page_now(b: &Browser) -> Result<f64, BoxError> {
+    let v: Value = b.eval("return performance.now();").await?;
+    v.as_f64().ok_or_else(|| "no page clock".into())
+}
+
+/// Milliseconds the page spent buffering (stalled) between `from` and `to` (page ms).
+pub fn stalled_ms(tr: &[Point], from: f64, to: f64) -> f64 {
+    tr.windows(2)
+        .filter(|w| w[0].t >= from && w[1].t <= to && w[0].state == "buffering")
+        .map(|w| w[1].t - w[0].t)
+        .sum()
+}
+
+/// Polls the API until `stream` has renditions of these heights (highest first), each with
+/// an init: the ladder comes a moment after the source, and nothing outside the server can
+/// be told when.
+pub async fn wait_for_heights(
+    server: &Server,
+    stream: &str,
+    heights: &[u64],
+) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // 404 until the publisher is in.
+        let (status, body) =
+            crate::http_get(&server.http, &format!("/api/streams/{stream}")).await?;
+        let mut got: Vec<u64> = Vec::new();
+        if status == 200 {
+            let v: Value = serde_json::from_str(&body)?;
+            got = v["renditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["codec"].as_str().is_some_and(|c| !c.is_empty()))
+                .filter_map(|r| r["height"].as_u64())
+                .collect();
+            got.sort_unstable_by(|a, b| b.cmp(a));
+            if got == heights {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("the ladder never came up: {got:?}, wanted {heights:?}: {body}").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
 
 /// The ladder's ffmpeg: the server's child processes (Linux lists each thread's children
 /// under that thread, and any of the server's threads may have spawned it).
@@ -85,28 +163,7 @@ pub async fn run(onair_bin: &Path, work: &Path) -> Result<AbrReport, BoxError> {
     )
     .await;
     let _publisher = Publisher::start(&server.rtmp_url(STREAM), Profile::hd_ladder_source());
-    // The ladder comes a moment after the source: polled (nothing outside the server is told).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // 404 until the publisher is in.
-        let (status, body) =
-            crate::http_get(&server.http, &format!("/api/streams/{STREAM}")).await?;
-        let v: Value = if status == 200 {
-            serde_json::from_str(&body)?
-        } else {
-            Value::Null
-        };
-        let n = v["renditions"]
-            .as_array()
-            .map_or(0, |r| r.iter().filter(|r| r["codec"] != "").count());
-        if n >= 3 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the ladder did not come up: {v}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for_heights(&server, STREAM, &[720, 480, 240]).await?;
     let b = Browser::start_in_netns(&ns).await?;
     b.goto(&format!("http://{}/watch/{STREAM}", server.http))
         .await?;
@@ -138,58 +195,40 @@ pub async fn run(onair_bin: &Path, work: &Path) -> Result<AbrReport, BoxError> {
         .sum();
     let ladder_cpu_pct =
         (!ladder.is_empty()).then(|| 100.0 * (cpu1 - cpu0) / t0.elapsed().as_secs_f64());
-    let trace = b.eval("return window.__trace;").await?;
-    let points: Vec<(f64, String, u64, Option<f64>)> = trace
-        .as_array()
-        .ok_or("no trace")?
-        .iter()
-        .map(|p| {
-            (
-                p[0].as_f64().unwrap_or(0.0),
-                p[1].as_str().unwrap_or_default().to_string(),
-                p[2].as_u64().unwrap_or(0),
-                p[3].as_f64(),
-            )
-        })
-        .collect();
+    let points = trace(&b).await?;
     let mut steps = Vec::new();
     for (i, &(kbit, secs)) in PROFILE.iter().enumerate() {
         let from = starts[i];
         let to = starts.get(i + 1).copied().unwrap_or(end);
-        let inside: Vec<&(f64, String, u64, Option<f64>)> =
-            points.iter().filter(|p| p.0 >= from && p.0 < to).collect();
-        let first_height = inside.first().map_or(0, |p| p.2);
+        let inside: Vec<&Point> = points.iter().filter(|p| p.t >= from && p.t < to).collect();
+        let first_height = inside.first().map_or(0, |p| p.height);
         let first_move_s = inside
             .iter()
-            .find(|p| p.2 != first_height && p.2 > 0)
-            .map(|p| (p.0 - from) / 1000.0);
+            .find(|p| p.height != first_height && p.height > 0)
+            .map(|p| (p.t - from) / 1000.0);
         let mut on: Vec<(u64, f64)> = Vec::new();
         for p in &inside {
-            match on.iter_mut().find(|(h, _)| *h == p.2) {
+            match on.iter_mut().find(|(h, _)| *h == p.height) {
                 Some(e) => e.1 += 1.0,
-                None => on.push((p.2, 1.0)),
+                None => on.push((p.height, 1.0)),
             }
         }
         let n = inside.len().max(1) as f64;
         on.iter_mut()
             .for_each(|e| e.1 = (100.0 * e.1 / n * 10.0).round() / 10.0);
         on.sort_by_key(|e| std::cmp::Reverse(e.0));
-        let stalled_ms = inside
-            .windows(2)
-            .filter(|w| w[0].1 == "buffering")
-            .map(|w| w[1].0 - w[0].0)
-            .sum();
+        let stalled_ms = stalled_ms(&points, from, to);
         let mut late: Vec<f64> = inside
             .iter()
-            .filter(|p| p.0 >= to - 5000.0)
-            .filter_map(|p| p.3)
+            .filter(|p| p.t >= to - 5000.0)
+            .filter_map(|p| p.latency_ms)
             .collect();
         late.sort_by(f64::total_cmp);
         steps.push(Step {
             kbit,
             secs,
             first_move_s,
-            height_at_end: inside.last().map_or(0, |p| p.2),
+            height_at_end: inside.last().map_or(0, |p| p.height),
             time_on: on,
             stalled_ms,
             latency_ms: late.get(late.len() / 2).copied(),
@@ -227,11 +266,6 @@ pub async fn run(onair_bin: &Path, work: &Path) -> Result<AbrReport, BoxError> {
         switches,
         decisions,
     })
-}
-
-async fn page_now(b: &Browser) -> Result<f64, BoxError> {
-    let v: Value = b.eval("return performance.now();").await?;
-    v.as_f64().ok_or_else(|| "no page clock".into())
 }
 
 /// The report as a markdown table.
