@@ -41,7 +41,7 @@ e2e:
 	$(CARGO) test -p onair-tests --tests --locked -- --test-threads=1
 
 # The fan-out benchmark against node-media-server (docs/benchmarks.md). Not part of `make test`;
-# its smoke version (10 viewers, 5 s) is. Takes about 10 minutes with the defaults.
+# its smoke version (10 viewers, 5 s) is. Takes about 25 minutes with the defaults.
 BENCH_ARGS ?= --viewers 1000 --burst 500 --window-secs 60 --runs 3
 bench: setup player
 	$(CARGO) build --release --locked -p onair-server -p onair-tests --bin onair --bin onair-bench

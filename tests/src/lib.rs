@@ -117,6 +117,7 @@ impl Server {
             .args(extra)
             .env("ONAIR_LOG", "info,onair_server=debug")
             .env("ONAIR_WEB_DIR", web_dir())
+            .envs(std::env::var("E2E_ONAIR_LOG").map(|l| ("ONAIR_LOG", l)))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -38,8 +38,17 @@ fn check(r: &Report, plan: &Plan, clip: &Clip) {
         "{who}: implausible end-to-end latency {:?}",
         r.e2e_ms
     );
-    // Bytes: viewers × the clip's bitrate × the window, within the window's edge effects.
-    let want = plan.viewers as f64 * clip.kbps() as f64 * 1000.0 / 8.0 * r.window_s;
+    // Bytes: viewers × the clip's bitrate × the window, within the window's edge effects; over
+    // several renditions, each one's viewers × the bitrate the server measured for it.
+    let kbit_s: f64 = if r.renditions.is_empty() {
+        plan.viewers as f64 * clip.kbps() as f64
+    } else {
+        r.renditions
+            .iter()
+            .map(|x| x.viewers as f64 * x.bitrate_kbps as f64)
+            .sum()
+    };
+    let want = kbit_s * 1000.0 / 8.0 * r.window_s;
     let got = r.bytes as f64;
     assert!(
         (got - want).abs() <= want * 0.35,
@@ -53,7 +62,7 @@ fn check(r: &Report, plan: &Plan, clip: &Clip) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_tool_measures_onair_and_node_media_server() {
+async fn load_tool_measures_onair_with_one_and_three_renditions_and_node_media_server() {
     let work = load::work_dir();
     let nms_app = load::nms::install(&work.join("nms"))
         .await
@@ -87,6 +96,27 @@ async fn load_tool_measures_onair_and_node_media_server() {
         d.p50 <= onair.e2e_ms.p50,
         "server ingest comes after the publisher's stamp: {d:?} vs {:?}",
         onair.e2e_ms
+    );
+
+    // Three renditions: the viewers split over the source and two rungs the ladder's ffmpeg
+    // makes, every frame of every rendition reaching its viewers with the publisher's stamp.
+    let ladder = load::run(Target::OnairLadder, &plan, clip.clone(), &env)
+        .await
+        .expect("onair run with a ladder");
+    check(&ladder, &plan, &clip);
+    let mut heights: Vec<u64> = ladder.renditions.iter().map(|x| x.height).collect();
+    heights.sort_unstable();
+    assert_eq!(heights, [240, 480, 720], "{:?}", ladder.renditions);
+    let split: Vec<u64> = ladder.renditions.iter().map(|x| x.viewers).collect();
+    assert!(
+        split.iter().all(|&n| n >= 3) && split.iter().sum::<u64>() == plan.viewers as u64,
+        "viewers split over the renditions: {:?}",
+        ladder.renditions
+    );
+    assert!(
+        ladder.ladder_cpu_s.is_some_and(|c| c > 0.0),
+        "the ladder's ffmpeg CPU was measured: {:?}",
+        ladder.ladder_cpu_s
     );
 
     let nms = load::run(Target::Nms, &plan, clip.clone(), &env)

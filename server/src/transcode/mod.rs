@@ -277,6 +277,10 @@ fn ffmpeg_args(rungs: &[Rung], sockets: &[PathBuf]) -> Vec<String> {
                 &format!("{}k", k * 2),
                 "-force_key_frames",
                 "source",
+                // The publisher's user-data SEI (timestamps, tags) goes on into every rung, on
+                // the same frame, as it does in the source rendition.
+                "-udu_sei",
+                "1",
                 "-fps_mode",
                 "passthrough",
                 // The encoder's own default time base is 1/fps, which would round every
@@ -607,6 +611,7 @@ mod tests {
         );
         assert_eq!(args.matches("-force_key_frames source").count(), 2);
         assert!(args.contains("-copyts"));
+        assert_eq!(args.matches("-udu_sei 1").count(), 2);
         assert!(args.contains("-b:v 300k -maxrate 300k -bufsize 600k"));
         assert!(args.ends_with("-f flv -flvflags no_duration_filesize unix:/d/1.sock"));
     }

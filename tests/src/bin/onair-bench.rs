@@ -36,8 +36,14 @@ struct Args {
     /// Runs; the summary takes medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Servers to measure, in order: onair, nms.
-    #[arg(long, value_delimiter = ',', default_value = "onair,nms")]
+    /// Servers to measure, in order: onair, onair-ladder-source (onair with two ladder rungs,
+    /// every viewer on the source), onair-ladder (the same, the viewers split over the three
+    /// renditions), nms.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "onair,onair-ladder-source,onair-ladder,nms"
+    )]
     servers: Vec<String>,
     /// The onair binary (default: the workspace's release build).
     #[arg(long)]
@@ -56,6 +62,10 @@ struct Args {
     /// (`make player`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     abr: bool,
+    /// Seconds the ladder's ffmpeg is measured for each of one rung, the other and both
+    /// (onair only; 0 skips it).
+    #[arg(long, default_value_t = 20)]
+    ladder_secs: u64,
 }
 
 type Row = (&'static str, fn(&Report) -> Option<f64>, usize);
@@ -135,6 +145,11 @@ const ROWS: &[Row] = &[
     ("frames lost, worst viewer", |r| Some(r.lost_max as f64), 0),
     ("frames lost, all viewers", |r| Some(r.lost_total as f64), 0),
     ("keyframe skips", |r| Some(r.skips as f64), 0),
+    (
+        "ladder ffmpeg CPU, % of one core",
+        |r| r.ladder_cpu_s.map(|c| 100.0 * c / r.window_s),
+        1,
+    ),
 ];
 
 fn table(title: &str, servers: &[String], reports: &[&[Report]]) -> String {
@@ -179,34 +194,42 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn targets(onair: &[Report], peer: Option<&[Report]>) -> String {
+fn targets(onair: &[Report], ladder: Option<&[Report]>, peer: Option<&[Report]>) -> String {
     let m = |f: fn(&Report) -> f64, rs: &[Report]| {
         median(rs.iter().map(f).collect()).unwrap_or(f64::NAN)
     };
     let mut lines = Vec::new();
-    let mut check = |ok: bool, what: String| {
+    let check = |lines: &mut Vec<String>, ok: bool, what: String| {
         lines.push(format!("- [{}] {what}", if ok { "x" } else { " " }));
     };
     let p99 = m(|r| r.delivery_ms.map_or(f64::NAN, |p| p.p99), onair);
     check(
+        &mut lines,
         p99 <= 20.0,
         format!("delivery latency p99 {p99:.2} ms ≤ 20 ms"),
     );
     let rss = m(Report::rss_per_viewer_kb, onair);
-    check(rss <= 30.0, format!("RSS {rss:.1} KB per viewer ≤ 30 KB"));
+    check(
+        &mut lines,
+        rss <= 30.0,
+        format!("RSS {rss:.1} KB per viewer ≤ 30 KB"),
+    );
     let lost = m(|r| r.lost_total as f64, onair);
     let failed = m(|r| r.failed as f64, onair);
     check(
+        &mut lines,
         lost == 0.0 && failed == 0.0,
         format!("every viewer received every frame (lost {lost}, failed viewers {failed})"),
     );
     let ttff = m(|r| r.ttff_ms.p99, onair);
     check(
+        &mut lines,
         ttff <= 10.0,
         format!("join burst TTFF p99 {ttff:.2} ms ≤ 10 ms"),
     );
     let key = m(|r| r.burst_key_first, onair);
     check(
+        &mut lines,
         key == 1.0,
         format!("burst viewers starting on a keyframe {:.1} %", key * 100.0),
     );
@@ -217,6 +240,7 @@ fn targets(onair: &[Report], peer: Option<&[Report]>) -> String {
         };
         let cpu = ratio(Report::cpu_s_per_gb);
         check(
+            &mut lines,
             cpu <= 1.0 / 3.0,
             format!("CPU per GB onair/peer {cpu:.3} ≤ 0.333"),
         );
@@ -227,6 +251,31 @@ fn targets(onair: &[Report], peer: Option<&[Report]>) -> String {
         lines.push(format!(
             "- ratio onair/peer, end-to-end latency p99: {:.3}",
             ratio(|r| r.e2e_ms.p99)
+        ));
+    }
+    if let Some(ladder) = ladder {
+        let ratio = |f: fn(&Report) -> f64| {
+            median(ladder.iter().zip(onair).map(|(a, b)| f(a) / f(b)).collect()).unwrap_or(f64::NAN)
+        };
+        let cpu = ratio(Report::cpu_s_per_gb);
+        check(
+            &mut lines,
+            cpu <= 1.10,
+            format!("CPU per GB, three renditions against one, {cpu:.3} ≤ 1.10"),
+        );
+        let lost = m(|r| r.lost_total as f64, ladder);
+        let failed = m(|r| r.failed as f64, ladder);
+        check(
+            &mut lines,
+            lost == 0.0 && failed == 0.0,
+            format!(
+                "three renditions: every viewer received every frame (lost {lost}, failed \
+                 viewers {failed})"
+            ),
+        );
+        lines.push(format!(
+            "- ratio three renditions/one, RSS per viewer: {:.3}",
+            ratio(Report::rss_per_viewer_kb)
         ));
     }
     format!("\n### Targets (onair, medians)\n\n{}\n", lines.join("\n"))
@@ -240,8 +289,12 @@ async fn main() -> Result<(), BoxError> {
         .iter()
         .map(|s| match s.as_str() {
             "onair" => Ok(Target::Onair),
+            "onair-ladder" => Ok(Target::OnairLadder),
+            "onair-ladder-source" => Ok(Target::OnairLadderSource),
             "nms" | "node-media-server" => Ok(Target::Nms),
-            other => Err(format!("unknown server {other:?} (onair, nms)")),
+            other => Err(format!(
+                "unknown server {other:?} (onair, onair-ladder, onair-ladder-source, nms)"
+            )),
         })
         .collect::<Result<_, _>>()?;
     let work = load::work_dir();
@@ -302,8 +355,31 @@ async fn main() -> Result<(), BoxError> {
     );
     let onair = targets_list.iter().position(|t| *t == Target::Onair);
     let peer = targets_list.iter().position(|t| *t == Target::Nms);
+    let ladder = targets_list.iter().position(|t| *t == Target::OnairLadder);
+    if let Some(l) = ladder {
+        for (run, r) in all[l].iter().enumerate() {
+            let rs: Vec<String> = r
+                .renditions
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{} ({}p, {} kbit/s): {} viewers",
+                        x.name, x.height, x.bitrate_kbps, x.viewers
+                    )
+                })
+                .collect();
+            println!("Three renditions, run {}: {}", run + 1, rs.join("; "));
+        }
+    }
     if let Some(o) = onair {
-        println!("{}", targets(&all[o], peer.map(|p| all[p].as_slice())));
+        println!(
+            "{}",
+            targets(
+                &all[o],
+                ladder.map(|l| all[l].as_slice()),
+                peer.map(|p| all[p].as_slice())
+            )
+        );
         for (run, r) in all[o].iter().enumerate() {
             if let Some(d) = &r.dashboard {
                 println!(
@@ -365,8 +441,18 @@ async fn main() -> Result<(), BoxError> {
         println!("{}", load::abr::table(&r));
         abr = Some(r);
     }
+    let mut ladder_costs = None;
+    if args.ladder_secs > 0 && onair.is_some() {
+        eprintln!("bench: the ladder's CPU per rung ...");
+        let window = Duration::from_secs(args.ladder_secs);
+        let r = load::ladder::run(&env.onair_bin, &work.join("ladder"), window).await?;
+        println!("{}", load::ladder::table(&r, window));
+        ladder_costs = Some(r);
+    }
     if let Some(path) = &args.json {
-        let out = serde_json::json!({ "fanout": all, "hls": hls, "abr": abr });
+        let out = serde_json::json!({
+            "fanout": all, "hls": hls, "abr": abr, "ladder": ladder_costs
+        });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())

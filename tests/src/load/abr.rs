@@ -134,7 +134,7 @@ pub async fn wait_for_heights(
 
 /// The ladder's ffmpeg: the server's child processes (Linux lists each thread's children
 /// under that thread, and any of the server's threads may have spawned it).
-fn children(pid: u32) -> Vec<u32> {
+pub fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };

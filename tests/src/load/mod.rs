@@ -16,6 +16,7 @@
 pub mod abr;
 pub mod flv;
 pub mod hls;
+pub mod ladder;
 pub mod nms;
 pub mod source;
 pub mod viewers;
@@ -38,6 +39,11 @@ const STREAM: &str = "bench";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Onair,
+    /// onair with an ffmpeg ladder of two rungs: the viewers split over three renditions.
+    OnairLadder,
+    /// The same ladder, every viewer pinned to the source: what the ladder's ffmpeg and its
+    /// rungs' ingest cost the machine, without a second or third fan-out group.
+    OnairLadderSource,
     Nms,
 }
 
@@ -45,6 +51,8 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Onair => "onair",
+            Target::OnairLadder => "onair, 3 renditions",
+            Target::OnairLadderSource => "onair, ladder, all on source",
             Target::Nms => "node-media-server",
         }
     }
@@ -133,6 +141,19 @@ pub struct Report {
     pub skips: u64,
     /// onair's dashboard feed with every viewer connected (after the window).
     pub dashboard: Option<DashboardProbe>,
+    /// With a ladder: the ladder's ffmpeg over the window (CPU seconds; not in `cpu_s`), and
+    /// each rendition as the server's API saw it at the window's end.
+    pub ladder_cpu_s: Option<f64>,
+    pub renditions: Vec<RenditionLoad>,
+}
+
+/// One rendition of the stream under load, from `GET /api/streams/NAME`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RenditionLoad {
+    pub name: String,
+    pub height: u64,
+    pub bitrate_kbps: u64,
+    pub viewers: u64,
 }
 
 /// The dashboard feed at full load: what one operator's browser gets.
@@ -183,25 +204,53 @@ pub fn fan_out_config() -> Result<String, BoxError> {
     Ok(path.to_string_lossy().into_owned())
 }
 
-/// A server under test.
+/// The ladder of the three-renditions run: a 480p and a 240p rung at the source's video
+/// bitrate, so that every rendition's frames are about the size of the source's and the run
+/// measures what a second and third rendition cost the fan-out, not what smaller frames cost
+/// per byte (much of a write's cost is per call; see docs/benchmarks.md).
+pub fn ladder_config(video_kbps: u32) -> Result<String, BoxError> {
+    let dir = std::env::temp_dir().join(format!("onair-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("ladder.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[streams.\"*\"]\nladder = [{{ name = \"480p\", height = 480, video_kbps = {video_kbps} }}, \
+             {{ name = \"240p\", height = 240, video_kbps = {video_kbps} }}]\n"
+        ),
+    )?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// The renditions of the three-renditions run, as the viewers ask for them in turn (no
+/// parameter: automatic, which starts on the source and stays there on loopback).
+const LADDER_PATHS: [&str; 3] = ["", "?rendition=480p", "?rendition=240p"];
+const LADDER_HEIGHTS: [u64; 3] = [720, 480, 240];
+
+/// A server under test: onair with the target it runs as.
 enum Running {
-    Onair(Server),
+    Onair { server: Server, target: Target },
     Nms(nms::Nms),
 }
 
 impl Running {
-    async fn start(target: Target, env: &Env) -> Result<Running, BoxError> {
+    async fn start(target: Target, env: &Env, clip: &Clip) -> Result<Running, BoxError> {
         Ok(match target {
-            Target::Onair => {
-                let config = fan_out_config()?;
-                Running::Onair(
-                    Server::start_bin(
+            Target::Onair | Target::OnairLadder | Target::OnairLadderSource => {
+                let config = if target != Target::Onair {
+                    ladder_config(clip.spec.video_kbps)?
+                } else {
+                    fan_out_config()?
+                };
+                Running::Onair {
+                    server: Server::start_bin(
                         &env.onair_bin,
                         &["--config", &config],
                         &[("ONAIR_LOG", "info")],
                     )
                     .await,
-                )
+                    target,
+                }
             }
             Target::Nms => {
                 let app = env
@@ -215,27 +264,39 @@ impl Running {
 
     fn pid(&self) -> Result<u32, BoxError> {
         match self {
-            Running::Onair(s) => Ok(s.pid()),
+            Running::Onair { server, .. } => Ok(server.pid()),
             Running::Nms(n) => n.pid().ok_or_else(|| "node-media-server exited".into()),
         }
     }
 
     fn rtmp_url(&self) -> String {
         match self {
-            Running::Onair(s) => s.rtmp_url(STREAM),
+            Running::Onair { server, .. } => server.rtmp_url(STREAM),
             Running::Nms(n) => format!("rtmp://{}/live/{STREAM}", n.rtmp),
         }
     }
 
     fn viewers(&self) -> Shared {
-        let (proto, addr, path) = match self {
-            Running::Onair(s) => (Proto::Onair, s.http.clone(), format!("/ws/{STREAM}")),
-            Running::Nms(n) => (Proto::WsFlv, n.http.clone(), format!("/live/{STREAM}.flv")),
+        let (proto, addr, paths) = match self {
+            Running::Onair { server, target } => {
+                let params: &[&str] = match target {
+                    Target::OnairLadder => &LADDER_PATHS,
+                    Target::OnairLadderSource => &["?rendition=source"],
+                    _ => &[""],
+                };
+                let paths = params.iter().map(|p| format!("/ws/{STREAM}{p}")).collect();
+                (Proto::Onair, server.http.clone(), paths)
+            }
+            Running::Nms(n) => (
+                Proto::WsFlv,
+                n.http.clone(),
+                vec![format!("/live/{STREAM}.flv")],
+            ),
         };
         Shared {
             proto,
             addr,
-            path,
+            paths,
             recording: Default::default(),
             stop: CancellationToken::new(),
             started: AtomicUsize::new(0),
@@ -245,8 +306,8 @@ impl Running {
 
     async fn stop(self) {
         match self {
-            Running::Onair(mut s) => {
-                let _ = s.terminate().await;
+            Running::Onair { mut server, .. } => {
+                let _ = server.terminate().await;
             }
             Running::Nms(n) => n.stop().await,
         }
@@ -311,7 +372,7 @@ pub async fn run(
     clip: Arc<Clip>,
     env: &Env,
 ) -> Result<Report, BoxError> {
-    let server = Running::start(target, env).await?;
+    let server = Running::start(target, env, &clip).await?;
     let result = measure(&server, plan, clip).await;
     server.stop().await;
     result
@@ -322,10 +383,18 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
     let stream_kbps = clip.kbps();
     let frame_capacity = (plan.window.as_secs_f64() * f64::from(clip.spec.fps) * 1.1) as usize + 16;
     let mut feed = Feed::start(clip, &server.rtmp_url())?;
+    let ladder = match server {
+        Running::Onair { server, target } if *target != Target::Onair => {
+            // The rungs come a moment after the source; every viewer's rendition must be up.
+            abr::wait_for_heights(server, STREAM, &LADDER_HEIGHTS).await?;
+            Some(server)
+        }
+        _ => None,
+    };
 
     // The stream is live once a probe viewer gets a frame.
     let probe = Arc::new(server.viewers());
-    let probe_task = tokio::spawn(viewers::run(probe.clone(), 0));
+    let probe_task = tokio::spawn(viewers::run(probe.clone(), 0, 0));
     let live = wait_started(&probe, 1, Duration::from_secs(20)).await;
     probe.stop.cancel();
     let probe_stats = probe_task.await?;
@@ -343,7 +412,11 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
     let start = tokio::time::Instant::now();
     for i in 0..burst {
         tokio::time::sleep_until(start + plan.burst_window.mul_f64(i as f64 / burst as f64)).await;
-        tasks.push(tokio::spawn(viewers::run(shared.clone(), frame_capacity)));
+        tasks.push(tokio::spawn(viewers::run(
+            shared.clone(),
+            i,
+            frame_capacity,
+        )));
     }
     wait_started(&shared, burst, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -353,13 +426,20 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
     let gap = Duration::from_secs_f64(1.0 / plan.ramp_per_sec.max(1) as f64);
     for i in burst..plan.viewers {
         tokio::time::sleep_until(ramp_start + gap * (i - burst) as u32).await;
-        tasks.push(tokio::spawn(viewers::run(shared.clone(), frame_capacity)));
+        tasks.push(tokio::spawn(viewers::run(
+            shared.clone(),
+            i,
+            frame_capacity,
+        )));
     }
     wait_started(&shared, plan.viewers, Duration::from_secs(20)).await;
     tokio::time::sleep(plan.settle).await;
     feed.check().await?;
 
     let published0 = feed.published.load(Ordering::Relaxed);
+    let children = ladder.map(|_| abr::children(pid)).unwrap_or_default();
+    let children_cpu = || -> f64 { children.iter().filter_map(|p| cpu_seconds(*p).ok()).sum() };
+    let ladder_cpu0 = children_cpu();
     let cpu0 = cpu_seconds(pid)?;
     let t0 = Instant::now();
     shared.recording.store(true, Ordering::Relaxed);
@@ -367,12 +447,19 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
     shared.recording.store(false, Ordering::Relaxed);
     let cpu_s = cpu_seconds(pid)? - cpu0;
     let window_s = t0.elapsed().as_secs_f64();
+    let ladder_cpu_s = ladder.map(|_| children_cpu() - ladder_cpu0);
+    let renditions = match ladder {
+        Some(s) => renditions_under_load(s).await?,
+        None => Vec::new(),
+    };
     let frames_published = feed.published.load(Ordering::Relaxed) - published0;
     let rss_full = rss_bytes(pid)?;
     feed.check().await?;
     let dashboard = match server {
         // A build without the feed (an older onair in an A/B run) just has no figures.
-        Running::Onair(s) => tokio::spawn(probe_dashboard(s.http.clone())).await.ok(),
+        Running::Onair { server, .. } => tokio::spawn(probe_dashboard(server.http.clone()))
+            .await
+            .ok(),
         Running::Nms(_) => None,
     };
 
@@ -391,6 +478,8 @@ async fn measure(server: &Running, plan: &Plan, clip: Arc<Clip>) -> Result<Repor
             stream_kbps,
             window_s,
             cpu_s,
+            ladder_cpu_s,
+            renditions,
             rss_idle,
             rss_burst,
             rss_full,
@@ -419,11 +508,33 @@ async fn probe_dashboard(http: String) -> DashboardProbe {
     }
 }
 
+/// The stream's renditions as the API has them: name, height, measured bitrate, viewers.
+async fn renditions_under_load(server: &Server) -> Result<Vec<RenditionLoad>, BoxError> {
+    let (status, body) = crate::http_get(&server.http, &format!("/api/streams/{STREAM}")).await?;
+    if status != 200 {
+        return Err(format!("GET /api/streams/{STREAM}: {status} {body}").into());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["renditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| RenditionLoad {
+            name: r["name"].as_str().unwrap_or_default().to_string(),
+            height: r["height"].as_u64().unwrap_or(0),
+            bitrate_kbps: r["bitrate_kbps"].as_f64().unwrap_or(0.0).round() as u64,
+            viewers: r["viewers"].as_u64().unwrap_or(0),
+        })
+        .collect())
+}
+
 struct Summary {
     dashboard: Option<DashboardProbe>,
     stream_kbps: u64,
     window_s: f64,
     cpu_s: f64,
+    ladder_cpu_s: Option<f64>,
+    renditions: Vec<RenditionLoad>,
     rss_idle: u64,
     rss_burst: u64,
     rss_full: u64,
@@ -437,7 +548,7 @@ fn summarize(server: &Running, plan: &Plan, stats: Vec<ViewerStats>, s: Summary)
     };
     let mut r = Report {
         server: match server {
-            Running::Onair(_) => Target::Onair.name().into(),
+            Running::Onair { target, .. } => target.name().into(),
             Running::Nms(_) => Target::Nms.name().into(),
         },
         viewers: stats.len(),
@@ -446,6 +557,8 @@ fn summarize(server: &Running, plan: &Plan, stats: Vec<ViewerStats>, s: Summary)
         dashboard: s.dashboard,
         window_s: s.window_s,
         cpu_s: s.cpu_s,
+        ladder_cpu_s: s.ladder_cpu_s,
+        renditions: s.renditions,
         rss_idle: s.rss_idle,
         rss_burst: s.rss_burst,
         rss_full: s.rss_full,
@@ -479,7 +592,7 @@ fn summarize(server: &Running, plan: &Plan, stats: Vec<ViewerStats>, s: Summary)
         delivery.extend_from_slice(&st.delivery_us);
         e2e.extend_from_slice(&st.e2e_us);
     }
-    r.delivery_ms = matches!(server, Running::Onair(_)).then(|| Pcts::from_us(delivery));
+    r.delivery_ms = matches!(server, Running::Onair { .. }).then(|| Pcts::from_us(delivery));
     r.e2e_ms = Pcts::from_us(e2e);
     r
 }

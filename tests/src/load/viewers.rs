@@ -33,7 +33,8 @@ pub enum Proto {
 pub struct Shared {
     pub proto: Proto,
     pub addr: String,
-    pub path: String,
+    /// Request paths, taken in turn: viewer `i` asks for `paths[i % paths.len()]`.
+    pub paths: Vec<String>,
     /// Record latencies, bytes and losses only while set: the steady window.
     pub recording: AtomicBool,
     pub stop: CancellationToken,
@@ -126,20 +127,21 @@ where
     }
 }
 
-/// Runs one viewer until `shared.stop`; returns what it saw.
-pub async fn run(shared: Arc<Shared>, capacity: usize) -> ViewerStats {
+/// Runs viewer number `i` until `shared.stop`; returns what it saw.
+pub async fn run(shared: Arc<Shared>, i: usize, capacity: usize) -> ViewerStats {
     let mut st = ViewerStats {
         delivery_us: Vec::with_capacity(capacity),
         e2e_us: Vec::with_capacity(capacity),
         ..Default::default()
     };
-    if let Err(e) = watch(&shared, &mut st).await {
+    let path = &shared.paths[i % shared.paths.len()];
+    if let Err(e) = watch(&shared, path, &mut st).await {
         st.error = Some(e);
     }
     st
 }
 
-async fn watch(shared: &Shared, st: &mut ViewerStats) -> Result<(), String> {
+async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), String> {
     let started = Instant::now();
     let tcp = TcpStream::connect(&shared.addr)
         .await
@@ -147,7 +149,7 @@ async fn watch(shared: &Shared, st: &mut ViewerStats) -> Result<(), String> {
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let req = hyper::Request::builder()
         .method("GET")
-        .uri(&shared.path)
+        .uri(path)
         .header("Host", &shared.addr)
         .header("Upgrade", "websocket")
         .header("Connection", "upgrade")
