@@ -8,10 +8,11 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
+use crate::{pins_rendition, ws_framed_len};
 use js_sys::{Function, Object, Reflect, Uint8Array};
 use onair_protocol::wire::{
-    MEDIA_HEADER_LEN, MediaHeader, Message, StatusCode, TimeSyncRequest, TrackKind, ViewerStats,
-    kind,
+    MEDIA_HEADER_LEN, MediaHeader, Message, Receipt, StatusCode, TimeSyncRequest, TrackKind,
+    ViewerStats, kind,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -39,6 +40,9 @@ pub const DEFAULT_LATENCY_MS: f64 = 200.0;
 
 /// Control ticks: often enough to react within a few frames.
 const TICK_MS: i32 = 100;
+/// How often the player tells the server what it has received (docs/protocol.md, receipt):
+/// the server's automatic rendition choice reads the network's queue from it.
+const RECEIPT_EVERY_MS: f64 = 250.0;
 /// Time sync samples on connect, then one every `SYNC_EVERY_MS`.
 const SYNC_SAMPLES: u32 = 5;
 const SYNC_EVERY_MS: f64 = 10_000.0;
@@ -206,6 +210,12 @@ struct Inner {
     last_play_ms: f64,
     last_sync_ms: f64,
     sync_sent: u32,
+    /// Bytes of every message of this connection as the server framed them, and when the
+    /// last receipt went.
+    ws_bytes: u64,
+    last_receipt_ms: f64,
+    /// On automatic renditions (the default): only then does the server use receipts.
+    auto: std::cell::Cell<bool>,
     listeners: Vec<(String, Function)>,
     outbox: Vec<Out>,
     destroyed: bool,
@@ -290,6 +300,7 @@ impl Player {
             _ => url,
         };
         let managed = !has_global("MediaSource") && has_global("ManagedMediaSource");
+        let auto = !pins_rendition(&url);
         let inner = Rc::new(RefCell::new(Inner {
             video,
             url,
@@ -328,6 +339,9 @@ impl Player {
             last_play_ms: 0.0,
             last_sync_ms: 0.0,
             sync_sent: 0,
+            ws_bytes: 0,
+            last_receipt_ms: 0.0,
+            auto: std::cell::Cell::new(auto),
             listeners: Vec::new(),
             outbox: Vec::new(),
             destroyed: false,
@@ -429,6 +443,7 @@ impl Player {
     #[wasm_bindgen(js_name = setRendition)]
     pub fn set_rendition(&self, id: u8) {
         self.read(|i| {
+            i.auto.set(id == onair_protocol::wire::RENDITION_AUTO);
             i.send(&Message::Control(
                 onair_protocol::wire::Control::SwitchRendition(id),
             ))
@@ -517,6 +532,9 @@ impl Inner {
         });
         let ws = WebSocket::new(&self.url)?;
         ws.set_binary_type(BinaryType::Arraybuffer);
+        self.ws_bytes = 0;
+        // A new connection starts as its URL says (a setRendition was the old one's).
+        self.auto.set(!pins_rendition(&self.url));
         let weak = Rc::downgrade(rc);
         let on_message = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
             with(&weak, |i, rc| {
@@ -620,6 +638,7 @@ impl Inner {
         };
         let bytes = Uint8Array::new(&buf);
         let len = bytes.length() as usize;
+        self.ws_bytes += ws_framed_len(len);
         let result = if len >= MEDIA_HEADER_LEN && bytes.get_index(0) == kind::MEDIA {
             // Media: only the header is copied out; the payload goes from the browser's buffer
             // straight into its place in the fragment.
@@ -996,6 +1015,12 @@ impl Inner {
     /// The control loop: latency, gaps, trimming, stats.
     fn tick(&mut self) {
         let now_ms = now_us() as f64 / 1000.0;
+        if self.auto.get() && now_ms - self.last_receipt_ms >= RECEIPT_EVERY_MS {
+            self.last_receipt_ms = now_ms;
+            self.send(&Message::Receipt(Receipt {
+                bytes: self.ws_bytes,
+            }));
+        }
         if now_ms - self.last_stats_ms >= 1000.0 {
             let bytes = self.session.bytes_received();
             let (b0, t0) = self.bytes_mark;

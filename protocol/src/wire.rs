@@ -34,6 +34,7 @@ pub mod kind {
     pub const TIME_SYNC_RESPONSE: u8 = 0x21;
     pub const VIEWER_STATS: u8 = 0x30;
     pub const SERVER_STATS: u8 = 0x31;
+    pub const RECEIPT: u8 = 0x32;
     pub const CONTROL: u8 = 0x40;
 }
 
@@ -266,6 +267,15 @@ pub struct ServerStats {
     pub keyframe_skips: u32,
 }
 
+/// What a viewer has received, a few times a second: the bytes of every WebSocket message the
+/// server sent it so far, headers included (the same count as the server's `bytes_sent`). The
+/// server compares it with what it wrote to see what the network holds for this viewer, and
+/// what the link delivers while it holds something (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Receipt {
+    pub bytes: u64,
+}
+
 /// `SwitchRendition`'s rendition for "let the server choose".
 pub const RENDITION_AUTO: u8 = 0xff;
 
@@ -290,6 +300,7 @@ pub enum Message<'a> {
     TimeSyncResponse(TimeSyncResponse),
     ViewerStats(ViewerStats),
     ServerStats(ServerStats),
+    Receipt(Receipt),
     Control(Control),
 }
 
@@ -309,6 +320,7 @@ impl<'a> Message<'a> {
             Message::TimeSyncResponse(_) => "time sync response",
             Message::ViewerStats(_) => "viewer stats",
             Message::ServerStats(_) => "server stats",
+            Message::Receipt(_) => "receipt",
             Message::Control(_) => "control",
         }
     }
@@ -331,6 +343,7 @@ impl<'a> Message<'a> {
             kind::TIME_SYNC_RESPONSE => "time sync response",
             kind::VIEWER_STATS => "viewer stats",
             kind::SERVER_STATS => "server stats",
+            kind::RECEIPT => "receipt",
             kind::CONTROL => "control",
             other => return Err(WireError::UnknownKind(other)),
         };
@@ -421,6 +434,7 @@ impl<'a> Message<'a> {
                 backlog_bytes: r.u32()?,
                 keyframe_skips: r.u32()?,
             }),
+            kind::RECEIPT => Message::Receipt(Receipt { bytes: r.u64()? }),
             kind::CONTROL => Message::Control(match r.u8()? {
                 1 => Control::SwitchRendition(r.u8()?),
                 2 => Control::SetTargetLatency { ms: r.u32()? },
@@ -538,6 +552,10 @@ impl<'a> Message<'a> {
                 for v in [s.send_kbps, s.backlog_bytes, s.keyframe_skips] {
                     out.extend_from_slice(&v.to_be_bytes());
                 }
+            }
+            Message::Receipt(r) => {
+                out.push(kind::RECEIPT);
+                out.extend_from_slice(&r.bytes.to_be_bytes());
             }
             Message::Control(c) => {
                 out.push(kind::CONTROL);
@@ -719,6 +737,7 @@ mod tests {
                 backlog_bytes: 4096,
                 keyframe_skips: 2,
             }),
+            Message::Receipt(Receipt { bytes: 1 << 50 }),
             Message::Control(Control::SwitchRendition(0xff)),
             Message::Control(Control::SetTargetLatency { ms: 150 }),
         ]

@@ -95,8 +95,19 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
     );
 
     // Below the top rendition's bitrate.
+    let from_line = server.log_lines();
     ns.shape(LOW_KBIT).expect("shape the link down");
+    let dropped_at = Instant::now();
     let dropped = page_now(&b).await.expect("the page's clock");
+    // The server's move: the page's viewer is the only one on automatic.
+    server
+        .wait_log_since(
+            from_line,
+            "viewer switched rendition",
+            Duration::from_secs(15),
+        )
+        .await;
+    let server_moved = dropped_at.elapsed();
     let down = wait(
         &b,
         "s.height > 0 && s.height < 720",
@@ -104,7 +115,14 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
         "a lower rendition after the rate dropped",
     )
     .await;
-    let moved_down = page_now(&b).await.expect("the page's clock");
+    // When the page first showed it (its trace), not when this wait noticed.
+    let moved_down = trace(&b)
+        .await
+        .expect("the page's trace")
+        .iter()
+        .find(|p| p.t >= dropped && p.height > 0 && p.height < 720)
+        .map(|p| p.t)
+        .expect("the trace has the lower rendition");
     b.play_for(Duration::from_secs(12)).await.expect("play");
     let low_end = page_now(&b).await.expect("the page's clock");
     let tr = trace(&b).await.expect("the page's trace");
@@ -151,9 +169,11 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
     let _ = stop_tx.send(());
     let rec = loopback.await.expect("the loopback viewer");
     let summary = format!(
-        "moved down {:.1} s after the drop (to {}p), stalled {:.0} ms in the {:.0} s at \
+        "the server moved it {:.1} s after the drop; the page showed it after {:.1} s (at {}p), \
+         stalled {:.0} ms in the {:.0} s at \
          {LOW_KBIT} kbit/s, latency {:.0} ms over its last 3 s; back on 720p {:.1} s after the \
          rate returned (at {:.1} s); the page: {path:?}",
+        server_moved.as_secs_f64(),
         (moved_down - dropped) / 1000.0,
         down["height"],
         stall_down,
@@ -163,19 +183,19 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
         (restored - dropped) / 1000.0,
     );
     eprintln!("abr: {summary}");
-    // What the issue asks: moved within a GOP (1 s) plus a second or two, with at most a
-    // second of stall. Measured here: moved after 3.3-4.5 s, stalled 0.6-1.1 s (most of it
-    // before any backlog reaches the server: the kernel and the tbf queue hold ~370 ms at
-    // 1.6 Mbit/s). So these bounds hold the line against a regression towards the 11.5 s of
-    // stall before ABR; they are not the issue's bounds, which this does not meet every time.
-    assert!(moved_down - dropped < 6000.0, "{summary}");
-    assert!(stall_down <= 1500.0, "{summary}");
+    // Moved within a GOP (1 s here) plus two seconds, with at most a second of stall
+    // (measured: the server decided 1.1-1.2 s after the drop, from the player's receipts, and
+    // moved it 1.3-2.4 s after, at the next keyframe; the page showed it 2.6-3.5 s after, once
+    // what the network held of the old rendition had played; 0.2-0.7 s of stall).
+    assert!(server_moved < Duration::from_secs(3), "{summary}");
+    assert!(moved_down - dropped < 4500.0, "{summary}");
+    assert!(stall_down <= 1000.0, "{summary}");
     assert!(latency_low < 600.0, "latency near target again: {summary}");
     assert!(
         low_heights.iter().all(|&h| h < 720),
         "no probe up while the rate is low: {summary}"
     );
-    assert!(back_up - restored < 20_000.0, "{summary}");
+    assert!(back_up - restored < 15_000.0, "{summary}");
 
     // What an operator sees: the page's row with its moves (the API's rows are the stats
     // snapshot's, taken every second: polled until it has the last move), and the counters.

@@ -79,8 +79,8 @@ pub enum Decision {
     MoveTo(usize, SwitchReason),
 }
 
-/// One viewer's controller. Renditions are given by index into the stream's ladder sorted by
-/// bitrate, highest first; each sample comes with the ladder's bitrates.
+/// One viewer's controller. Renditions are given by index into the stream's ladder, highest
+/// first (by height, then bitrate: see [`Auto`]); each sample comes with the ladder's bitrates.
 #[derive(Debug)]
 pub struct Abr {
     /// Where the viewer is (index into the ladder) and since when.
@@ -169,7 +169,8 @@ impl Abr {
         self.behind_since = None;
     }
 
-    /// Takes one sample; `kbps` are the ladder's bitrates, highest first. Returns what to do.
+    /// Takes one sample; `kbps` are the ladder's bitrates, in the ladder's order. Returns what
+    /// to do.
     pub fn on_sample(&mut self, now: Instant, s: &Sample, kbps: &[u32]) -> Decision {
         if kbps.len() != self.banned_until.len() {
             self.reset(self.at.min(kbps.len().saturating_sub(1)), kbps.len(), now);
@@ -321,6 +322,96 @@ impl Abr {
     }
 }
 
+/// Receipts older than this say nothing about the network now (a background tab's timers run
+/// once a second).
+const RECEIPT_FRESH: Duration = Duration::from_millis(1000);
+/// The least a path holds in flight is its floor (its round trip at the rate it carries),
+/// taken over this long.
+const FLOOR_OVER: Duration = Duration::from_secs(10);
+/// A queue stands in the network when it holds this much of the rendition's bitrate above the
+/// floor, and at least [`QUEUE_MIN_BYTES`] (a keyframe's burst on a link that carries the
+/// rendition is gone by the next receipt).
+const QUEUE_MS: u64 = 100;
+const QUEUE_MIN_BYTES: u64 = 16 * 1024;
+/// What the link delivered is measured over receipts this far apart, at least.
+const DELIVERED_OVER: Duration = Duration::from_millis(500);
+
+/// What the player's receipts say about the network between the server and the viewer. A
+/// receipt is the bytes the player has received; the server's count of bytes sent when it
+/// arrives, less that, is what the kernel and the network hold for the viewer. That is where a
+/// slow link's backlog builds first, before the server's own queue sees any (the kernel takes
+/// what the link's bottleneck queue has room for), and while it stands, what the player
+/// received per second is the link's rate. No I/O: tested on made-up receipts.
+#[derive(Debug, Default)]
+pub struct Network {
+    /// Receipts of the last [`FLOOR_OVER`]: arrival, bytes received, bytes in flight.
+    recent: std::collections::VecDeque<(Instant, u64, u64)>,
+}
+
+/// What [`Network::sample`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkSample {
+    /// A queue stands in the network (as of the last receipt).
+    pub queued: bool,
+    /// The network holds next to nothing beyond its floor: less than half the kernel's unsent
+    /// bytes a socket that refuses writes has (`TCP_NOTSENT_LOWAT`). A server queue beside it
+    /// is the server's own doing.
+    pub idle: bool,
+    /// What the player received per second over the last receipts, kbit/s.
+    pub delivered_kbps: Option<u32>,
+}
+
+impl Network {
+    /// Records a receipt (the same receipt twice counts once).
+    pub fn receipt(&mut self, r: crate::hub::Receipt) {
+        if self.recent.back().is_some_and(|&(at, _, _)| at >= r.at) {
+            return;
+        }
+        self.recent
+            .push_back((r.at, r.received, r.sent.saturating_sub(r.received)));
+        while self
+            .recent
+            .front()
+            .is_some_and(|&(at, _, _)| r.at.duration_since(at) > FLOOR_OVER)
+        {
+            self.recent.pop_front();
+        }
+        // Bounded whatever the player sends: a flood is refused before this, at 20 a second.
+        if self.recent.len() > 256 {
+            self.recent.pop_front();
+        }
+    }
+
+    /// At a sample of a viewer on a rendition of `kbps`: None when there is no fresh receipt
+    /// (a player that sends none, or a hidden tab).
+    pub fn sample(&self, now: Instant, kbps: u32) -> Option<NetworkSample> {
+        let &(at, received, in_flight) = self.recent.back()?;
+        if now.saturating_duration_since(at) > RECEIPT_FRESH {
+            return None;
+        }
+        let floor = self.recent.iter().map(|r| r.2).min().unwrap_or(0);
+        let min_queue = (u64::from(kbps) * QUEUE_MS / 8).max(QUEUE_MIN_BYTES);
+        let above = in_flight.saturating_sub(floor);
+        let queued = above >= min_queue;
+        let idle = above < u64::from(super::ws::VIEWER_NOTSENT_LOWAT) / 2;
+        let delivered_kbps = self
+            .recent
+            .iter()
+            .rev()
+            .find(|r| at.duration_since(r.0) >= DELIVERED_OVER)
+            .map(|&(t0, r0, _)| {
+                ((received - r0.min(received)) as f64 * 8.0
+                    / at.duration_since(t0).as_secs_f64()
+                    / 1000.0) as u32
+            });
+        Some(NetworkSample {
+            queued,
+            idle,
+            delivered_kbps,
+        })
+    }
+}
+
 /// How long a finished session's rendition is remembered for the next from its address.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(600);
 /// Addresses remembered at most; the oldest goes first (counted in
@@ -391,7 +482,7 @@ const BITRATE_REFRESH: Duration = Duration::from_secs(1);
 /// and what the last sample left to compare with.
 pub struct Auto {
     abr: Abr,
-    /// The stream's renditions by bitrate, highest first, as of `version`.
+    /// The stream's renditions by height and bitrate, highest first, as of `version`.
     ladder: Vec<Arc<Rendition>>,
     version: Option<u64>,
     /// Their bitrates, measured at `kbps_at`: a stream's figure, read again once a
@@ -409,6 +500,7 @@ pub struct Auto {
     /// How old the first frame was when the viewer joined or switched: until it first reaches
     /// the live edge, only lag beyond that is its own.
     start_age: Option<Duration>,
+    network: Network,
 }
 
 impl Auto {
@@ -426,6 +518,7 @@ impl Auto {
             skips: 0,
             report_at: None,
             start_age: None,
+            network: Network::default(),
         }
     }
 
@@ -475,7 +568,10 @@ impl Auto {
                 .into_iter()
                 .filter(|r| !r.is_gone())
                 .collect();
-            ladder.sort_by_key(|r| std::cmp::Reverse(bitrate(r)));
+            // Highest first: by picture height, then bitrate. Not by the measured bitrate
+            // alone: two renditions of about the same rate (or a still scene in a big one)
+            // would swap places from one reading to the next.
+            ladder.sort_by_key(|r| std::cmp::Reverse((r.info().height, bitrate(r))));
             self.ladder = ladder;
             self.version = Some(version);
             self.kbps_at = None;
@@ -520,13 +616,6 @@ impl Auto {
             // A switch is under way (ours or the viewer's): judge what comes after it.
             return None;
         }
-        let start_age = *self.start_age.get_or_insert(backlog.age);
-        let sample = Sample {
-            behind: backlog.age.saturating_sub(start_age),
-            skipped,
-            report,
-            saturated_kbps: (had_backlog && backlog.bytes > 0).then_some(sent_kbps),
-        };
         if self
             .kbps_at
             .is_none_or(|t| now.duration_since(t) >= BITRATE_REFRESH)
@@ -535,6 +624,34 @@ impl Auto {
             self.kbps_at = Some(now);
         }
         let kbps = &self.kbps;
+        let start_age = *self.start_age.get_or_insert(backlog.age);
+        let mut behind = backlog.age.saturating_sub(start_age);
+        let backlogged = had_backlog && backlog.bytes > 0;
+        if let Some(r) = state.receipt() {
+            self.network.receipt(r);
+        }
+        let current_kbps = kbps.get(self.abr.at()).copied().unwrap_or(0);
+        let network = self.network.sample(now, current_kbps);
+        let saturated_kbps = match network {
+            // The player's receipts show a queue in the network: what it received per second
+            // is the link's rate (what the socket took includes filling the kernel's queue).
+            Some(n) if n.queued => n.delivered_kbps.or(backlogged.then_some(sent_kbps)),
+            // Nothing queued beyond the server while its own queue holds frames: the server was
+            // slow to write them (a busy machine), not the link, and a lower rendition would
+            // not help.
+            Some(n) if n.idle => {
+                behind = Duration::ZERO;
+                None
+            }
+            // No receipts, or a little in flight: what the server sees of its own queue.
+            _ => backlogged.then_some(sent_kbps),
+        };
+        let sample = Sample {
+            behind,
+            skipped,
+            report,
+            saturated_kbps,
+        };
         tracing::trace!(
             at = self.abr.at(),
             behind_ms = sample.behind.as_millis() as u64,
@@ -542,6 +659,7 @@ impl Auto {
             promoted,
             sent_kbps,
             saturated = sample.saturated_kbps.is_some(),
+            ?network,
             ?kbps,
             "abr sample"
         );
@@ -878,5 +996,98 @@ mod tests {
         // under it and it lands on what is now the lowest.
         assert_eq!(abr.on_sample(t0, &behind(0), &[2500, 1000]), Decision::Stay);
         assert_eq!(abr.at(), 1);
+    }
+
+    /// A viewer's path as receipts every 250 ms show it: bytes sent and received so far, and a
+    /// floor always in flight (its round trip).
+    struct Path {
+        net: Network,
+        sent: u64,
+        received: u64,
+        floor: u64,
+        t: Instant,
+    }
+
+    impl Path {
+        fn new(floor: u64) -> Self {
+            Self {
+                net: Network::default(),
+                sent: 0,
+                received: 0,
+                floor,
+                t: Instant::now(),
+            }
+        }
+
+        /// A quarter second: `sent` more bytes sent, `received` more received; then a receipt
+        /// and a sample on a 2600 kbit/s rendition.
+        fn step(&mut self, sent: u64, received: u64) -> NetworkSample {
+            self.sent += sent;
+            self.received += received;
+            self.t += Duration::from_millis(250);
+            self.net.receipt(crate::hub::Receipt {
+                received: self.received,
+                sent: self.sent + self.floor,
+                at: self.t,
+            });
+            self.net.sample(self.t, 2600).expect("a fresh receipt")
+        }
+    }
+
+    #[test]
+    fn receipts_show_a_queue_building_in_the_network_and_the_rate_the_link_delivers() {
+        assert_eq!(
+            Network::default().sample(Instant::now(), 2600),
+            None,
+            "no receipts"
+        );
+        // Keeping up with 40 KB in flight for its round trip: 81 KB a quarter second sent
+        // and received. That is the floor: no queue.
+        let mut p = Path::new(40_000);
+        for _ in 0..8 {
+            p.step(81_250, 81_250);
+        }
+        let s = p.step(81_250, 81_250);
+        assert!(!s.queued && s.idle, "{s:?}");
+        assert_eq!(s.delivered_kbps, Some(2600));
+        // The link drops to 1600 kbit/s: 50 KB a quarter second get through, the rest queues.
+        let s = p.step(81_250, 50_000);
+        assert!(
+            !s.queued && !s.idle,
+            "31 KB above the floor is not yet a queue: {s:?}"
+        );
+        let s = p.step(81_250, 50_000);
+        assert!(
+            s.queued,
+            "62 KB above the floor (190 ms of the rendition): {s:?}"
+        );
+        assert_eq!(
+            s.delivered_kbps,
+            Some(1600),
+            "what got through, over the last 0.5 s"
+        );
+        // The receipts stop (a hidden tab): a second later they say nothing.
+        assert_eq!(p.net.sample(p.t + Duration::from_millis(1001), 2600), None);
+        // The same receipt again counts once.
+        let n = p.net.recent.len();
+        p.net.receipt(crate::hub::Receipt {
+            received: p.received,
+            sent: p.sent + p.floor,
+            at: p.t,
+        });
+        assert_eq!(p.net.recent.len(), n);
+    }
+
+    #[test]
+    fn a_keyframe_burst_on_a_link_that_carries_it_is_not_a_queue() {
+        let mut p = Path::new(0);
+        for _ in 0..8 {
+            p.step(81_250, 81_250);
+        }
+        // A 60 KB keyframe, 30 KB of it caught in flight by one receipt, received by the next.
+        let s = p.step(141_250, 111_250);
+        assert!(!s.queued && !s.idle, "{s:?}");
+        let s = p.step(81_250, 111_250);
+        assert!(!s.queued && s.idle, "{s:?}");
     }
 }

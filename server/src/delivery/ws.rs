@@ -46,7 +46,7 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// it; with this bound the backlog stays in the rendition's log, where the keyframe skip and
 /// the automatic rendition choice see it. Bytes in flight (the link's bandwidth-delay
 /// product) are not limited by it.
-const VIEWER_NOTSENT_LOWAT: u32 = 16 * 1024;
+pub(super) const VIEWER_NOTSENT_LOWAT: u32 = 16 * 1024;
 
 /// Close codes (RFC 6455 7.4.1 and the private range).
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -56,7 +56,8 @@ const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_REMOVED: u16 = 4001;
 
 /// Messages a viewer may send: a steady 20 per second, in bursts of up to 40 (its time sync at
-/// connect is 5, then 1 report a second). Past that it is flooding, and is closed.
+/// connect is 5, then 1 report and 4 receipts a second). Past that it is flooding, and is
+/// closed.
 const MESSAGE_RATE: f64 = 20.0;
 const MESSAGE_BURST: f64 = 40.0;
 /// Largest latency or buffer a report may claim: an hour. Anything more is a broken or hostile
@@ -761,6 +762,12 @@ impl Client {
                 Ok(frame::message(&Message::ServerStats(reply))
                     .ok()
                     .map(FromReader::Send))
+            }
+            Message::Receipt(r) => {
+                // Not checked against what was sent: the count can run a write's length
+                // ahead of the server's (the bytes arrive before the write call returns).
+                self.state.set_receipt(r.bytes);
+                Ok(None)
             }
             Message::Control(Control::SwitchRendition(r)) => {
                 if r == wire::RENDITION_AUTO {

@@ -473,6 +473,7 @@ impl Hub {
             skips: AtomicU64::new(0),
             send_kbps: Default::default(),
             report: Mutex::new(None),
+            receipt: Mutex::new(None),
             kick: CancellationToken::new(),
             accounted: AtomicU64::new(0),
         });
@@ -691,6 +692,15 @@ pub fn playing_latency(stats: &ViewerStats) -> Option<u32> {
         .then_some(stats.latency_ms)
 }
 
+/// A viewer's receipt as it arrived: the bytes it had received, the bytes the server had sent it
+/// by then (what the network and the kernel held for it is the difference), and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub received: u64,
+    pub sent: u64,
+    pub at: Instant,
+}
+
 /// What the server knows about one viewer, shared by its connection, the stats task and the API.
 pub struct ViewerState {
     pub id: u64,
@@ -712,6 +722,9 @@ pub struct ViewerState {
     pub send_kbps: std::sync::atomic::AtomicU32,
     /// Its last report, and when it came.
     report: Mutex<Option<(ViewerStats, Instant)>>,
+    /// Its last receipt: what it said it had received, what had been sent by then, and when
+    /// it came.
+    receipt: Mutex<Option<Receipt>>,
     kick: CancellationToken,
     /// Bytes sent already added to the process-wide counter.
     accounted: AtomicU64,
@@ -746,6 +759,19 @@ impl ViewerState {
 
     pub fn report(&self) -> Option<(ViewerStats, Instant)> {
         *self.report.lock()
+    }
+
+    /// The player says it has received `bytes` of what was sent to it.
+    pub fn set_receipt(&self, bytes: u64) {
+        *self.receipt.lock() = Some(Receipt {
+            received: bytes,
+            sent: self.bytes_sent(),
+            at: Instant::now(),
+        });
+    }
+
+    pub fn receipt(&self) -> Option<Receipt> {
+        *self.receipt.lock()
     }
 
     pub fn count_skip(&self) {
