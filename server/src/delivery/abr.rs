@@ -20,8 +20,9 @@
 //!   so a viewer does not flap. After a probe that held for [`PROBE_HELD`], the next step up
 //!   is tried without waiting a whole hold again.
 //!
-//! For [`SETTLE`] after a move, backlog, stalls and dropped frames do not count: what the
-//! viewer has queued then, and what its player reports, is from before the move.
+//! For [`SETTLE`] after a move down, backlog, stalls and dropped frames do not count: what the
+//! viewer has queued then, and what its player reports, is from before the move. After a probe
+//! up they count at once: it left a calm rendition, so trouble is the probe's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ pub const HOLD: Duration = Duration::from_secs(8);
 pub const PROBE_HELD: Duration = Duration::from_secs(4);
 /// A move up that fails this soon marks the rendition as failed.
 pub const PROBE_FAILED_WITHIN: Duration = Duration::from_secs(15);
-/// After a move, trouble other than a skip is not acted on for this long.
+/// After a move down, trouble other than a skip is not acted on for this long.
 pub const SETTLE: Duration = Duration::from_millis(1500);
 /// A measured rate older than this says nothing about the link any more.
 const RATE_VALID_FOR: Duration = Duration::from_secs(15);
@@ -295,7 +296,9 @@ impl Abr {
         if s.skipped {
             return Some(SwitchReason::Skipped);
         }
-        if now.duration_since(self.since) < SETTLE {
+        // A probe up leaves a calm rendition: what comes after it is the probe's own, and a
+        // probe the link cannot carry is best left at once, before the player runs dry.
+        if self.probing_from.is_none() && now.duration_since(self.since) < SETTLE {
             return None;
         }
         why
@@ -914,6 +917,50 @@ mod tests {
             "back-off grows: {probes:?}"
         );
         assert!(probes.len() <= 6, "no flapping: {probes:?}");
+    }
+
+    #[test]
+    fn a_probe_the_link_cannot_carry_is_left_without_waiting_out_the_settle_time() {
+        let t0 = Instant::now();
+        let ladder = LADDER;
+        let mut abr = Abr::new(1, 3, t0);
+        let mut t = 0.25;
+        let probe = loop {
+            let now = t0 + Duration::from_secs_f64(t);
+            if abr.on_sample(now, &behind(0), &ladder) == Decision::MoveTo(0, SwitchReason::Probe) {
+                break t;
+            }
+            t += 0.25;
+            assert!(t < 30.0, "no probe");
+        };
+        // The network fills at once: full samples taking 1500 kbit/s.
+        let full = Sample {
+            saturated_kbps: Some(1500),
+            ..Default::default()
+        };
+        let down = (1..=8).find_map(|i| {
+            let t = probe + 0.25 * f64::from(i);
+            match abr.on_sample(t0 + Duration::from_secs_f64(t), &full, &ladder) {
+                Decision::MoveTo(1, why) => Some((t - probe, why)),
+                _ => None,
+            }
+        });
+        let (after, why) = down.expect("back down");
+        assert_eq!(why, SwitchReason::Backlog);
+        assert!(
+            after < SETTLE.as_secs_f64(),
+            "left {after} s after the probe"
+        );
+        // A move down still settles: a backlog right after it moves nothing, until SETTLE.
+        let at = |dt: f64| t0 + Duration::from_secs_f64(probe + after + dt);
+        assert_eq!(
+            abr.on_sample(at(0.25), &behind(2000), &ladder),
+            Decision::Stay
+        );
+        assert_eq!(
+            abr.on_sample(at(SETTLE.as_secs_f64()), &behind(2000), &ladder),
+            Decision::MoveTo(2, SwitchReason::Backlog)
+        );
     }
 
     #[test]
