@@ -223,7 +223,8 @@ pub fn ladder_config(video_kbps: u32) -> Result<String, BoxError> {
 }
 
 /// The renditions of the three-renditions run, as the viewers ask for them in turn (no
-/// parameter: automatic, which starts on the source and stays there on loopback).
+/// parameter: automatic, which starts on the source and stays there on loopback, and sends
+/// receipts).
 const LADDER_PATHS: [&str; 3] = ["", "?rendition=480p", "?rendition=240p"];
 const LADDER_HEIGHTS: [u64; 3] = [720, 480, 240];
 
@@ -284,13 +285,19 @@ impl Running {
                     Target::OnairLadderSource => &["?rendition=source"],
                     _ => &[""],
                 };
-                let paths = params.iter().map(|p| format!("/ws/{STREAM}{p}")).collect();
+                // Viewers on automatic in a stream with a ladder send receipts, as the player
+                // does; the one-rendition run stays like for like with node-media-server's.
+                let receipts = *target == Target::OnairLadder;
+                let paths = params
+                    .iter()
+                    .map(|p| (format!("/ws/{STREAM}{p}"), receipts && p.is_empty()))
+                    .collect();
                 (Proto::Onair, server.http.clone(), paths)
             }
             Running::Nms(n) => (
                 Proto::WsFlv,
                 n.http.clone(),
-                vec![format!("/live/{STREAM}.flv")],
+                vec![(format!("/live/{STREAM}.flv"), false)],
             ),
         };
         Shared {

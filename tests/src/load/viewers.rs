@@ -4,14 +4,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use fastwebsockets::{OpCode, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use http_body_util::Empty;
 use onair_protocol::flv::{VideoTag, parse_video};
-use onair_protocol::wire::{Message, StatusCode};
+use onair_protocol::wire::{Message, Receipt, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -33,8 +33,9 @@ pub enum Proto {
 pub struct Shared {
     pub proto: Proto,
     pub addr: String,
-    /// Request paths, taken in turn: viewer `i` asks for `paths[i % paths.len()]`.
-    pub paths: Vec<String>,
+    /// Request paths, taken in turn: viewer `i` asks for `paths[i % paths.len()]`, and sends
+    /// receipts (onair's player does, 4 a second, while on automatic) if its flag is set.
+    pub paths: Vec<(String, bool)>,
     /// Record latencies, bytes and losses only while set: the steady window.
     pub recording: AtomicBool,
     pub stop: CancellationToken,
@@ -134,14 +135,22 @@ pub async fn run(shared: Arc<Shared>, i: usize, capacity: usize) -> ViewerStats 
         e2e_us: Vec::with_capacity(capacity),
         ..Default::default()
     };
-    let path = &shared.paths[i % shared.paths.len()];
-    if let Err(e) = watch(&shared, path, &mut st).await {
+    let (path, receipts) = &shared.paths[i % shared.paths.len()];
+    if let Err(e) = watch(&shared, path, *receipts, &mut st).await {
         st.error = Some(e);
     }
     st
 }
 
-async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), String> {
+/// How often a viewer that sends receipts sends one (as onair's player does).
+const RECEIPT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+async fn watch(
+    shared: &Shared,
+    path: &str,
+    receipts: bool,
+    st: &mut ViewerStats,
+) -> Result<(), String> {
     let started = Instant::now();
     let tcp = TcpStream::connect(&shared.addr)
         .await
@@ -160,12 +169,39 @@ async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), 
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
+    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
         .await
         .map_err(|e| format!("upgrade: {e}"))?;
-    ws.set_auto_close(true);
-    ws.set_auto_pong(true);
+    let (mut ws, mut wr) = ws.split(tokio::io::split);
     ws.set_max_message_size(64 << 20);
+    // Bytes of every message as the server framed them: the count a receipt carries.
+    let received = Arc::new(AtomicU64::new(0));
+    if receipts {
+        let received = received.clone();
+        let stop = shared.stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RECEIPT_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let bytes = received.load(Ordering::Relaxed);
+                let Ok(msg) = Message::Receipt(Receipt { bytes }).to_vec() else {
+                    return;
+                };
+                if wr
+                    .write_frame(Frame::binary(Payload::Owned(msg)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    // The server never pings, and its close ends the run: nothing to answer.
+    let mut obligated = |_: Frame<'_>| async { Ok::<_, WebSocketError>(()) };
     let mut flv = flv::Reader::default();
     let stop = shared.stop.cancelled();
     tokio::pin!(stop);
@@ -173,13 +209,20 @@ async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), 
         let frame = tokio::select! {
             biased;
             _ = &mut stop => return Ok(()),
-            f = ws.read_frame() => f,
+            f = ws.read_frame(&mut obligated) => f,
         };
         let frame = match frame {
             Ok(f) => f,
             Err(WebSocketError::ConnectionClosed) => return Err("server closed".into()),
             Err(e) => return Err(format!("read: {e}")),
         };
+        let len = frame.payload.len();
+        let ext = match len {
+            0..=125 => 0,
+            126..=65535 => 2,
+            _ => 8,
+        };
+        received.fetch_add((2 + ext + len) as u64, Ordering::Relaxed);
         let recording = shared.recording.load(Ordering::Relaxed);
         match frame.opcode {
             OpCode::Binary if frame.fin => {}
