@@ -61,21 +61,9 @@ pub fn pins_rendition(url: &str) -> bool {
         .any(|v| !v.is_empty() && v != b"auto")
 }
 
-/// The bytes a server's message of `len` took on the wire: an unmasked WebSocket frame (the
-/// server never fragments: docs/protocol.md), a 2-byte header and a 2- or 8-byte length beyond
-/// 125 and 65535 bytes.
-pub fn ws_framed_len(len: usize) -> u64 {
-    let ext = match len {
-        0..=125 => 0,
-        126..=65535 => 2,
-        _ => 8,
-    };
-    (2 + ext + len) as u64
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{hls_url_for, pins_rendition, ws_framed_len};
+    use super::{hls_url_for, pins_rendition};
 
     #[test]
     fn a_rendition_parameter_other_than_auto_pins() {
@@ -85,15 +73,6 @@ mod tests {
         assert!(pins_rendition("ws://h/ws/cam?rendition=480p"));
         assert!(pins_rendition("ws://h/ws/cam?token=1&rendition=source"));
         assert!(!pins_rendition("ws://h/ws/cam?xrendition=480p"));
-    }
-
-    #[test]
-    fn a_message_takes_its_frame_header_on_the_wire() {
-        assert_eq!(ws_framed_len(0), 2);
-        assert_eq!(ws_framed_len(125), 127);
-        assert_eq!(ws_framed_len(126), 130);
-        assert_eq!(ws_framed_len(65535), 65539);
-        assert_eq!(ws_framed_len(65536), 65546);
     }
 
     #[test]

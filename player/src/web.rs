@@ -8,11 +8,11 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
-use crate::{pins_rendition, ws_framed_len};
+use crate::pins_rendition;
 use js_sys::{Function, Object, Reflect, Uint8Array};
 use onair_protocol::wire::{
     MEDIA_HEADER_LEN, MediaHeader, Message, Receipt, StatusCode, TimeSyncRequest, TrackKind,
-    ViewerStats, kind,
+    ViewerStats, framed_len, kind,
 };
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -638,7 +638,7 @@ impl Inner {
         };
         let bytes = Uint8Array::new(&buf);
         let len = bytes.length() as usize;
-        self.ws_bytes += ws_framed_len(len);
+        self.ws_bytes += framed_len(len);
         let result = if len >= MEDIA_HEADER_LEN && bytes.get_index(0) == kind::MEDIA {
             // Media: only the header is copied out; the payload goes from the browser's buffer
             // straight into its place in the fragment.

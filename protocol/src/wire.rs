@@ -276,6 +276,18 @@ pub struct Receipt {
     pub bytes: u64,
 }
 
+/// The bytes a server's message of `len` bytes takes on the wire: one unfragmented, unmasked
+/// binary WebSocket frame, a 2-byte header plus a 2-byte length beyond 125 bytes or an 8-byte
+/// one beyond 65535 (docs/protocol.md, receipt). What a [`Receipt`] counts.
+pub fn framed_len(len: usize) -> u64 {
+    let ext = match len {
+        0..=125 => 0,
+        126..=65535 => 2,
+        _ => 8,
+    };
+    (2 + ext + len) as u64
+}
+
 /// `SwitchRendition`'s rendition for "let the server choose".
 pub const RENDITION_AUTO: u8 = 0xff;
 
@@ -741,6 +753,15 @@ mod tests {
             Message::Control(Control::SwitchRendition(0xff)),
             Message::Control(Control::SetTargetLatency { ms: 150 }),
         ]
+    }
+
+    #[test]
+    fn a_message_takes_its_frame_header_on_the_wire() {
+        assert_eq!(framed_len(0), 2);
+        assert_eq!(framed_len(125), 127);
+        assert_eq!(framed_len(126), 130);
+        assert_eq!(framed_len(65535), 65539);
+        assert_eq!(framed_len(65536), 65546);
     }
 
     #[test]

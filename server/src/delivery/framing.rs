@@ -105,6 +105,8 @@ mod tests {
             let f = media(&h, &payload);
             let body = unframe(&f);
             assert_eq!(body.len(), MEDIA_HEADER_LEN + len);
+            // What a player's receipt counts for this message.
+            assert_eq!(f.len() as u64, onair_protocol::wire::framed_len(body.len()));
             match Message::decode(body).unwrap() {
                 Message::Media { header, payload: p } => {
                     assert_eq!(header, h);

@@ -194,6 +194,12 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// `f(a) / f(b)` for each run, then the median over runs: runs are noisy, pairs from the same
+/// run less so.
+fn paired_ratio(a: &[Report], b: &[Report], f: fn(&Report) -> f64) -> f64 {
+    median(a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect()).unwrap_or(f64::NAN)
+}
+
 fn targets(onair: &[Report], ladder: Option<&[Report]>, peer: Option<&[Report]>) -> String {
     let m = |f: fn(&Report) -> f64, rs: &[Report]| {
         median(rs.iter().map(f).collect()).unwrap_or(f64::NAN)
@@ -234,10 +240,7 @@ fn targets(onair: &[Report], ladder: Option<&[Report]>, peer: Option<&[Report]>)
         format!("burst viewers starting on a keyframe {:.1} %", key * 100.0),
     );
     if let Some(peer) = peer {
-        // Ratios from the same run, then the median over runs: runs are noisy, pairs less so.
-        let ratio = |f: fn(&Report) -> f64| {
-            median(onair.iter().zip(peer).map(|(a, b)| f(a) / f(b)).collect()).unwrap_or(f64::NAN)
-        };
+        let ratio = |f| paired_ratio(onair, peer, f);
         let cpu = ratio(Report::cpu_s_per_gb);
         check(
             &mut lines,
@@ -254,9 +257,7 @@ fn targets(onair: &[Report], ladder: Option<&[Report]>, peer: Option<&[Report]>)
         ));
     }
     if let Some(ladder) = ladder {
-        let ratio = |f: fn(&Report) -> f64| {
-            median(ladder.iter().zip(onair).map(|(a, b)| f(a) / f(b)).collect()).unwrap_or(f64::NAN)
-        };
+        let ratio = |f| paired_ratio(ladder, onair, f);
         let cpu = ratio(Report::cpu_s_per_gb);
         check(
             &mut lines,

@@ -110,13 +110,10 @@ pub async fn wait_for_heights(
             crate::http_get(&server.http, &format!("/api/streams/{stream}")).await?;
         let mut got: Vec<u64> = Vec::new();
         if status == 200 {
-            let v: Value = serde_json::from_str(&body)?;
-            got = v["renditions"]
-                .as_array()
+            got = super::renditions_of(&serde_json::from_str(&body)?)
                 .into_iter()
-                .flatten()
-                .filter(|r| r["codec"].as_str().is_some_and(|c| !c.is_empty()))
-                .filter_map(|r| r["height"].as_u64())
+                .filter(|r| !r.codec.is_empty())
+                .map(|r| r.height)
                 .collect();
             got.sort_unstable_by(|a, b| b.cmp(a));
             if got == heights {

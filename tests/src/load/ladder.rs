@@ -37,8 +37,8 @@ pub struct LadderCost {
     pub ladder: String,
     /// The ladder's ffmpeg, % of one core over the window.
     pub cpu_pct: f64,
-    /// Each rung as the API measured it at the window's end: (name, kbit/s).
-    pub rungs: Vec<(String, f64)>,
+    /// Each rung as the API measured it at the window's end.
+    pub rungs: Vec<super::RenditionLoad>,
     /// ffmpeg's own `speed=` at the window's end.
     pub speed: Option<f64>,
 }
@@ -77,17 +77,9 @@ pub async fn run(
         tokio::time::sleep(window).await;
         let cpu_pct = 100.0 * (cpu() - cpu0) / t0.elapsed().as_secs_f64();
         let detail: Value = server.api(&format!("/api/streams/{STREAM}")).await;
-        let rungs = detail["renditions"]
-            .as_array()
+        let rungs = super::renditions_of(&detail)
             .into_iter()
-            .flatten()
-            .filter(|r| r["name"] != "source")
-            .map(|r| {
-                (
-                    r["name"].as_str().unwrap_or_default().to_string(),
-                    r["bitrate_kbps"].as_f64().unwrap_or(0.0),
-                )
-            })
+            .filter(|r| r.name != "source")
             .collect();
         out.push(LadderCost {
             ladder: ladder.to_string(),
@@ -109,7 +101,11 @@ pub fn table(costs: &[LadderCost], window: Duration) -> String {
         window.as_secs()
     );
     for c in costs {
-        let rungs: Vec<String> = c.rungs.iter().map(|(n, k)| format!("{n} {k:.0}")).collect();
+        let rungs: Vec<String> = c
+            .rungs
+            .iter()
+            .map(|r| format!("{} {}", r.name, r.bitrate_kbps))
+            .collect();
         out += &format!(
             "| `{}` | {:.1} | {} | {} |\n",
             c.ladder,

@@ -147,13 +147,32 @@ pub struct Report {
     pub renditions: Vec<RenditionLoad>,
 }
 
-/// One rendition of the stream under load, from `GET /api/streams/NAME`.
+/// One rendition of a stream, from `GET /api/streams/NAME`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RenditionLoad {
     pub name: String,
+    /// Empty until the rendition has its init.
+    pub codec: String,
     pub height: u64,
+    /// Measured over the last stats period.
     pub bitrate_kbps: u64,
     pub viewers: u64,
+}
+
+/// The renditions in a `GET /api/streams/NAME` answer.
+pub fn renditions_of(detail: &serde_json::Value) -> Vec<RenditionLoad> {
+    detail["renditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| RenditionLoad {
+            name: r["name"].as_str().unwrap_or_default().to_string(),
+            codec: r["codec"].as_str().unwrap_or_default().to_string(),
+            height: r["height"].as_u64().unwrap_or(0),
+            bitrate_kbps: r["bitrate_kbps"].as_f64().unwrap_or(0.0).round() as u64,
+            viewers: r["viewers"].as_u64().unwrap_or(0),
+        })
+        .collect()
 }
 
 /// The dashboard feed at full load: what one operator's browser gets.
@@ -197,10 +216,15 @@ impl Report {
 /// node-media-server deliver the same single rendition, and no ffmpeg child takes CPU from
 /// the servers being compared (the ladder's cost is measured on its own).
 pub fn fan_out_config() -> Result<String, BoxError> {
+    write_config("fan-out.toml", "[streams.\"*\"]\nladder = []\n")
+}
+
+/// Writes an onair config file into this process's temporary folder; returns its path.
+fn write_config(name: &str, text: &str) -> Result<String, BoxError> {
     let dir = std::env::temp_dir().join(format!("onair-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("fan-out.toml");
-    std::fs::write(&path, "[streams.\"*\"]\nladder = []\n")?;
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
     Ok(path.to_string_lossy().into_owned())
 }
 
@@ -209,17 +233,13 @@ pub fn fan_out_config() -> Result<String, BoxError> {
 /// measures what a second and third rendition cost the fan-out, not what smaller frames cost
 /// per byte (much of a write's cost is per call; see docs/benchmarks.md).
 pub fn ladder_config(video_kbps: u32) -> Result<String, BoxError> {
-    let dir = std::env::temp_dir().join(format!("onair-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("ladder.toml");
-    std::fs::write(
-        &path,
-        format!(
+    write_config(
+        "ladder.toml",
+        &format!(
             "[streams.\"*\"]\nladder = [{{ name = \"480p\", height = 480, video_kbps = {video_kbps} }}, \
              {{ name = \"240p\", height = 240, video_kbps = {video_kbps} }}]\n"
         ),
-    )?;
-    Ok(path.to_string_lossy().into_owned())
+    )
 }
 
 /// The renditions of the three-renditions run, as the viewers ask for them in turn (no
@@ -521,18 +541,7 @@ async fn renditions_under_load(server: &Server) -> Result<Vec<RenditionLoad>, Bo
     if status != 200 {
         return Err(format!("GET /api/streams/{STREAM}: {status} {body}").into());
     }
-    let v: serde_json::Value = serde_json::from_str(&body)?;
-    Ok(v["renditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| RenditionLoad {
-            name: r["name"].as_str().unwrap_or_default().to_string(),
-            height: r["height"].as_u64().unwrap_or(0),
-            bitrate_kbps: r["bitrate_kbps"].as_f64().unwrap_or(0.0).round() as u64,
-            viewers: r["viewers"].as_u64().unwrap_or(0),
-        })
-        .collect())
+    Ok(renditions_of(&serde_json::from_str(&body)?))
 }
 
 struct Summary {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use http_body_util::Empty;
 use onair_protocol::flv::{VideoTag, parse_video};
-use onair_protocol::wire::{Message, Receipt, StatusCode};
+use onair_protocol::wire::{Message, Receipt, StatusCode, framed_len};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -216,13 +216,7 @@ async fn watch(
             Err(WebSocketError::ConnectionClosed) => return Err("server closed".into()),
             Err(e) => return Err(format!("read: {e}")),
         };
-        let len = frame.payload.len();
-        let ext = match len {
-            0..=125 => 0,
-            126..=65535 => 2,
-            _ => 8,
-        };
-        received.fetch_add((2 + ext + len) as u64, Ordering::Relaxed);
+        received.fetch_add(framed_len(frame.payload.len()), Ordering::Relaxed);
         let recording = shared.recording.load(Ordering::Relaxed);
         match frame.opcode {
             OpCode::Binary if frame.fin => {}
