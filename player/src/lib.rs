@@ -49,31 +49,9 @@ pub fn hls_url_for(ws_url: &str) -> String {
     out
 }
 
-/// Whether a player URL pins a rendition: a `rendition=` parameter other than `auto`.
-pub fn pins_rendition(url: &str) -> bool {
-    let b = url.as_bytes();
-    let Some(q) = b.iter().position(|&c| c == b'?') else {
-        return false;
-    };
-    b[q + 1..]
-        .split(|&c| c == b'&')
-        .filter_map(|kv| kv.strip_prefix(b"rendition="))
-        .any(|v| !v.is_empty() && v != b"auto")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{hls_url_for, pins_rendition};
-
-    #[test]
-    fn a_rendition_parameter_other_than_auto_pins() {
-        assert!(!pins_rendition("ws://h/ws/cam"));
-        assert!(!pins_rendition("ws://h/ws/cam?rendition=auto"));
-        assert!(!pins_rendition("ws://h/ws/cam?token=1&rendition="));
-        assert!(pins_rendition("ws://h/ws/cam?rendition=480p"));
-        assert!(pins_rendition("ws://h/ws/cam?token=1&rendition=source"));
-        assert!(!pins_rendition("ws://h/ws/cam?xrendition=480p"));
-    }
+    use super::hls_url_for;
 
     #[test]
     fn hls_url_sits_next_to_the_websocket() {

@@ -63,6 +63,8 @@ pub enum Event {
     TimeSync(TimeSyncResponse),
     /// The stream plays in sync: hold exactly this latency (ms).
     Sync(u32),
+    /// The server asks for a receipt every this many ms (0: no more).
+    Receipts(u16),
     /// What the server measured about this viewer.
     ServerStats(wire::ServerStats),
     /// A message the player does not act on.
@@ -187,6 +189,7 @@ impl Session {
             }
             Message::TimeSyncResponse(r) => Event::TimeSync(r),
             Message::Control(wire::Control::SetTargetLatency { ms }) => Event::Sync(ms),
+            Message::Control(wire::Control::Receipts { every_ms }) => Event::Receipts(every_ms),
             Message::ServerStats(s) => Event::ServerStats(s),
             _ => Event::Ignored,
         })

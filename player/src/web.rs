@@ -8,7 +8,6 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
-use crate::pins_rendition;
 use js_sys::{Function, Object, Reflect, Uint8Array};
 use onair_protocol::wire::{
     MEDIA_HEADER_LEN, MediaHeader, Message, Receipt, StatusCode, TimeSyncRequest, TrackKind,
@@ -42,7 +41,6 @@ pub const DEFAULT_LATENCY_MS: f64 = 200.0;
 const TICK_MS: i32 = 100;
 /// How often the player tells the server what it has received (docs/protocol.md, receipt):
 /// the server's automatic rendition choice reads the network's queue from it.
-const RECEIPT_EVERY_MS: f64 = 250.0;
 /// Time sync samples on connect, then one every `SYNC_EVERY_MS`.
 const SYNC_SAMPLES: u32 = 5;
 const SYNC_EVERY_MS: f64 = 10_000.0;
@@ -214,8 +212,8 @@ struct Inner {
     /// last receipt went.
     ws_bytes: u64,
     last_receipt_ms: f64,
-    /// On automatic renditions (the default): only then does the server use receipts.
-    auto: std::cell::Cell<bool>,
+    /// How often the server asked for receipts; 0 until it asks (docs/protocol.md).
+    receipt_every_ms: f64,
     listeners: Vec<(String, Function)>,
     outbox: Vec<Out>,
     destroyed: bool,
@@ -300,7 +298,6 @@ impl Player {
             _ => url,
         };
         let managed = !has_global("MediaSource") && has_global("ManagedMediaSource");
-        let auto = !pins_rendition(&url);
         let inner = Rc::new(RefCell::new(Inner {
             video,
             url,
@@ -341,7 +338,7 @@ impl Player {
             sync_sent: 0,
             ws_bytes: 0,
             last_receipt_ms: 0.0,
-            auto: std::cell::Cell::new(auto),
+            receipt_every_ms: 0.0,
             listeners: Vec::new(),
             outbox: Vec::new(),
             destroyed: false,
@@ -443,7 +440,6 @@ impl Player {
     #[wasm_bindgen(js_name = setRendition)]
     pub fn set_rendition(&self, id: u8) {
         self.read(|i| {
-            i.auto.set(id == onair_protocol::wire::RENDITION_AUTO);
             i.send(&Message::Control(
                 onair_protocol::wire::Control::SwitchRendition(id),
             ))
@@ -533,8 +529,8 @@ impl Inner {
         let ws = WebSocket::new(&self.url)?;
         ws.set_binary_type(BinaryType::Arraybuffer);
         self.ws_bytes = 0;
-        // A new connection starts as its URL says (a setRendition was the old one's).
-        self.auto.set(!pins_rendition(&self.url));
+        // A new connection sends receipts only once its server asks for them.
+        self.receipt_every_ms = 0.0;
         let weak = Rc::downgrade(rc);
         let on_message = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
             with(&weak, |i, rc| {
@@ -731,6 +727,7 @@ impl Inner {
                 }
             }
             SessionEvent::Sync(ms) => self.ctl.sync_to(f64::from(ms)),
+            SessionEvent::Receipts(every_ms) => self.receipt_every_ms = f64::from(every_ms),
             SessionEvent::ServerStats(s) => self.server_stats = Some(s),
             SessionEvent::Ignored => {}
         }
@@ -1015,7 +1012,7 @@ impl Inner {
     /// The control loop: latency, gaps, trimming, stats.
     fn tick(&mut self) {
         let now_ms = now_us() as f64 / 1000.0;
-        if self.auto.get() && now_ms - self.last_receipt_ms >= RECEIPT_EVERY_MS {
+        if self.receipt_every_ms > 0.0 && now_ms - self.last_receipt_ms >= self.receipt_every_ms {
             self.last_receipt_ms = now_ms;
             self.send(&Message::Receipt(Receipt {
                 bytes: self.ws_bytes,

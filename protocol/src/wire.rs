@@ -11,7 +11,7 @@
 use thiserror::Error;
 
 /// Protocol version carried in [`Hello`]. Bump it on any incompatible layout change.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Size of the fixed media header that precedes every media payload.
 pub const MEDIA_HEADER_LEN: usize = 16;
@@ -297,6 +297,8 @@ pub enum Control {
     SwitchRendition(u8),
     /// Ask the player (server → viewer) or server (viewer → server) for a target latency.
     SetTargetLatency { ms: u32 },
+    /// Server → viewer: send a [`Receipt`] every this many milliseconds; 0 stops them.
+    Receipts { every_ms: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -450,6 +452,7 @@ impl<'a> Message<'a> {
             kind::CONTROL => Message::Control(match r.u8()? {
                 1 => Control::SwitchRendition(r.u8()?),
                 2 => Control::SetTargetLatency { ms: r.u32()? },
+                3 => Control::Receipts { every_ms: r.u16()? },
                 v => {
                     return Err(WireError::InvalidField {
                         field: "control op",
@@ -579,6 +582,10 @@ impl<'a> Message<'a> {
                     Control::SetTargetLatency { ms } => {
                         out.push(2);
                         out.extend_from_slice(&ms.to_be_bytes());
+                    }
+                    Control::Receipts { every_ms } => {
+                        out.push(3);
+                        out.extend_from_slice(&every_ms.to_be_bytes());
                     }
                 }
             }
@@ -752,6 +759,7 @@ mod tests {
             Message::Receipt(Receipt { bytes: 1 << 50 }),
             Message::Control(Control::SwitchRendition(0xff)),
             Message::Control(Control::SetTargetLatency { ms: 150 }),
+            Message::Control(Control::Receipts { every_ms: 250 }),
         ]
     }
 

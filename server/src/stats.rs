@@ -174,6 +174,10 @@ pub struct ViewerRow {
     pub bytes_sent: u64,
     pub backlog_bytes: u64,
     pub keyframe_skips: u64,
+    /// What the kernel and the network held for it at its last receipt (bytes sent less bytes
+    /// received); None when it sent none in the last [`REPORT_FRESH`] (it sends them only while
+    /// the server asks: on automatic, with renditions to choose from).
+    pub in_flight_bytes: Option<u64>,
     /// Times it was moved between renditions, and why the last time.
     pub switches: u64,
     pub last_switch: Option<SwitchReason>,
@@ -385,6 +389,10 @@ impl Stats {
                 bytes_sent: sent,
                 backlog_bytes: by_name.get(v.stream.as_str()).map_or(0, |s| backlog(s, v)),
                 keyframe_skips: skips,
+                in_flight_bytes: v
+                    .receipt()
+                    .filter(|r| r.at.elapsed() < REPORT_FRESH)
+                    .map(|r| r.sent.saturating_sub(r.received)),
                 report: report.map(|(r, at)| ReportRow::of(&r, at)),
             });
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::StreamExt;
 use onair_protocol::codec::aac::AudioSpecificConfig;
 use onair_protocol::codec::avc::{self, AvcInfo};
-use onair_protocol::wire::{Message, StatusCode, TrackParams};
+use onair_protocol::wire::{Control, Message, StatusCode, TrackParams};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
@@ -700,6 +700,8 @@ pub struct Recording {
     /// Whether the first media after the latest init was a keyframe, and of the video track
     /// when there is one (every AAC frame is flagged as a keyframe, so audio proves nothing).
     pub first_media_was_keyframe: Option<bool>,
+    /// Every receipt interval the server asked for (control op 3), in order.
+    pub receipts_asked: Vec<u16>,
 }
 
 impl Recording {
@@ -714,6 +716,10 @@ impl Recording {
             Message::Status(s) => {
                 assert!(self.hello, "status before hello");
                 self.statuses.push(s.code);
+            }
+            Message::Control(Control::Receipts { every_ms }) => {
+                assert!(self.hello, "control before hello");
+                self.receipts_asked.push(every_ms);
             }
             Message::Init(init) => {
                 assert!(self.hello, "init before hello");

@@ -224,6 +224,8 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(page["switches"].as_u64() >= Some(2), "{page}");
+    // On automatic with renditions to choose from, it was asked for receipts and sends them.
+    assert!(page["in_flight_bytes"].is_u64(), "{page}");
     assert_eq!(
         page["last_switch"], "probe",
         "it came back up by probing: {page}"

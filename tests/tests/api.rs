@@ -335,6 +335,12 @@ async fn malformed_viewer_messages_close_with_a_reason_and_spare_everyone_else()
             "may not send media",
         ),
         (
+            "a server's control op from a viewer",
+            vec![encode(Message::Control(Control::Receipts { every_ms: 250 }))],
+            1002,
+            "may not send control op 3",
+        ),
+        (
             "a rendition that does not exist",
             vec![encode(Message::Control(Control::SwitchRendition(3)))],
             1008,
@@ -351,7 +357,7 @@ async fn malformed_viewer_messages_close_with_a_reason_and_spare_everyone_else()
     ];
     let protocol_errors = cases.iter().filter(|c| c.2 == 1002).count();
     let refused = cases.iter().filter(|c| c.2 == 1008).count();
-    assert_eq!((protocol_errors, refused), (3, 4));
+    assert_eq!((protocol_errors, refused), (4, 4));
     for (what, messages, code, reason) in cases {
         let (mut bad, _) = viewer(&server, "cam").await;
         for m in messages {

@@ -176,6 +176,8 @@ async fn a_ladder_makes_aligned_renditions_that_viewers_pin_and_switch_between()
         rec.push(&viewer.recv(T).await);
     }
     assert_eq!(rec.video.as_ref().map(|v| v.height), Some(720));
+    // On automatic (the default) with three renditions: asked for receipts 4 times a second.
+    assert_eq!(rec.receipts_asked, [250], "receipts asked for");
     viewer
         .send(&Message::Control(Control::SwitchRendition(low)))
         .await;
@@ -197,6 +199,12 @@ async fn a_ladder_makes_aligned_renditions_that_viewers_pin_and_switch_between()
         rec.push(&viewer.recv(T).await);
     }
     assert_eq!(rec.video.as_ref().map(|v| v.height), Some(240));
+    // Pinned now: asked to stop them.
+    assert_eq!(
+        rec.receipts_asked,
+        [250, 0],
+        "receipts asked for, then stopped"
+    );
     assert!(
         rec.video_frames[switched_at].2,
         "the first frame after the switch is a keyframe"

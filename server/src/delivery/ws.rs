@@ -454,10 +454,17 @@ async fn write_frames(
     cfg: &crate::config::Config,
     shutdown: &CancellationToken,
 ) -> End {
-    let mut tick = tokio::time::interval(abr::SAMPLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = abr::sample_ticks();
+    // Whether this viewer was last asked to send receipts.
+    let mut receipts = false;
     loop {
         follow.reconcile(stream);
+        let wanted = auto.as_ref().is_some_and(|a| a.active(stream));
+        if wanted != receipts {
+            receipts = wanted;
+            let every_ms = if wanted { abr::RECEIPT_EVERY_MS } else { 0 };
+            batch.extend(frame::message(&Message::Control(Control::Receipts { every_ms })).ok());
+        }
         let rendition = follow.rendition().clone();
         let target = follow.target().cloned();
         let notified = rendition.notified();
@@ -789,6 +796,9 @@ impl Client {
                 tracing::debug!(ms, "viewer set its target latency");
                 Ok(None)
             }
+            Message::Control(Control::Receipts { .. }) => Err(End::Protocol(
+                "a viewer may not send control op 3 (receipts)".into(),
+            )),
             other => Err(End::Protocol(format!(
                 "a viewer may not send {}",
                 other.kind_name()

@@ -305,19 +305,13 @@ impl Running {
                     Target::OnairLadderSource => &["?rendition=source"],
                     _ => &[""],
                 };
-                // Viewers on automatic in a stream with a ladder send receipts, as the player
-                // does; the one-rendition run stays like for like with node-media-server's.
-                let receipts = *target == Target::OnairLadder;
-                let paths = params
-                    .iter()
-                    .map(|p| (format!("/ws/{STREAM}{p}"), receipts && p.is_empty()))
-                    .collect();
+                let paths = params.iter().map(|p| format!("/ws/{STREAM}{p}")).collect();
                 (Proto::Onair, server.http.clone(), paths)
             }
             Running::Nms(n) => (
                 Proto::WsFlv,
                 n.http.clone(),
-                vec![(format!("/live/{STREAM}.flv"), false)],
+                vec![format!("/live/{STREAM}.flv")],
             ),
         };
         Shared {

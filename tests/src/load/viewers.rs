@@ -11,7 +11,7 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use http_body_util::Empty;
 use onair_protocol::flv::{VideoTag, parse_video};
-use onair_protocol::wire::{Message, Receipt, StatusCode, framed_len};
+use onair_protocol::wire::{Control, Message, Receipt, StatusCode, framed_len};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -33,9 +33,9 @@ pub enum Proto {
 pub struct Shared {
     pub proto: Proto,
     pub addr: String,
-    /// Request paths, taken in turn: viewer `i` asks for `paths[i % paths.len()]`, and sends
-    /// receipts (onair's player does, 4 a second, while on automatic) if its flag is set.
-    pub paths: Vec<(String, bool)>,
+    /// Request paths, taken in turn: viewer `i` asks for `paths[i % paths.len()]`. An onair
+    /// viewer sends receipts when the server asks for them, as onair's player does.
+    pub paths: Vec<String>,
     /// Record latencies, bytes and losses only while set: the steady window.
     pub recording: AtomicBool,
     pub stop: CancellationToken,
@@ -135,22 +135,14 @@ pub async fn run(shared: Arc<Shared>, i: usize, capacity: usize) -> ViewerStats 
         e2e_us: Vec::with_capacity(capacity),
         ..Default::default()
     };
-    let (path, receipts) = &shared.paths[i % shared.paths.len()];
-    if let Err(e) = watch(&shared, path, *receipts, &mut st).await {
+    let path = &shared.paths[i % shared.paths.len()];
+    if let Err(e) = watch(&shared, path, &mut st).await {
         st.error = Some(e);
     }
     st
 }
 
-/// How often a viewer that sends receipts sends one (as onair's player does).
-const RECEIPT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-async fn watch(
-    shared: &Shared,
-    path: &str,
-    receipts: bool,
-    st: &mut ViewerStats,
-) -> Result<(), String> {
+async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), String> {
     let started = Instant::now();
     let tcp = TcpStream::connect(&shared.addr)
         .await
@@ -176,15 +168,36 @@ async fn watch(
     ws.set_max_message_size(64 << 20);
     // Bytes of every message as the server framed them: the count a receipt carries.
     let received = Arc::new(AtomicU64::new(0));
-    if receipts {
+    // How often the server asked for receipts (0: not now).
+    let (receipts, mut asked) = tokio::sync::watch::channel(0u16);
+    if shared.proto == Proto::Onair {
         let received = received.clone();
         let stop = shared.stop.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECEIPT_EVERY);
+            let mut tick: Option<tokio::time::Interval> = None;
             loop {
+                let next = async {
+                    match tick.as_mut() {
+                        Some(t) => {
+                            t.tick().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
+                    changed = asked.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let every_ms = *asked.borrow_and_update();
+                        tick = (every_ms > 0).then(|| {
+                            let every = std::time::Duration::from_millis(every_ms.into());
+                            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+                        });
+                        continue;
+                    }
+                    _ = next => {}
                 }
                 let bytes = received.load(Ordering::Relaxed);
                 let Ok(msg) = Message::Receipt(Receipt { bytes }).to_vec() else {
@@ -238,6 +251,9 @@ async fn watch(
                     }
                 }
                 Ok(Message::Status(s)) if s.code == StatusCode::Skipped => st.skips += 1,
+                Ok(Message::Control(Control::Receipts { every_ms })) => {
+                    receipts.send_replace(every_ms);
+                }
                 Ok(_) => {}
                 Err(e) => return Err(format!("undecodable message: {e}")),
             },
