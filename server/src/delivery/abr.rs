@@ -33,21 +33,6 @@ use crate::hub::{Follow, Rendition, Stream, SwitchReason, ViewerState};
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// How often a viewer on automatic is asked to send receipts (docs/protocol.md): once a sample.
 pub const RECEIPT_EVERY_MS: u16 = SAMPLE_EVERY.as_millis() as u16;
-
-/// A viewer's sample clock. Every viewer's ticks fall on the same grid of [`SAMPLE_EVERY`]
-/// since the first one, so the timer wakes all of a server's viewers on automatic in one go
-/// rather than each at its own moment; a late tick is skipped, not shifted off the grid.
-pub fn sample_ticks() -> tokio::time::Interval {
-    static GRID: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    let now = tokio::time::Instant::now();
-    let origin = *GRID.get_or_init(|| now);
-    let period = SAMPLE_EVERY.as_nanos();
-    let since = now.duration_since(origin).as_nanos();
-    let next = origin + Duration::from_nanos((since.div_ceil(period) * period) as u64);
-    let mut tick = tokio::time::interval_at(next, SAMPLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    tick
-}
 /// Backlog age above which the viewer is moved down at once.
 pub const BEHIND_DOWN: Duration = Duration::from_millis(600);
 /// Backlog age under which a viewer counts as keeping up. Above it for [`BEHIND_FOR`] in a

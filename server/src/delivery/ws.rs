@@ -454,7 +454,8 @@ async fn write_frames(
     cfg: &crate::config::Config,
     shutdown: &CancellationToken,
 ) -> End {
-    let mut tick = abr::sample_ticks();
+    let mut tick = tokio::time::interval(abr::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Whether this viewer was last asked to send receipts.
     let mut receipts = false;
     loop {
