@@ -21,8 +21,9 @@ pub mod session;
 #[cfg(target_arch = "wasm32")]
 mod web;
 
-/// `ws://h/ws/NAME?x` → `http://h/hls/NAME/index.m3u8`. (Byte-level on purpose: `str`
-/// pattern searching adds kilobytes to the bundle.)
+/// `ws://h/ws/NAME?x` → `http://h/hls/NAME/index.m3u8`, keeping a `token=` parameter (a play
+/// token goes to HLS too). (Byte-level on purpose: `str` pattern searching adds kilobytes to
+/// the bundle.)
 pub fn hls_url_for(ws_url: &str) -> String {
     let b = ws_url.as_bytes();
     let end = b.iter().position(|&c| c == b'?').unwrap_or(b.len());
@@ -46,6 +47,14 @@ pub fn hls_url_for(ws_url: &str) -> String {
         }
         None => out.push_str(ws_url.get(rest..end).unwrap_or_default()),
     }
+    let query = ws_url.get(end + 1..).unwrap_or_default();
+    if let Some(token) = query
+        .split('&')
+        .find(|kv| kv.as_bytes().starts_with(b"token="))
+    {
+        out.push('?');
+        out.push_str(token);
+    }
     out
 }
 
@@ -61,7 +70,15 @@ mod tests {
         );
         assert_eq!(
             hls_url_for("wss://h/base/ws/a.b?token=1"),
-            "https://h/base/hls/a.b/index.m3u8"
+            "https://h/base/hls/a.b/index.m3u8?token=1"
+        );
+        assert_eq!(
+            hls_url_for("ws://h/ws/a?rendition=480p&token=x%2By"),
+            "http://h/hls/a/index.m3u8?token=x%2By"
+        );
+        assert_eq!(
+            hls_url_for("ws://h/ws/a?rendition=480p"),
+            "http://h/hls/a/index.m3u8"
         );
         assert_eq!(hls_url_for("ws://h/other"), "http://h/other");
     }

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+/// The keys that hold secrets.
+const SECRETS: [&str; 3] = ["admin_token", "jwt_secret", "read_token"];
 use serde::Deserialize;
 
 /// Every key, as given on the command line, in the environment or in the file. `None` means
@@ -92,6 +95,29 @@ pub struct Settings {
     )]
     pub admin_token: Option<String>,
 
+    /// Secret that signs publish and play tokens (HS256 JWTs with `sub` = stream or `*`,
+    /// `act` = `publish` or `play`, and `exp`), sent as `?token=` (RTMP: `STREAM?token=...`
+    /// as the stream key). Set, every publish needs a token or the stream's `publish_key`.
+    /// [default: unset]
+    #[arg(
+        long,
+        env = "ONAIR_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// Token for reading: `GET /api/*`, `/api/events`, `/dashboard` and `/metrics`, sent as
+    /// `Authorization: Bearer TOKEN` (or `?token=`, which the dashboard page keeps for its
+    /// feed). Unset, they are open. [default: unset]
+    #[arg(
+        long,
+        env = "ONAIR_READ_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub read_token: Option<String>,
+
     /// LL-HLS part target, ms: how often a new part is ready (and the latency floor of HLS
     /// players, which hold back three parts). [default: 200]
     #[arg(long, env = "ONAIR_HLS_PART_MS", value_name = "MS")]
@@ -159,6 +185,9 @@ pub struct ListenSource {
     pub name: String,
     pub addr: SocketAddr,
     pub fps: Option<f64>,
+    /// Addresses or networks (`10.0.0.0/8`) that may connect; others are refused at once.
+    /// [default: any]
+    pub allow: Option<Vec<String>>,
 }
 
 /// `[streams.NAME]` in the TOML file.
@@ -175,6 +204,21 @@ pub struct StreamSettings {
     /// `"720p"`, `"480p"`, `"360p"`, `"240p"`) or tables `{ name, height, video_kbps, fps }`.
     /// `[]` turns it off. [default: the presets below the source's height, at most two]
     pub ladder: Option<Vec<LadderEntry>>,
+    /// The key a publisher must give as `?token=` (RTMP: `STREAM?token=KEY` as the stream
+    /// key). Unset here, the `"*"` table's applies. [default: unset: open, unless
+    /// `jwt_secret` is set]
+    pub publish_key: Option<String>,
+    /// `"token"`: viewers need a play token (`act` = `play`) on `/ws/STREAM`, HLS and the
+    /// watch page. Unset here, the `"*"` table's applies. [default: `"open"`]
+    pub play: Option<PlayPolicy>,
+}
+
+/// Who may play a stream.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PlayPolicy {
+    Open,
+    Token,
 }
 
 /// One entry of a `ladder`.
@@ -311,6 +355,13 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub web_dir: PathBuf,
     pub admin_token: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub read_token: Option<String>,
+    /// Who may publish, play and read, resolved from the keys above and the stream tables.
+    pub auth: crate::auth::Auth,
+    /// Secrets given as command-line arguments, which anyone on the machine can read in `ps`:
+    /// the server says so at start-up.
+    pub secrets_on_command_line: Vec<&'static str>,
     pub hls_part_ms: u32,
     pub hls_segment_ms: u32,
     pub hls_segments: u32,
@@ -345,12 +396,18 @@ impl Config {
     /// exits; everything else is a [`ConfigError`].
     pub fn load() -> Result<Config, ConfigError> {
         check_env(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
-        let cli = Settings::parse();
+        let matches = Settings::command().get_matches();
+        let cli = Settings::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let file = match &cli.config {
             Some(path) => read_file(path)?,
             None => Settings::default(),
         };
-        Config::resolve(cli, file)
+        let mut cfg = Config::resolve(cli, file)?;
+        cfg.secrets_on_command_line = SECRETS
+            .into_iter()
+            .filter(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+            .collect();
+        Ok(cfg)
     }
 
     pub fn resolve(cli: Settings, file: Settings) -> Result<Config, ConfigError> {
@@ -372,6 +429,10 @@ impl Config {
             allowed_origins: pick!(allowed_origins, Vec::new()),
             web_dir: pick!(web_dir, PathBuf::from("web")),
             admin_token: cli.admin_token.or(file.admin_token),
+            jwt_secret: cli.jwt_secret.or(file.jwt_secret),
+            read_token: cli.read_token.or(file.read_token),
+            auth: Default::default(),
+            secrets_on_command_line: Vec::new(),
             hls_part_ms: pick!(hls_part_ms, 200),
             hls_segment_ms: pick!(hls_segment_ms, 2000),
             hls_segments: pick!(hls_segments, 10),
@@ -382,7 +443,17 @@ impl Config {
             listen: cli.listen.or(file.listen).unwrap_or_default(),
         };
         cfg.validate()?;
-        Ok(cfg)
+        let auth = crate::auth::Auth::new(
+            cfg.jwt_secret.as_deref(),
+            &cfg.streams,
+            cfg.read_token.clone(),
+            cfg.admin_token.clone(),
+        )
+        .map_err(|reason| ConfigError::Invalid {
+            key: "jwt_secret",
+            reason,
+        })?;
+        Ok(Config { auth, ..cfg })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -418,8 +489,14 @@ impl Config {
                 );
             }
         }
-        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
-            return invalid("admin_token", "must be at least 16 characters");
+        for (key, secret) in
+            SECRETS
+                .into_iter()
+                .zip([&self.admin_token, &self.jwt_secret, &self.read_token])
+        {
+            if secret.as_ref().is_some_and(|t| t.len() < 16) {
+                return invalid(key, "must be at least 16 characters");
+            }
         }
         if !(50..=5000).contains(&self.hls_part_ms) {
             return invalid("hls_part_ms", "must be between 50 and 5000");
@@ -458,10 +535,28 @@ impl Config {
             if !fps_ok(l.fps) {
                 return invalid("listen.fps", "must be between 0 and 1000");
             }
+            let unspecified = std::net::IpAddr::from([0, 0, 0, 0]);
+            for a in l.allow.iter().flatten() {
+                if crate::auth::network_contains(a, unspecified).is_none() {
+                    return invalid(
+                        "listen.allow",
+                        &format!("{a:?} is not an address or a network (ADDR/BITS)"),
+                    );
+                }
+            }
         }
         for (name, s) in &self.streams {
             if name != "*" && !crate::hub::valid_stream_name(name) {
                 return invalid("streams", &format!("{name:?} is not a valid stream name"));
+            }
+            if s.publish_key.as_ref().is_some_and(|k| k.len() < 8) {
+                return invalid("streams.*.publish_key", "must be at least 8 characters");
+            }
+            if s.play == Some(PlayPolicy::Token) && self.jwt_secret.is_none() {
+                return invalid(
+                    "streams.*.play",
+                    "\"token\" needs jwt_secret, which signs the play tokens",
+                );
             }
             if s.latency_ms.is_some_and(|ms| !(50..=30_000).contains(&ms)) {
                 return invalid("streams.*.latency_ms", "must be between 50 and 30000");
@@ -590,6 +685,49 @@ mod tests {
             let file: Settings = toml::from_str(&format!("[streams.s]\n{bad}\n")).unwrap();
             assert!(Config::resolve(Settings::default(), file).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credentials_are_checked_when_the_config_is_read() {
+        let check = |toml: &str| {
+            let file: Settings = toml::from_str(toml).unwrap();
+            Config::resolve(Settings::default(), file).map(|c| c.auth.publish_is_open())
+        };
+        assert!(matches!(
+            check("[streams.a]\nplay = \"token\"\n"),
+            Err(ConfigError::Invalid {
+                key: "streams.*.play",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check("[streams.a]\npublish_key = \"short\"\n"),
+            Err(ConfigError::Invalid {
+                key: "streams.*.publish_key",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check("jwt_secret = \"short\"\n"),
+            Err(ConfigError::Invalid {
+                key: "jwt_secret",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check("[[listen]]\nname = \"c\"\naddr = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/40\"]\n"),
+            Err(ConfigError::Invalid {
+                key: "listen.allow",
+                ..
+            })
+        ));
+        assert!(matches!(check(""), Ok(true)), "open by default");
+        assert!(matches!(
+            check("[streams.\"*\"]\npublish_key = \"long-enough-key\"\n"),
+            Ok(false)
+        ));
+        let jwt = "jwt_secret = \"0123456789abcdef\"\n[streams.a]\nplay = \"token\"\n";
+        assert!(matches!(check(jwt), Ok(false)));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! onair server: ingest (RTMP) → hub (renditions, GOP cache, fan-out) → delivery (WebSocket, API).
 
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod hls;

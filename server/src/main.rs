@@ -65,6 +65,24 @@ async fn run(cfg: Config) -> Result<(), String> {
         local(&rtmp_listener),
         local(&http_listener)
     );
+    for key in &cfg.secrets_on_command_line {
+        tracing::warn!(
+            "{key} was given on the command line, where anyone on this machine can read it \
+             (ps): set ONAIR_{} or put it in the config file instead",
+            key.to_uppercase()
+        );
+    }
+    let reachable = |a: std::net::SocketAddr| !a.ip().is_loopback();
+    if cfg.auth.publish_is_open()
+        && (reachable(cfg.rtmp)
+            || reachable(cfg.http)
+            || cfg.listen.iter().any(|l| reachable(l.addr)))
+    {
+        tracing::warn!(
+            "anyone who can reach this server can publish to any stream name: set a \
+             publish_key or jwt_secret (README, \"Security\")"
+        );
+    }
 
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();

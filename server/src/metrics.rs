@@ -151,6 +151,17 @@ pub fn ingest_error(protocol: &'static str, kind: &'static str) {
         .increment(1);
 }
 
+/// Credentials refused (cold path). `action` is publish, play, read or admin.
+pub fn auth_refusal(action: &'static str, protocol: &'static str, reason: &'static str) {
+    metrics::counter!(
+        "onair_auth_refusals_total",
+        "action" => action,
+        "protocol" => protocol,
+        "reason" => reason
+    )
+    .increment(1);
+}
+
 /// The ladder's ffmpeg restarted after a failure.
 pub fn ladder_restart() {
     metrics::counter!("onair_transcoder_restarts_total").increment(1);
@@ -200,6 +211,10 @@ fn describe() {
         "Media payload bytes received from publishers"
     );
     describe_counter!("onair_ingest_frames_total", "Media frames received");
+    describe_counter!(
+        "onair_auth_refusals_total",
+        "Credentials refused, by action (publish, play, read, admin), protocol and reason"
+    );
     describe_counter!(
         "onair_ingest_errors_total",
         "Publisher connections that ended in an error, by protocol and kind"

@@ -336,7 +336,9 @@ async fn malformed_viewer_messages_close_with_a_reason_and_spare_everyone_else()
         ),
         (
             "a server's control op from a viewer",
-            vec![encode(Message::Control(Control::Receipts { every_ms: 250 }))],
+            vec![encode(Message::Control(Control::Receipts {
+                every_ms: 250,
+            }))],
             1002,
             "may not send control op 3",
         ),

@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use super::http::App;
+use super::http::{App, Peer};
 use crate::hls::{HlsStream, playlist};
 
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
@@ -30,6 +30,36 @@ pub struct PlaylistQuery {
     part: Option<u64>,
     #[serde(rename = "_HLS_skip")]
     skip: Option<String>,
+    /// A play token, where the stream needs one; carried on in every URI the playlist lists.
+    token: Option<String>,
+}
+
+/// The query of a media file: only the play token matters.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct FileQuery {
+    token: Option<String>,
+}
+
+/// The refusal of an HLS request without the play token its stream needs.
+fn check_play(app: &App, name: &str, token: Option<&str>, peer: Peer) -> Option<Response> {
+    let refusal = app.cfg.auth.play(name, token).err()?;
+    let play = crate::auth::Action::Play;
+    Some(cors(crate::net::refuse_credentials(
+        &refusal, play, "hls", peer.0, name,
+    )))
+}
+
+/// What follows every URI of a playlist: the play token, where the stream needs one.
+fn uri_suffix(app: &App, name: &str, token: Option<&str>) -> String {
+    match token {
+        Some(t) if app.cfg.auth.play_is_protected(name) => {
+            format!(
+                "?{}",
+                serde_urlencoded::to_string([("token", t)]).unwrap_or_default()
+            )
+        }
+        _ => String::new(),
+    }
 }
 
 fn cors(mut r: Response) -> Response {
@@ -123,7 +153,11 @@ pub async fn index(
     State(app): State<App>,
     Path(name): Path<String>,
     Query(q): Query<PlaylistQuery>,
+    Extension(peer): Extension<Peer>,
 ) -> Response {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+        return refused;
+    }
     let ladder_off = app
         .cfg
         .stream_settings(&name)
@@ -136,7 +170,8 @@ pub async fn index(
         };
         return serve_media(&app, &name, &hls, q).await;
     }
-    multivariant(&app, &name).await
+    let suffix = uri_suffix(&app, &name, q.token.as_deref());
+    multivariant(&app, &name, &suffix).await
 }
 
 /// `GET /hls/STREAM/RENDITION/index.m3u8[?_HLS_msn=M[&_HLS_part=P]][&_HLS_skip=YES]`: one
@@ -145,7 +180,11 @@ pub async fn media_playlist(
     State(app): State<App>,
     Path((name, rendition)): Path<(String, String)>,
     Query(q): Query<PlaylistQuery>,
+    Extension(peer): Extension<Peer>,
 ) -> Response {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+        return refused;
+    }
     let Some(hls) = app.hls.variant_or_start(&name, &rendition) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -159,7 +198,7 @@ pub async fn media_playlist(
 /// a moment after the source (a player reads the multivariant playlist once).
 const LADDER_WAIT: Duration = Duration::from_secs(8);
 
-async fn multivariant(app: &App, name: &str) -> Response {
+async fn multivariant(app: &App, name: &str, suffix: &str) -> Response {
     let Some(source) = app.hls.stream_or_start(name) else {
         return no_stream(name);
     };
@@ -197,7 +236,7 @@ async fn multivariant(app: &App, name: &str) -> Response {
     let list: Vec<playlist::VariantStream> = variants
         .iter()
         .filter_map(|v| {
-            let uri = format!("{}/index.m3u8", v.rendition);
+            let uri = format!("{}/index.m3u8{suffix}", v.rendition);
             // Until it has a complete segment: its log's recent rate, or the ladder's nominal
             // video bitrate for a rung that just started, with a margin for the peak.
             let kbps = stream.rendition_named(&v.rendition).map(|r| {
@@ -282,7 +321,10 @@ async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -
     } else if q.part.is_some() {
         return error(StatusCode::BAD_REQUEST, "_HLS_part needs _HLS_msn\n".into());
     }
-    let body = hls.playlist(playlist::Variant { skip });
+    let body = hls.playlist(
+        playlist::Variant { skip },
+        &uri_suffix(app, name, q.token.as_deref()),
+    );
     let part_target_ms = hls.read(|s| s.settings().part_target_ms);
     // A blocking answer for a given part never goes out of date for that query; a plain one is
     // good for about a part (max-age has whole seconds).
@@ -332,8 +374,13 @@ fn parse_file(file: &str) -> Option<File> {
 pub async fn media_file(
     State(app): State<App>,
     Path((name, epoch, file)): Path<(String, String, String)>,
+    Query(q): Query<FileQuery>,
+    Extension(peer): Extension<Peer>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+        return refused;
+    }
     serve_file(&app, &name, crate::hls::SOURCE, &epoch, &file, &headers).await
 }
 
@@ -342,8 +389,13 @@ pub async fn media_file(
 pub async fn variant_file(
     State(app): State<App>,
     Path((name, rendition, epoch, file)): Path<(String, String, String, String)>,
+    Query(q): Query<FileQuery>,
+    Extension(peer): Extension<Peer>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+        return refused;
+    }
     serve_file(&app, &name, &rendition, &epoch, &file, &headers).await
 }
 

@@ -70,9 +70,8 @@ pub fn router(app: App) -> Router {
                 .fallback(get(player_missing).with_state(app.clone())),
         )
         .layer(no_cache());
-    Router::new()
-        .route("/ws/{stream}", get(super::ws::play))
-        .route("/ingest/{stream}", get(crate::ingest::ws::push))
+    // What `read_token` protects: the API, its feed, the dashboard and the metrics.
+    let read = Router::new()
         .route("/api/streams", get(list_streams))
         .route(
             "/api/streams/{stream}",
@@ -81,6 +80,15 @@ pub fn router(app: App) -> Router {
         .route("/api/viewers/{id}", axum::routing::delete(delete_viewer))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/dashboard", page("dashboard.html"))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            read_guard,
+        ));
+    Router::new()
+        .merge(read)
+        .route("/ws/{stream}", get(super::ws::play))
+        .route("/ingest/{stream}", get(crate::ingest::ws::push))
         .route(
             "/hls/{stream}/index.m3u8",
             get(super::hls::index).options(super::hls::preflight),
@@ -100,11 +108,40 @@ pub fn router(app: App) -> Router {
         )
         .route("/", page("index.html"))
         .route("/watch/{stream}", page("watch.html"))
-        .route("/dashboard", page("dashboard.html"))
         .nest("/player", player)
         .nest_service("/vendor", ServeDir::new(web.join("vendor")))
         .fallback(not_found)
         .with_state(app)
+}
+
+/// Refuses a read without the `read_token` (when one is set), given as `Authorization: Bearer`
+/// or as `?token=` (an EventSource cannot set headers, so the dashboard sends it that way).
+async fn read_guard(
+    State(app): State<App>,
+    axum::extract::Extension(Peer(peer)): axum::extract::Extension<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if app.cfg.auth.read_is_protected() {
+        let given = crate::auth::bearer(req.headers())
+            .map(str::to_string)
+            .or_else(|| req.uri().query().and_then(crate::auth::token_in_query));
+        if let Err(refusal) = app.cfg.auth.read(given.as_deref()) {
+            crate::metrics::auth_refusal("read", "http", refusal.label());
+            tracing::info!(%peer, path = req.uri().path(), reason = %refusal, "read refused");
+            return (
+                refusal.status(),
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!(
+                    "{}: {refusal}: this server needs its read token (Authorization: Bearer \
+                     TOKEN, or ?token=TOKEN)\n",
+                    refusal.status().as_u16()
+                ),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn player_missing(State(app): State<App>, uri: Uri) -> Response {
@@ -236,38 +273,27 @@ async fn delete_viewer(
 /// Checks `Authorization: Bearer TOKEN` against the configured admin token; returns the refusal
 /// if it does not match. Without a token configured, every mutating call is refused.
 fn refusal(app: &App, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = app.cfg.admin_token.as_deref() else {
-        return Some((
-            StatusCode::UNAUTHORIZED,
+    let refusal = app.cfg.auth.admin(crate::auth::bearer(headers)).err()?;
+    crate::metrics::auth_refusal(
+        "admin",
+        "http",
+        refusal.as_ref().map_or("disabled", |r| r.label()),
+    );
+    let text = match refusal {
+        None => {
             "401: mutating API calls are disabled: set admin_token (ONAIR_ADMIN_TOKEN) and send \
-             Authorization: Bearer TOKEN\n",
-        )
-            .into_response());
+             Authorization: Bearer TOKEN\n"
+        }
+        Some(_) => "401: missing or wrong admin token (Authorization: Bearer TOKEN)\n",
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    // Compared in constant time, so the response time says nothing about the token.
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
-        None
-    } else {
-        Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "401: missing or wrong admin token (Authorization: Bearer TOKEN)\n",
-            )
-                .into_response(),
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            text,
         )
-    }
+            .into_response(),
+    )
 }
 
 /// Disconnects the stream's publisher. Viewers stay, waiting, as when a publisher leaves.

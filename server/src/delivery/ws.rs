@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Extension, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fastwebsockets::{OpCode, Role, WebSocketError};
@@ -68,6 +68,8 @@ const MAX_REPORTED_MS: u32 = 3_600_000;
 pub struct PlayQuery {
     /// A rendition by name, or `auto` (the default): the server chooses.
     rendition: Option<String>,
+    /// A play token, where the stream needs one.
+    token: Option<String>,
 }
 
 impl PlayQuery {
@@ -89,13 +91,17 @@ pub async fn play(
     if let Some(refused) = crate::net::refuse_upgrade(&req, &stream, "playing") {
         return refused;
     }
-    if let Err(origin) = check_origin(req.headers(), &app.cfg.allowed_origins) {
+    if let Err(origin) = crate::net::check_origin(req.headers(), &app.cfg.allowed_origins, true) {
         tracing::info!(%peer, %origin, "websocket refused: origin not allowed");
         return (
             StatusCode::FORBIDDEN,
             format!("origin {origin} is not allowed\n"),
         )
             .into_response();
+    }
+    if let Err(refusal) = app.cfg.auth.play(&stream, query.token.as_deref()) {
+        let play = crate::auth::Action::Play;
+        return crate::net::refuse_credentials(&refusal, play, "ws", peer, &stream);
     }
     let user_agent = req
         .headers()
@@ -160,22 +166,6 @@ pub async fn play(
         .instrument(span),
     );
     response.into_response()
-}
-
-fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
-    if allowed.is_empty() {
-        return Ok(());
-    }
-    // Non-browser clients send no Origin; the check protects browser users, so let them through.
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    let origin = origin.to_str().unwrap_or("<non-ascii>");
-    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
-        Ok(())
-    } else {
-        Err(origin.to_string())
-    }
 }
 
 /// Why a viewer connection ended.

@@ -75,17 +75,23 @@ impl HlsStream {
         self.version.subscribe()
     }
 
-    /// The media playlist, rendered once per change however many clients ask.
-    pub fn playlist(&self, variant: playlist::Variant) -> Bytes {
+    /// The media playlist, rendered once per change however many clients ask; with a `suffix`
+    /// for its URIs (a viewer's play token), rendered for that viewer alone.
+    pub fn playlist(&self, variant: playlist::Variant, suffix: &str) -> Bytes {
+        let prefix = format!("{}/", self.epoch);
+        if !suffix.is_empty() {
+            return Bytes::from(
+                self.read(|s| playlist::media_playlist(s, &prefix, suffix, variant)),
+            );
+        }
         let version = *self.version.borrow();
         let mut cache = self.cache.lock();
         let slot = &mut cache[usize::from(variant.skip)];
         match slot {
             Some((v, body)) if *v == version => body.clone(),
             _ => {
-                let prefix = format!("{}/", self.epoch);
                 let body =
-                    Bytes::from(self.read(|s| playlist::media_playlist(s, &prefix, variant)));
+                    Bytes::from(self.read(|s| playlist::media_playlist(s, &prefix, "", variant)));
                 *slot = Some((version, body.clone()));
                 body
             }

@@ -55,8 +55,9 @@ pub fn multivariant(variants: &[VariantStream]) -> String {
     out
 }
 
-/// The media playlist. `prefix` goes before every URI (the packager's epoch directory).
-pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
+/// The media playlist. `prefix` goes before every URI (the packager's epoch directory), and
+/// `suffix` after it (`?token=...` where play needs a token, else empty).
+pub fn media_playlist(s: &Segmenter, prefix: &str, suffix: &str, variant: Variant) -> String {
     let td = s.target_duration();
     let part_target = s.part_target_s();
     let segments: Vec<&super::segmenter::Segment> = s.listed().collect();
@@ -106,7 +107,11 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
             out.push_str("#EXT-X-DISCONTINUITY\n");
         }
         if map != Some(g.init_id) {
-            let _ = writeln!(out, "#EXT-X-MAP:URI=\"{prefix}init{}.mp4\"", g.init_id);
+            let _ = writeln!(
+                out,
+                "#EXT-X-MAP:URI=\"{prefix}init{}.mp4{suffix}\"",
+                g.init_id
+            );
             map = Some(g.init_id);
         }
         let _ = writeln!(
@@ -118,7 +123,7 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
             for p in &g.parts {
                 let _ = write!(
                     out,
-                    "#EXT-X-PART:DURATION={:.5},URI=\"{prefix}p{}.m4s\"",
+                    "#EXT-X-PART:DURATION={:.5},URI=\"{prefix}p{}.m4s{suffix}\"",
                     p.duration_s, p.seq
                 );
                 out.push_str(if p.independent {
@@ -131,7 +136,7 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
         if g.complete {
             let _ = write!(
                 out,
-                "#EXTINF:{:.5},\n{prefix}s{}.m4s\n",
+                "#EXTINF:{:.5},\n{prefix}s{}.m4s{suffix}\n",
                 g.duration_s, g.msn
             );
         }
@@ -139,7 +144,7 @@ pub fn media_playlist(s: &Segmenter, prefix: &str, variant: Variant) -> String {
     if s.init().is_some() {
         let _ = writeln!(
             out,
-            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{prefix}p{}.m4s\"",
+            "#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"{prefix}p{}.m4s{suffix}\"",
             s.next_part_seq()
         );
     }

@@ -62,6 +62,8 @@ pub enum RtmpError {
     UnknownApp(String),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("unauthorized: {0}")]
+    Unauthorized(crate::auth::Refusal),
     #[error("chunk size {0} refused: must be 1..=16777215 (RTMP's largest message)")]
     ChunkSize(u32),
     #[error("AMF message refused: {0}")]
@@ -81,7 +83,10 @@ impl RtmpError {
             RtmpError::Handshake(_) | RtmpError::TruncatedHandshake(_) => "handshake",
             RtmpError::Timeout(_) => "timeout",
             RtmpError::Session(_) | RtmpError::ChunkSize(_) | RtmpError::Amf(_) => "protocol",
-            RtmpError::UnknownApp(_) | RtmpError::Publish(_) | RtmpError::Play => "refused",
+            RtmpError::UnknownApp(_)
+            | RtmpError::Publish(_)
+            | RtmpError::Unauthorized(_)
+            | RtmpError::Play => "refused",
             RtmpError::Ingest(_) => "media",
             RtmpError::Io(_) => "io",
         }
@@ -98,6 +103,8 @@ impl RtmpError {
                 ("NetStream.Publish.BadName", self.to_string())
             }
             RtmpError::Publish(_) => ("NetStream.Publish.Rejected", self.to_string()),
+            // What OBS shows for a wrong stream key.
+            RtmpError::Unauthorized(_) => ("NetStream.Publish.BadName", self.to_string()),
             RtmpError::Play => ("NetStream.Play.Failed", self.to_string()),
             RtmpError::ChunkSize(_) | RtmpError::Amf(_) => {
                 ("NetConnection.Connect.Rejected", self.to_string())
@@ -314,8 +321,13 @@ impl Conn<'_> {
                         "second publish on one connection".into(),
                     ));
                 }
-                // OBS may append query parameters to the key; they are not part of the name.
-                let name = stream_key.split('?').next().unwrap_or_default();
+                // The key is `NAME` or `NAME?token=...` (OBS's Stream Key field takes either).
+                let (name, token) = crate::auth::split_stream_key(&stream_key);
+                tracing::Span::current().record("stream", name);
+                if let Err(refusal) = self.cfg.auth.publish(name, token.as_deref()) {
+                    crate::metrics::auth_refusal("publish", "rtmp", refusal.label());
+                    return Err(RtmpError::Unauthorized(refusal));
+                }
                 let publisher = self.hub.publish(
                     name,
                     PublisherInfo {
@@ -325,7 +337,6 @@ impl Conn<'_> {
                         clock: None,
                     },
                 )?;
-                tracing::Span::current().record("stream", name);
                 tracing::info!("publishing");
                 self.ingest = Some(MediaIngest::new(publisher));
                 self.accept(request_id)

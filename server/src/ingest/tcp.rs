@@ -195,6 +195,14 @@ async fn listen(
             c = crate::net::accept(&listener, "tcp ingest") => c,
             _ = shutdown.cancelled() => return,
         };
+        if let Some(allow) = &source.allow
+            && !crate::auth::address_allowed(allow, peer.ip())
+        {
+            // Closed at once, before a byte is read: nothing for it to learn or hold.
+            crate::metrics::auth_refusal("publish", "tcp", crate::auth::Refusal::Address.label());
+            tracing::warn!(stream = %source.name, %peer, "tcp source refused: address not allowed");
+            continue;
+        }
         let (hub, cfg, shutdown, source) =
             (hub.clone(), cfg.clone(), shutdown.clone(), source.clone());
         let span = tracing::info_span!("ingest", protocol = "tcp", stream = %source.name, %peer);

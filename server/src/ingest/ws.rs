@@ -40,6 +40,8 @@ const MAX_MESSAGE: usize = 16 << 20;
 pub struct PushQuery {
     /// Frame rate to stamp frames with (raw H.264 has no timestamps).
     fps: Option<f64>,
+    /// The stream's publish key or a publish token, where publishing needs one.
+    token: Option<String>,
 }
 
 pub async fn push(
@@ -51,6 +53,19 @@ pub async fn push(
 ) -> Response {
     if let Some(refused) = crate::net::refuse_upgrade(&req, &stream, "raw H.264 (Annex B) ingest") {
         return refused;
+    }
+    if let Err(origin) = crate::net::check_origin(req.headers(), &app.cfg.allowed_origins, false) {
+        tracing::warn!(%peer, %origin, stream, "ingest refused: origin not allowed");
+        crate::metrics::ingest_error("ws", "refused");
+        return (
+            StatusCode::FORBIDDEN,
+            format!("403: origin {origin} may not publish here\n"),
+        )
+            .into_response();
+    }
+    if let Err(refusal) = app.cfg.auth.publish(&stream, q.token.as_deref()) {
+        let publish = crate::auth::Action::Publish;
+        return crate::net::refuse_credentials(&refusal, publish, "ws", peer, &stream);
     }
     if q.fps
         .is_some_and(|f| !(f.is_finite() && f > 0.0 && f <= 1000.0))
