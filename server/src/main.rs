@@ -56,6 +56,15 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, Str
 async fn run(cfg: Config) -> Result<(), String> {
     // First: metric handles made before the recorder exists would record nothing.
     let prometheus = onair_server::metrics::install()?;
+    // A stock box starts processes at 1024 open files, which would cap viewers near a thousand:
+    // take the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => {
+            tracing::info!(limit = n, "open files: raised to the hard limit");
+            onair_server::metrics::open_files_limit(n);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let rtmp_listener = bind("RTMP", cfg.rtmp).await?;
     let http_listener = bind("HTTP", cfg.http).await?;
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();

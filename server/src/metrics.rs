@@ -151,6 +151,11 @@ pub fn ingest_error(protocol: &'static str, kind: &'static str) {
         .increment(1);
 }
 
+/// The process's open-file limit, set once at start-up: every socket takes one.
+pub fn open_files_limit(n: u64) {
+    metrics::gauge!("onair_open_files_limit").set(n as f64);
+}
+
 /// Credentials refused (cold path). `action` is publish, play, read or admin.
 pub fn auth_refusal(action: &'static str, protocol: &'static str, reason: &'static str) {
     metrics::counter!(
@@ -204,6 +209,10 @@ fn describe() {
         "Streams known to the hub (live or with waiting viewers)"
     );
     describe_gauge!("onair_streams_live", "Streams with a publisher");
+    describe_gauge!(
+        "onair_open_files_limit",
+        "The process's open-file limit (RLIMIT_NOFILE): every connection takes one"
+    );
     describe_gauge!("onair_viewers", "Connected WebSocket viewers");
     describe_counter!(
         "onair_ingest_bytes_total",
