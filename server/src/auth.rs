@@ -6,6 +6,11 @@
 //!   ahead. With neither configured, publishing is open (the default, so `make run` and OBS
 //!   work first try; the server says so at start-up when it listens beyond loopback).
 //! - **Play** needs a token with `act` = `play` when the stream's table says `play = "token"`.
+//! - **The hook** (`auth_hook_url`): where the key and tokens do not admit a publish (or a
+//!   play that needs a token), onair POSTs the action, stream, protocol, client address and
+//!   the credential it was given, as JSON, and admits on a 2xx answer (MediaMTX's
+//!   authHTTPAddress, SRS's on_publish). Answers are kept for [`HOOK_CACHE`]; no answer within
+//!   [`HOOK_TIMEOUT`] refuses.
 //! - **Read** (`GET /api/*`, `/api/events`, `/dashboard`, `/metrics`) needs `read_token` when
 //!   one is set; **admin** (the API's mutations) always needs `admin_token`.
 //!
@@ -13,7 +18,15 @@
 //! or as `Authorization: Bearer` for read and admin. Secrets are compared in constant time, and
 //! a refusal names what was wrong without repeating what was sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use subtle::ConstantTimeEq;
@@ -52,6 +65,10 @@ pub enum Refusal {
     OtherAction(&'static str),
     #[error("address not allowed")]
     Address,
+    #[error("refused by the auth hook (HTTP {0})")]
+    Hook(u16),
+    #[error("the auth hook did not answer")]
+    HookFailed,
 }
 
 impl Refusal {
@@ -64,13 +81,17 @@ impl Refusal {
             Refusal::OtherStream => "other_stream",
             Refusal::OtherAction(_) => "other_action",
             Refusal::Address => "address",
+            Refusal::Hook(_) => "hook",
+            Refusal::HookFailed => "hook_failed",
         }
     }
 
-    /// 401 when nothing was sent (the client can retry with credentials), else 403.
+    /// 401 when nothing was sent (the client can retry with credentials), 503 when the hook
+    /// did not answer, else 403.
     pub fn status(&self) -> axum::http::StatusCode {
         match self {
             Refusal::Missing => axum::http::StatusCode::UNAUTHORIZED,
+            Refusal::HookFailed => axum::http::StatusCode::SERVICE_UNAVAILABLE,
             _ => axum::http::StatusCode::FORBIDDEN,
         }
     }
@@ -92,6 +113,7 @@ pub struct Auth {
     play: BTreeMap<String, PlayPolicy>,
     read_token: Option<String>,
     admin_token: Option<String>,
+    hook: Option<Arc<Hook>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -103,6 +125,7 @@ impl std::fmt::Debug for Auth {
             .field("play", &self.play)
             .field("read_token", &self.read_token.is_some())
             .field("admin_token", &self.admin_token.is_some())
+            .field("hook", &self.hook.as_ref().map(|h| h.url.to_string()))
             .finish()
     }
 }
@@ -116,6 +139,7 @@ impl Auth {
         streams: &BTreeMap<String, StreamSettings>,
         read_token: Option<String>,
         admin_token: Option<String>,
+        hook_url: Option<&str>,
     ) -> Result<Self, String> {
         let keys = streams
             .iter()
@@ -129,18 +153,51 @@ impl Auth {
             Some(s) => Some(DecodingKey::from_secret(s.as_bytes()).map_err(|e| e.to_string())?),
             None => None,
         };
+        let hook = match hook_url {
+            Some(url) => Some(Arc::new(Hook::new(url)?)),
+            None => None,
+        };
         Ok(Self {
             jwt,
             keys,
             play,
             read_token,
             admin_token,
+            hook,
         })
     }
 
-    /// Whether anyone who can reach a port may publish: no key and no token secret anywhere.
+    /// Whether anyone who can reach a port may publish: no key, no token secret, no hook.
     pub fn publish_is_open(&self) -> bool {
-        self.jwt.is_none() && self.keys.is_empty()
+        self.jwt.is_none() && self.keys.is_empty() && self.hook.is_none()
+    }
+
+    /// May this client do `action` on `stream`? The key and tokens first, then the hook.
+    pub async fn admit(
+        &self,
+        action: Action,
+        stream: &str,
+        protocol: &'static str,
+        peer: SocketAddr,
+        token: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let local = match action {
+            Action::Publish => self.publish(stream, token),
+            Action::Play => self.play(stream, token),
+        };
+        match (local, &self.hook) {
+            (Err(_), Some(hook)) => {
+                let ask = HookRequest {
+                    action: action.name(),
+                    stream,
+                    protocol,
+                    addr: peer.ip(),
+                    token,
+                };
+                hook.ask(&ask).await
+            }
+            (local, _) => local,
+        }
     }
 
     /// Whether some stream's play needs a token (then the secret must be set to sign them).
@@ -156,7 +213,12 @@ impl Auth {
     pub fn publish(&self, stream: &str, token: Option<&str>) -> Result<(), Refusal> {
         let key = Self::per_stream(&self.keys, stream);
         if key.is_none() && self.jwt.is_none() {
-            return Ok(());
+            // Only a hook can admit it then.
+            return if self.hook.is_some() {
+                Err(Refusal::Missing)
+            } else {
+                Ok(())
+            };
         }
         let token = token.filter(|t| !t.is_empty()).ok_or(Refusal::Missing)?;
         if key.is_some_and(|k| same(k, token)) {
@@ -182,6 +244,7 @@ impl Auth {
     /// Checks a signed token's signature, expiry and claims.
     fn token(&self, stream: &str, action: Action, token: &str) -> Result<(), Refusal> {
         let Some(key) = &self.jwt else {
+            // No secret to check a token with: a hook may still admit it.
             return Err(Refusal::Wrong);
         };
         let mut validation = Validation::new(Algorithm::HS256);
@@ -226,6 +289,90 @@ impl Auth {
             None => Err(None),
             Some(t) => check_secret(t, bearer).map_err(Some),
         }
+    }
+}
+
+/// What the hook is told, as JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HookRequest<'a> {
+    pub action: &'static str,
+    pub stream: &'a str,
+    pub protocol: &'static str,
+    pub addr: IpAddr,
+    pub token: Option<&'a str>,
+}
+
+/// How long the hook has to answer.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an answer is kept: a player's HLS requests, or a publisher's reconnects, ask once.
+pub const HOOK_CACHE: Duration = Duration::from_secs(5);
+/// Answers kept at most; beyond it the expired ones go, then all.
+const HOOK_CACHE_ENTRIES: usize = 4096;
+
+/// The HTTP auth hook and its cache of recent answers.
+pub struct Hook {
+    url: hyper::Uri,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// The request's JSON (action, stream, protocol, address, token) → its answer.
+    cache: parking_lot::Mutex<HashMap<String, Answer>>,
+}
+
+/// When the hook answered, and what: admitted, or the refusal.
+type Answer = (Instant, Result<(), Refusal>);
+
+impl Hook {
+    fn new(url: &str) -> Result<Self, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("auth_hook_url: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(format!(
+                "auth_hook_url {url:?}: use http://HOST[:PORT]/PATH (the hook is a local service)"
+            ));
+        }
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        Ok(Self {
+            url: uri,
+            client,
+            cache: Default::default(),
+        })
+    }
+
+    async fn ask(&self, req: &HookRequest<'_>) -> Result<(), Refusal> {
+        let body = serde_json::to_string(req).unwrap_or_default();
+        let now = Instant::now();
+        if let Some((at, answer)) = self.cache.lock().get(&body)
+            && now.duration_since(*at) < HOOK_CACHE
+        {
+            return answer.clone();
+        }
+        let request = hyper::Request::post(self.url.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.clone())));
+        let Ok(request) = request else {
+            return Err(Refusal::HookFailed);
+        };
+        let answer = match tokio::time::timeout(HOOK_TIMEOUT, self.client.request(request)).await {
+            Ok(Ok(r)) if r.status().is_success() => Ok(()),
+            Ok(Ok(r)) => Err(Refusal::Hook(r.status().as_u16())),
+            Ok(Err(e)) => {
+                tracing::warn!(url = %self.url, error = %e, "auth hook unreachable: refused");
+                Err(Refusal::HookFailed)
+            }
+            Err(_) => {
+                tracing::warn!(url = %self.url, "auth hook did not answer within 2 s: refused");
+                Err(Refusal::HookFailed)
+            }
+        };
+        if answer != Err(Refusal::HookFailed) {
+            let mut cache = self.cache.lock();
+            if cache.len() >= HOOK_CACHE_ENTRIES {
+                cache.retain(|_, (at, _)| now.duration_since(*at) < HOOK_CACHE);
+                if cache.len() >= HOOK_CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(body, (now, answer.clone()));
+        }
+        answer
     }
 }
 
@@ -339,7 +486,7 @@ mod tests {
 
     #[test]
     fn with_nothing_configured_everything_is_open() {
-        let auth = Auth::new(None, &BTreeMap::new(), None, None).expect("auth");
+        let auth = Auth::new(None, &BTreeMap::new(), None, None, None).expect("auth");
         assert!(auth.publish_is_open());
         assert_eq!(auth.publish("cam", None), Ok(()));
         assert_eq!(auth.play("cam", None), Ok(()));
@@ -350,7 +497,7 @@ mod tests {
     #[test]
     fn a_publish_key_admits_its_stream_and_the_star_table_the_others() {
         let s = streams("[cam]\npublish_key = \"k1\"\n[\"*\"]\npublish_key = \"k2\"\n");
-        let auth = Auth::new(None, &s, None, None).expect("auth");
+        let auth = Auth::new(None, &s, None, None, None).expect("auth");
         assert_eq!(auth.publish("cam", Some("k1")), Ok(()));
         assert_eq!(auth.publish("cam", Some("k2")), Err(Refusal::Wrong));
         assert_eq!(auth.publish("cam", None), Err(Refusal::Missing));
@@ -362,7 +509,7 @@ mod tests {
     #[test]
     fn tokens_are_checked_for_signature_expiry_stream_and_action() {
         let s = streams("[cam]\nplay = \"token\"\n");
-        let auth = Auth::new(Some(SECRET), &s, None, None).expect("auth");
+        let auth = Auth::new(Some(SECRET), &s, None, None, None).expect("auth");
         assert!(!auth.publish_is_open());
         assert_eq!(
             auth.publish("cam", Some(&token("cam", "publish", 60))),
@@ -402,8 +549,14 @@ mod tests {
 
     #[test]
     fn read_and_admin_tokens_take_a_bearer_header_of_any_case() {
-        let auth =
-            Auth::new(None, &BTreeMap::new(), Some("r".into()), Some("a".into())).expect("auth");
+        let auth = Auth::new(
+            None,
+            &BTreeMap::new(),
+            Some("r".into()),
+            Some("a".into()),
+            None,
+        )
+        .expect("auth");
         let mut h = axum::http::HeaderMap::new();
         assert_eq!(auth.read(bearer(&h)), Err(Refusal::Missing));
         for v in ["Bearer r", "bearer r", "BEARER  r"] {

@@ -118,6 +118,13 @@ pub struct Settings {
     )]
     pub read_token: Option<String>,
 
+    /// An HTTP service that decides what the key and tokens do not admit: onair POSTs
+    /// `{"action","stream","protocol","addr","token"}` as JSON and admits on a 2xx answer
+    /// within 2 s (answers are kept for 5 s). Set, publishing is no longer open. An
+    /// `http://` URL (a service beside onair). [default: unset]
+    #[arg(long, env = "ONAIR_AUTH_HOOK_URL", value_name = "URL")]
+    pub auth_hook_url: Option<String>,
+
     /// LL-HLS part target, ms: how often a new part is ready (and the latency floor of HLS
     /// players, which hold back three parts). [default: 200]
     #[arg(long, env = "ONAIR_HLS_PART_MS", value_name = "MS")]
@@ -357,6 +364,7 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub jwt_secret: Option<String>,
     pub read_token: Option<String>,
+    pub auth_hook_url: Option<String>,
     /// Who may publish, play and read, resolved from the keys above and the stream tables.
     pub auth: crate::auth::Auth,
     /// Secrets given as command-line arguments, which anyone on the machine can read in `ps`:
@@ -431,6 +439,7 @@ impl Config {
             admin_token: cli.admin_token.or(file.admin_token),
             jwt_secret: cli.jwt_secret.or(file.jwt_secret),
             read_token: cli.read_token.or(file.read_token),
+            auth_hook_url: cli.auth_hook_url.or(file.auth_hook_url),
             auth: Default::default(),
             secrets_on_command_line: Vec::new(),
             hls_part_ms: pick!(hls_part_ms, 200),
@@ -448,9 +457,14 @@ impl Config {
             &cfg.streams,
             cfg.read_token.clone(),
             cfg.admin_token.clone(),
+            cfg.auth_hook_url.as_deref(),
         )
         .map_err(|reason| ConfigError::Invalid {
-            key: "jwt_secret",
+            key: if reason.starts_with("auth_hook_url") {
+                "auth_hook_url"
+            } else {
+                "jwt_secret"
+            },
             reason,
         })?;
         Ok(Config { auth, ..cfg })
@@ -552,10 +566,13 @@ impl Config {
             if s.publish_key.as_ref().is_some_and(|k| k.len() < 8) {
                 return invalid("streams.*.publish_key", "must be at least 8 characters");
             }
-            if s.play == Some(PlayPolicy::Token) && self.jwt_secret.is_none() {
+            if s.play == Some(PlayPolicy::Token)
+                && self.jwt_secret.is_none()
+                && self.auth_hook_url.is_none()
+            {
                 return invalid(
                     "streams.*.play",
-                    "\"token\" needs jwt_secret, which signs the play tokens",
+                    "\"token\" needs jwt_secret (which signs play tokens) or auth_hook_url",
                 );
             }
             if s.latency_ms.is_some_and(|ms| !(50..=30_000).contains(&ms)) {

@@ -288,3 +288,115 @@ async fn an_open_server_says_so_and_secrets_on_the_command_line_are_flagged() {
     assert!(quiet.log_matching("anyone who can reach").is_empty());
     assert!(quiet.log_matching("given on the command line").is_empty());
 }
+
+/// An operator's auth service: admits the token `hook-ok` (204), refuses the rest (403), and
+/// keeps every request body it was sent.
+async fn hook_service() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head, then a Content-Length body.
+                let body = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break buf[end + 4..end + 4 + len].to_vec();
+                    }
+                };
+                let json: serde_json::Value = serde_json::from_slice(&body).expect("hook json");
+                let ok = json["token"] == "hook-ok";
+                log.lock().expect("lock").push(json);
+                let answer: &[u8] = if ok {
+                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn an_auth_hook_decides_what_keys_and_tokens_do_not() {
+    let (port, seen) = hook_service().await;
+    let hook = format!("http://127.0.0.1:{port}/auth");
+    let server = Server::start(&["--auth-hook-url", &hook]).await;
+
+    // RTMP, with ffmpeg: the hook is told who asks for what, and its 403 is the refusal.
+    refused_publish(
+        &server,
+        "cam?token=nope",
+        "refused by the auth hook (HTTP 403)",
+    )
+    .await;
+    let publisher = Publisher::start(&server.rtmp_url("cam?token=hook-ok"), Profile::default());
+    server.wait_log("publishing", T).await;
+    {
+        let seen = seen.lock().expect("lock");
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(
+            seen[1],
+            serde_json::json!({
+                "action": "publish", "stream": "cam", "protocol": "rtmp",
+                "addr": "127.0.0.1", "token": "hook-ok"
+            })
+        );
+    }
+
+    // The WebSocket ingest asks it too; an answer is kept for a few seconds, so the same
+    // request again does not ask twice.
+    let ingest = format!("ws://{}/ingest/dog?token=nope", server.http);
+    assert_eq!(ws_status(&ingest, None).await.0, 403);
+    assert_eq!(ws_status(&ingest, None).await.0, 403);
+    let asked = seen.lock().expect("lock").len();
+    assert_eq!(asked, 3, "the second answer came from the cache");
+    // Play is open here (no stream asks for play tokens): the hook is not asked.
+    let mut viewer = Viewer::connect(&server.ws_url("cam")).await;
+    viewer
+        .recv_until(T, |m| matches!(m, Message::Media { .. }))
+        .await;
+    assert_eq!(seen.lock().expect("lock").len(), 3);
+    publisher.kill().await;
+}
+
+#[tokio::test]
+async fn an_auth_hook_that_does_not_answer_refuses() {
+    // A port with nobody listening.
+    let port = onair_tests::free_port().expect("port");
+    let hook = format!("http://127.0.0.1:{port}/auth");
+    let server = Server::start(&["--auth-hook-url", &hook]).await;
+    let ingest = format!("ws://{}/ingest/dog?token=x", server.http);
+    let (status, body) = ws_status(&ingest, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("did not answer"), "{body}");
+    server.wait_log("auth hook unreachable: refused", T).await;
+}

@@ -41,9 +41,10 @@ pub struct FileQuery {
 }
 
 /// The refusal of an HLS request without the play token its stream needs.
-fn check_play(app: &App, name: &str, token: Option<&str>, peer: Peer) -> Option<Response> {
-    let refusal = app.cfg.auth.play(name, token).err()?;
+async fn check_play(app: &App, name: &str, token: Option<&str>, peer: Peer) -> Option<Response> {
     let play = crate::auth::Action::Play;
+    let auth = &app.cfg.auth;
+    let refusal = auth.admit(play, name, "hls", peer.0, token).await.err()?;
     Some(cors(crate::net::refuse_credentials(
         &refusal, play, "hls", peer.0, name,
     )))
@@ -155,7 +156,7 @@ pub async fn index(
     Query(q): Query<PlaylistQuery>,
     Extension(peer): Extension<Peer>,
 ) -> Response {
-    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer).await {
         return refused;
     }
     let ladder_off = app
@@ -182,7 +183,7 @@ pub async fn media_playlist(
     Query(q): Query<PlaylistQuery>,
     Extension(peer): Extension<Peer>,
 ) -> Response {
-    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer).await {
         return refused;
     }
     let Some(hls) = app.hls.variant_or_start(&name, &rendition) else {
@@ -378,7 +379,7 @@ pub async fn media_file(
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer).await {
         return refused;
     }
     serve_file(&app, &name, crate::hls::SOURCE, &epoch, &file, &headers).await
@@ -393,7 +394,7 @@ pub async fn variant_file(
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer) {
+    if let Some(refused) = check_play(&app, &name, q.token.as_deref(), peer).await {
         return refused;
     }
     serve_file(&app, &name, &rendition, &epoch, &file, &headers).await

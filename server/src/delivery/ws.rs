@@ -99,8 +99,9 @@ pub async fn play(
         )
             .into_response();
     }
-    if let Err(refusal) = app.cfg.auth.play(&stream, query.token.as_deref()) {
-        let play = crate::auth::Action::Play;
+    let play = crate::auth::Action::Play;
+    let token = query.token.as_deref();
+    if let Err(refusal) = app.cfg.auth.admit(play, &stream, "ws", peer, token).await {
         return crate::net::refuse_credentials(&refusal, play, "ws", peer, &stream);
     }
     let user_agent = req

@@ -197,6 +197,7 @@ async fn connection(
         peer,
         cfg,
         ingest: None,
+        pending: None,
         guard: ChunkGuard {
             chunks: ChunkDeserializer::new(),
         },
@@ -207,6 +208,11 @@ async fn connection(
         result = conn.input(&remaining);
     }
     loop {
+        if result.is_ok()
+            && let Some(p) = conn.pending.take()
+        {
+            result = conn.admit(p).await;
+        }
         if let Err(e) = result {
             if let Some((code, description)) = e.status(&cfg.rtmp_app) {
                 conn.out.extend(status_packet("error", code, &description));
@@ -265,8 +271,16 @@ struct Conn<'a> {
     cfg: &'a Config,
     ingest: Option<MediaIngest>,
     guard: ChunkGuard,
+    /// A publish request waiting for its credentials to be checked (which may ask the hook).
+    pending: Option<Pending>,
     /// The publisher finished; the client is expected to close.
     finished: bool,
+}
+
+struct Pending {
+    request_id: u32,
+    name: String,
+    token: Option<String>,
 }
 
 impl Conn<'_> {
@@ -300,6 +314,30 @@ impl Conn<'_> {
         self.handle(results)
     }
 
+    /// Checks a publish request's credentials (perhaps asking the hook); then claims the
+    /// stream and accepts.
+    async fn admit(&mut self, p: Pending) -> Result<(), RtmpError> {
+        let publish = crate::auth::Action::Publish;
+        let token = p.token.as_deref();
+        let auth = &self.cfg.auth;
+        if let Err(refusal) = auth.admit(publish, &p.name, "rtmp", self.peer, token).await {
+            crate::metrics::auth_refusal("publish", "rtmp", refusal.label());
+            return Err(RtmpError::Unauthorized(refusal));
+        }
+        let publisher = self.hub.publish(
+            &p.name,
+            PublisherInfo {
+                protocol: "rtmp",
+                peer: self.peer,
+                since_ms: crate::hub::now_us() / 1000,
+                clock: None,
+            },
+        )?;
+        tracing::info!("publishing");
+        self.ingest = Some(MediaIngest::new(publisher));
+        self.accept(p.request_id)
+    }
+
     fn event(&mut self, event: ServerSessionEvent) -> Result<(), RtmpError> {
         match event {
             ServerSessionEvent::ConnectionRequested {
@@ -316,7 +354,7 @@ impl Conn<'_> {
                 stream_key,
                 ..
             } => {
-                if self.ingest.is_some() {
+                if self.ingest.is_some() || self.pending.is_some() {
                     return Err(RtmpError::Session(
                         "second publish on one connection".into(),
                     ));
@@ -324,22 +362,13 @@ impl Conn<'_> {
                 // The key is `NAME` or `NAME?token=...` (OBS's Stream Key field takes either).
                 let (name, token) = crate::auth::split_stream_key(&stream_key);
                 tracing::Span::current().record("stream", name);
-                if let Err(refusal) = self.cfg.auth.publish(name, token.as_deref()) {
-                    crate::metrics::auth_refusal("publish", "rtmp", refusal.label());
-                    return Err(RtmpError::Unauthorized(refusal));
-                }
-                let publisher = self.hub.publish(
-                    name,
-                    PublisherInfo {
-                        protocol: "rtmp",
-                        peer: self.peer,
-                        since_ms: crate::hub::now_us() / 1000,
-                        clock: None,
-                    },
-                )?;
-                tracing::info!("publishing");
-                self.ingest = Some(MediaIngest::new(publisher));
-                self.accept(request_id)
+                // Answered once its credentials are checked: see `admit`.
+                self.pending = Some(Pending {
+                    request_id,
+                    name: name.to_string(),
+                    token,
+                });
+                Ok(())
             }
             ServerSessionEvent::PlayStreamRequested { .. } => Err(RtmpError::Play),
             ServerSessionEvent::PublishStreamFinished { .. } => {

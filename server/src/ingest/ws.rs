@@ -63,8 +63,14 @@ pub async fn push(
         )
             .into_response();
     }
-    if let Err(refusal) = app.cfg.auth.publish(&stream, q.token.as_deref()) {
-        let publish = crate::auth::Action::Publish;
+    let publish = crate::auth::Action::Publish;
+    let token = q.token.as_deref();
+    if let Err(refusal) = app
+        .cfg
+        .auth
+        .admit(publish, &stream, "ws", peer, token)
+        .await
+    {
         return crate::net::refuse_credentials(&refusal, publish, "ws", peer, &stream);
     }
     if q.fps
