@@ -850,7 +850,7 @@ mod tests {
         let mut s = Session::new();
         assert!(s.message(&[]).is_err());
         assert!(s.message(&[0x10, 0, 0]).is_err());
-        // An init with a zero timescale is skipped, leaving no playable track.
+        // An init with a zero timescale (every timestamp is divided by it) is refused.
         let bad = Message::Init(Init {
             rendition: 0,
             tracks: vec![TrackInit {
@@ -867,7 +867,13 @@ mod tests {
         })
         .to_vec()
         .expect("encode");
-        assert!(matches!(s.message(&bad), Err(SessionError::NoTracks)));
+        assert!(matches!(
+            s.message(&bad),
+            Err(SessionError::Wire(WireError::InvalidField {
+                field: "timescale",
+                ..
+            }))
+        ));
         s.message(&init_msg(640, false)).expect("init");
         // A dts at the top of the range does not overflow.
         let f = fragment(&mut s, &media(0, true, wire::MAX_DTS, i16::MIN, 0));

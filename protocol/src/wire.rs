@@ -392,6 +392,13 @@ impl<'a> Message<'a> {
                     }
                     let kind = r.u8()?;
                     let timescale = r.u32()?;
+                    if timescale == 0 {
+                        // Every timestamp is divided by it.
+                        return Err(WireError::InvalidField {
+                            field: "timescale",
+                            value: 0,
+                        });
+                    }
                     let codec = r.str8("codec")?;
                     let params = match kind {
                         0 => TrackParams::Video {
@@ -838,6 +845,22 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_timescale_is_refused() {
+        let Message::Init(mut init) = samples().remove(1) else {
+            panic!("the second sample is an init");
+        };
+        init.tracks[0].timescale = 0;
+        let b = Message::Init(init).to_vec().unwrap();
+        assert_eq!(
+            Message::decode(&b),
+            Err(WireError::InvalidField {
+                field: "timescale",
+                value: 0
+            })
+        );
+    }
+
+    #[test]
     fn oversize_fields_fail_to_encode() {
         let long = "x".repeat(256);
         let m = Message::Status(Status {
@@ -849,7 +872,7 @@ mod tests {
 
     #[test]
     fn decoding_arbitrary_bytes_never_panics() {
-        // A cheap deterministic sweep; the fuzz target (protocol/fuzz) goes much further.
+        // A cheap deterministic sweep of random bytes, not a fuzzer.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for len in 0..200usize {
             for _ in 0..50 {

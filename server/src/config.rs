@@ -125,6 +125,16 @@ pub struct Settings {
     #[arg(long, env = "ONAIR_AUTH_HOOK_URL", value_name = "URL")]
     pub auth_hook_url: Option<String>,
 
+    /// Connections held at most, every listener together (viewers, publishers, HTTP
+    /// requests); more are closed at accept. [default: 16384]
+    #[arg(long, env = "ONAIR_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Connections one address may have that have not finished their handshake (HTTP request
+    /// head, RTMP handshake and publish, a TCP source's first bytes). [default: 256]
+    #[arg(long, env = "ONAIR_MAX_HANDSHAKES_PER_ADDRESS", value_name = "N")]
+    pub max_handshakes_per_address: Option<usize>,
+
     /// LL-HLS part target, ms: how often a new part is ready (and the latency floor of HLS
     /// players, which hold back three parts). [default: 200]
     #[arg(long, env = "ONAIR_HLS_PART_MS", value_name = "MS")]
@@ -365,6 +375,8 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     pub read_token: Option<String>,
     pub auth_hook_url: Option<String>,
+    pub max_connections: usize,
+    pub max_handshakes_per_address: usize,
     /// Who may publish, play and read, resolved from the keys above and the stream tables.
     pub auth: crate::auth::Auth,
     /// Secrets given as command-line arguments, which anyone on the machine can read in `ps`:
@@ -440,6 +452,8 @@ impl Config {
             jwt_secret: cli.jwt_secret.or(file.jwt_secret),
             read_token: cli.read_token.or(file.read_token),
             auth_hook_url: cli.auth_hook_url.or(file.auth_hook_url),
+            max_connections: pick!(max_connections, 16384),
+            max_handshakes_per_address: pick!(max_handshakes_per_address, 256),
             auth: Default::default(),
             secrets_on_command_line: Vec::new(),
             hls_part_ms: pick!(hls_part_ms, 200),
@@ -482,6 +496,12 @@ impl Config {
         }
         if self.max_backlog_bytes < 64 << 10 {
             return invalid("max_backlog_bytes", "must be at least 65536");
+        }
+        if self.max_connections == 0 || self.max_handshakes_per_address == 0 {
+            return invalid(
+                "max_connections, max_handshakes_per_address",
+                "must be greater than 0",
+            );
         }
         if self.max_lag.is_zero() {
             return invalid("max_lag_ms", "must be greater than 0");

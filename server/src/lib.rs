@@ -6,6 +6,7 @@ pub mod delivery;
 pub mod hls;
 pub mod hub;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod stats;

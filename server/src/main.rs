@@ -67,13 +67,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     }
     let rtmp_listener = bind("RTMP", cfg.rtmp).await?;
     let http_listener = bind("HTTP", cfg.http).await?;
-    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    // Tests and scripts read the bound addresses from this line (ports may be 0 in config).
-    tracing::info!(
-        "onair ready rtmp={} http={}",
-        local(&rtmp_listener),
-        local(&http_listener)
-    );
+    // Before the ready line, which tests and scripts wait for.
     for key in &cfg.secrets_on_command_line {
         tracing::warn!(
             "{key} was given on the command line, where anyone on this machine can read it \
@@ -93,6 +87,13 @@ async fn run(cfg: Config) -> Result<(), String> {
         );
     }
 
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // Tests and scripts read the bound addresses from this line (ports may be 0 in config).
+    tracing::info!(
+        "onair ready rtmp={} http={}",
+        local(&rtmp_listener),
+        local(&http_listener)
+    );
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -129,7 +130,18 @@ async fn run(cfg: Config) -> Result<(), String> {
             shutdown: shutdown.clone(),
         },
     );
+    let limits =
+        onair_server::limits::Limits::new(cfg.max_connections, cfg.max_handshakes_per_address);
     let app = App {
+        limits: limits.clone(),
+        hls_held: onair_server::limits::Counted::new(
+            "hls_held",
+            onair_server::delivery::hls::MAX_HLS_HELD,
+        ),
+        feed_subscribers: onair_server::limits::Counted::new(
+            "feed_subscribers",
+            onair_server::delivery::http::MAX_FEED_SUBSCRIBERS,
+        ),
         transcoders,
         abr_memory: Default::default(),
         hub: hub.clone(),
@@ -144,12 +156,19 @@ async fn run(cfg: Config) -> Result<(), String> {
         rtmp_listener,
         hub.clone(),
         cfg.clone(),
+        limits.clone(),
         shutdown.clone(),
         tracker.clone(),
     ));
     tracker.spawn(http::serve(http_listener, app));
-    onair_server::ingest::tcp::start(hub.clone(), cfg.clone(), shutdown.clone(), tracker.clone())
-        .await?;
+    onair_server::ingest::tcp::start(
+        hub.clone(),
+        cfg.clone(),
+        limits,
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .await?;
 
     wait_for_signal().await;
     tracing::info!("shutting down: closing viewers and publishers");

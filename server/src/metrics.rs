@@ -156,6 +156,21 @@ pub fn open_files_limit(n: u64) {
     metrics::gauge!("onair_open_files_limit").set(n as f64);
 }
 
+/// A connection closed at accept by a limit (cold path).
+pub fn connection_refused(listener: &'static str, reason: &'static str) {
+    metrics::counter!(
+        "onair_connections_refused_total",
+        "listener" => listener,
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+/// A request refused because a limit on what is held was reached (cold path).
+pub fn limit_refused(limit: &'static str) {
+    metrics::counter!("onair_limit_refusals_total", "limit" => limit).increment(1);
+}
+
 /// Credentials refused (cold path). `action` is publish, play, read or admin.
 pub fn auth_refusal(action: &'static str, protocol: &'static str, reason: &'static str) {
     metrics::counter!(
@@ -209,6 +224,23 @@ fn describe() {
         "Streams known to the hub (live or with waiting viewers)"
     );
     describe_gauge!("onair_streams_live", "Streams with a publisher");
+    describe_counter!(
+        "onair_connections_refused_total",
+        "Connections closed at accept, by listener and limit (max_connections, max_handshakes_per_address)"
+    );
+    describe_gauge!(
+        "onair_connections_open",
+        "Connections held, every listener together"
+    );
+    describe_gauge!(
+        "onair_connections_in_handshake",
+        "Connections that have not finished their handshake"
+    );
+    describe_gauge!("onair_connections_max", "max_connections");
+    describe_counter!(
+        "onair_limit_refusals_total",
+        "Requests refused at a limit: hls_held (blocking playlist requests), feed_subscribers"
+    );
     describe_gauge!(
         "onair_open_files_limit",
         "The process's open-file limit (RLIMIT_NOFILE): every connection takes one"
@@ -275,7 +307,15 @@ fn describe() {
 /// unknown name creates a waiting stream), so the registry would grow without bound. Written
 /// from the hub at each scrape, a stream's series goes when the stream goes. Stream names are
 /// a safe alphabet (`valid_stream_name`), so they need no escaping in a label.
-pub fn render(handle: &PrometheusHandle, hub: &Hub, transcoders: &Transcoders) -> String {
+pub fn render(
+    handle: &PrometheusHandle,
+    hub: &Hub,
+    transcoders: &Transcoders,
+    limits: &crate::limits::Limits,
+) -> String {
+    metrics::gauge!("onair_connections_open").set(limits.open() as f64);
+    metrics::gauge!("onair_connections_in_handshake").set(limits.in_handshake() as f64);
+    metrics::gauge!("onair_connections_max").set(limits.max() as f64);
     let summaries = hub.summaries();
     metrics::gauge!("onair_streams").set(summaries.len() as f64);
     metrics::gauge!("onair_streams_live").set(summaries.iter().filter(|s| s.live).count() as f64);

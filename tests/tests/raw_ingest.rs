@@ -568,3 +568,46 @@ async fn a_stream_without_idr_is_refused_and_another_stream_loses_nothing() {
     );
     rec.assert_video_continuous(35);
 }
+
+/// A message that never ends (fragments without a final one) is read as it comes: noise in it
+/// is refused after the first megabyte, as in whole messages, and the server holds no more of
+/// it than a fragment.
+#[tokio::test]
+async fn a_fragmented_message_is_read_fragment_by_fragment() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = Server::start(&[]).await;
+    let rss_before = server.rss_bytes();
+    let mut push = pusher(&server, "/ingest/fragments").await;
+    let zeros = vec![0u8; 256 << 10];
+    let mut sent = 0usize;
+    let mut kind = OpCode::Data(Data::Binary);
+    // Up to 64 MiB, never with FIN: a reassembling server would hold it all and answer nothing.
+    while sent < 64 << 20 {
+        let frame = Frame::message(zeros.clone(), kind, false);
+        if push.send(tungstenite::Message::Frame(frame)).await.is_err() {
+            break;
+        }
+        sent += zeros.len();
+        kind = OpCode::Data(Data::Continue);
+    }
+    let close = loop {
+        match tokio::time::timeout(T, futures_util::StreamExt::next(&mut push))
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(tungstenite::Message::Close(c))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let close = close.expect("a close frame with a reason");
+    assert_eq!(u16::from(close.code), 1003, "{}", close.reason);
+    assert!(
+        close.reason.contains("without an H.264 start code"),
+        "{}",
+        close.reason
+    );
+    let grew = server.rss_bytes().saturating_sub(rss_before);
+    assert!(grew < 16 << 20, "RSS grew by {} MiB", grew >> 20);
+}

@@ -30,6 +30,8 @@ use super::avc::{AvcError, parse_sps};
 pub enum AnnexBError {
     #[error("NAL unit larger than {limit} bytes: not a camera's H.264 (or a broken one)")]
     NalTooLarge { limit: usize },
+    #[error("access unit larger than {limit} bytes: no new picture starts (a broken stream)")]
+    AccessUnitTooLarge { limit: usize },
     #[error("{bytes} bytes without an H.264 start code: this is not an H.264 Annex B stream")]
     NoStartCode { bytes: usize },
     #[error("invalid NAL header 0x{0:02x}: this is not H.264 (forbidden bit set or unknown type)")]
@@ -115,8 +117,10 @@ impl AccumulatedNalHandler for Collect {
 /// Raw H.264 in, access units and parameter sets out.
 pub struct AccessUnits {
     reader: AnnexBReader<NalAccumulator<Collect>>,
-    /// The access unit being gathered, and whether it has slices yet.
+    /// The access unit being gathered, what it holds (bytes, plus [`NAL_OVERHEAD`] per NAL),
+    /// and whether it has slices yet.
     current: Vec<Vec<u8>>,
+    current_bytes: usize,
     has_vcl: bool,
     idr: bool,
     sps: Option<Vec<u8>>,
@@ -130,7 +134,12 @@ pub struct AccessUnits {
     /// Bytes in a row that belonged to no NAL unit.
     bytes_without_nal: usize,
     max_nal: usize,
+    max_au: usize,
 }
+
+/// What a NAL costs an access unit beyond its bytes (its Vec), so that many tiny NAL units
+/// count too.
+const NAL_OVERHEAD: usize = 32;
 
 /// Bytes in a row outside any NAL unit tolerated before the stream is refused as not H.264.
 /// A source joined in the middle of a NAL unit (a camera's TCP stream picked up mid-frame)
@@ -140,8 +149,9 @@ pub const MAX_BYTES_WITHOUT_NAL: usize = 1 << 20;
 const START_CODE: &[u8] = &[0, 0, 1];
 
 impl AccessUnits {
-    /// `max_nal`: the largest NAL unit accepted (an IDR of a big picture is a few MB at most).
-    pub fn new(max_nal: usize) -> Self {
+    /// `max_nal`: the largest NAL unit accepted (an IDR of a big picture is a few MB at most);
+    /// `max_au`: the largest access unit, all its NAL units together.
+    pub fn new(max_nal: usize, max_au: usize) -> Self {
         Self {
             reader: AnnexBReader::accumulate(Collect {
                 nals: Vec::new(),
@@ -150,6 +160,7 @@ impl AccessUnits {
                 calls: 0,
             }),
             current: Vec::new(),
+            current_bytes: 0,
             has_vcl: false,
             idr: false,
             sps: None,
@@ -159,6 +170,7 @@ impl AccessUnits {
             tail: Vec::new(),
             bytes_without_nal: 0,
             max_nal,
+            max_au,
         }
     }
 
@@ -262,6 +274,7 @@ impl AccessUnits {
             });
         }
         self.current.clear();
+        self.current_bytes = 0;
         self.has_vcl = false;
         self.idr = false;
     }
@@ -296,7 +309,7 @@ impl AccessUnits {
                 if self.has_vcl {
                     self.emit(out);
                 }
-                self.current.push(nal);
+                self.add(nal)?;
             }
             NAL_SLICE..=NAL_IDR => {
                 // first_mb_in_slice is the slice header's first ue(v): it is 0 exactly when the
@@ -307,10 +320,20 @@ impl AccessUnits {
                 }
                 self.has_vcl = true;
                 self.idr |= kind == NAL_IDR;
-                self.current.push(nal);
+                self.add(nal)?;
             }
-            _ => self.current.push(nal), // end of sequence/stream, and the like
+            _ => self.add(nal)?, // end of sequence/stream, and the like
         }
+        Ok(())
+    }
+
+    /// Adds a NAL unit to the access unit being gathered, within `max_au`.
+    fn add(&mut self, nal: Vec<u8>) -> Result<(), AnnexBError> {
+        self.current_bytes = self.current_bytes.saturating_add(nal.len() + NAL_OVERHEAD);
+        if self.current_bytes > self.max_au {
+            return Err(AnnexBError::AccessUnitTooLarge { limit: self.max_au });
+        }
+        self.current.push(nal);
         Ok(())
     }
 }
@@ -344,7 +367,7 @@ mod tests {
     }
 
     fn run(bytes: &[u8], chunk: usize) -> (Vec<AccessUnit>, Option<ParameterSets>) {
-        let mut aus = AccessUnits::new(1 << 20);
+        let mut aus = AccessUnits::new(1 << 20, 4 << 20);
         let mut out = Vec::new();
         for c in bytes.chunks(chunk) {
             aus.push(c, &mut out).expect("push");
@@ -352,6 +375,29 @@ mod tests {
         aus.finish(&mut out).expect("finish");
         let ps = aus.take_parameter_sets();
         (out, ps)
+    }
+
+    #[test]
+    fn an_access_unit_that_never_ends_is_refused_at_its_limit() {
+        // Slices that never start a new picture (first_mb_in_slice is never 0), and SEIs that
+        // never reach a slice: either would grow one access unit forever.
+        let mut aus = AccessUnits::new(1000, 4000);
+        let mut out = Vec::new();
+        let mut stream = annexb(&[SPS.to_vec(), PPS.to_vec(), idr(true)]);
+        for _ in 0..200 {
+            stream.extend_from_slice(&annexb(&[p_slice(false)]));
+        }
+        assert_eq!(
+            aus.push(&stream, &mut out),
+            Err(AnnexBError::AccessUnitTooLarge { limit: 4000 })
+        );
+        let mut aus = AccessUnits::new(1000, 4000);
+        let sei = vec![0x06, 0x05, 0x01, 0x00, 0x80];
+        let seis = annexb(&vec![sei; 200]);
+        assert_eq!(
+            aus.push(&seis, &mut out),
+            Err(AnnexBError::AccessUnitTooLarge { limit: 4000 })
+        );
     }
 
     #[test]
@@ -414,7 +460,7 @@ mod tests {
     #[test]
     fn repeated_parameter_sets_are_not_a_change() {
         let gop = [SPS.to_vec(), PPS.to_vec(), idr(true), p_slice(true)];
-        let mut aus = AccessUnits::new(1 << 20);
+        let mut aus = AccessUnits::new(1 << 20, 4 << 20);
         let mut out = Vec::new();
         aus.push(&annexb(&gop), &mut out).expect("push");
         assert!(aus.take_parameter_sets().is_some());
@@ -424,7 +470,7 @@ mod tests {
 
     #[test]
     fn garbage_and_oversize_units_are_errors() {
-        let mut aus = AccessUnits::new(1 << 20);
+        let mut aus = AccessUnits::new(1 << 20, 4 << 20);
         let mut out = Vec::new();
         let noise: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251 + 1) as u8).collect();
         let err = noise
@@ -433,7 +479,7 @@ mod tests {
             .expect("noise refused");
         assert!(matches!(err, AnnexBError::NoStartCode { .. }), "{err}");
 
-        let mut aus = AccessUnits::new(1000);
+        let mut aus = AccessUnits::new(1000, 4000);
         let mut big = vec![0, 0, 0, 1, 0x65, 0x88];
         big.extend(std::iter::repeat_n(0x55u8, 5000));
         let err = big
@@ -442,7 +488,7 @@ mod tests {
             .expect("oversize refused");
         assert_eq!(err, AnnexBError::NalTooLarge { limit: 1000 });
 
-        let mut aus = AccessUnits::new(1000);
+        let mut aus = AccessUnits::new(1000, 4000);
         let err = aus
             .push(&annexb(&[vec![0x80, 1, 2], vec![0x41, 0x9a]]), &mut out)
             .expect_err("forbidden bit");
@@ -478,7 +524,7 @@ mod tests {
         after_start.extend((0..(2 << 20)).map(|i| (i % 250 + 2) as u8));
         for (name, noise) in [("plain", &plain), ("after a start code", &after_start)] {
             for chunk in [1, 1000, 4096, 65536] {
-                let mut aus = AccessUnits::new(1 << 20);
+                let mut aus = AccessUnits::new(1 << 20, 4 << 20);
                 let mut out = Vec::new();
                 let mut fed = 0;
                 let err = noise

@@ -19,6 +19,9 @@ use crate::hls::{HlsStream, playlist};
 
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Blocking playlist requests held at once, every stream together: an LL-HLS player holds one
+/// or two, so this is thousands of players.
+pub const MAX_HLS_HELD: usize = 8192;
 /// Segments further ahead than this are a client bug, not a wait (the spec's 400).
 const MAX_AHEAD_SEGMENTS: u64 = 2;
 
@@ -302,7 +305,19 @@ async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -
                 format!("_HLS_msn={msn} is too far ahead: the last segment is {last}\n"),
             );
         }
-        // Held until that part exists, for at most three target durations (the spec's bound).
+        // Held until that part exists, for at most three target durations (the spec's bound),
+        // and only so many at once: each holds a connection and a task.
+        let _held = if has(hls, msn, q.part) {
+            None
+        } else {
+            let Some(held) = app.hls_held.take() else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("503: {MAX_HLS_HELD} blocking playlist requests are held already\n"),
+                );
+            };
+            Some(held)
+        };
         let mut updates = hls.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3 * td);
         while !has(hls, msn, q.part) {

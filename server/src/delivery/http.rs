@@ -37,6 +37,11 @@ pub struct App {
     /// Where automatic viewers left off, per address.
     pub abr_memory: Arc<super::abr::Memory>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    pub limits: Arc<crate::limits::Limits>,
+    /// Blocking LL-HLS playlist requests held now ([`super::hls::MAX_HLS_HELD`]).
+    pub hls_held: Arc<crate::limits::Counted>,
+    /// Dashboard feed subscribers now ([`MAX_FEED_SUBSCRIBERS`]).
+    pub feed_subscribers: Arc<crate::limits::Counted>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -196,10 +201,20 @@ async fn get_stream(
     .into_response()
 }
 
+/// Dashboard feed subscribers at once: each is a connection and a task.
+pub const MAX_FEED_SUBSCRIBERS: usize = 256;
+
 /// The dashboard's feed: Server-Sent Events, a `history` event first (the charts' last minutes),
 /// then the latest `snapshot` at once and a new one every second, each with the client's page of
 /// the viewer table.
 async fn events(State(app): State<App>, Query(page): Query<Page>) -> Response {
+    let Some(subscribed) = app.feed_subscribers.take() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("503: the feed has {MAX_FEED_SUBSCRIBERS} subscribers already\n"),
+        )
+            .into_response();
+    };
     let history = serde_json::to_string(&app.stats.history()).unwrap_or_default();
     // Reconnect after a second, not the browser's default of about three.
     let first = Event::default()
@@ -210,8 +225,8 @@ async fn events(State(app): State<App>, Query(page): Query<Page>) -> Response {
     updates.mark_changed();
     let shutdown = app.shutdown.clone();
     let snapshots = futures_util::stream::unfold(
-        (updates, page, shutdown),
-        |(mut updates, page, shutdown)| async move {
+        (updates, page, shutdown, subscribed),
+        |(mut updates, page, shutdown, subscribed)| async move {
             tokio::select! {
                 r = updates.changed() => r.ok()?,
                 _ = shutdown.cancelled() => return None,
@@ -220,7 +235,7 @@ async fn events(State(app): State<App>, Query(page): Query<Page>) -> Response {
             let event = Event::default().event("snapshot").data(json);
             Some((
                 Ok::<_, std::convert::Infallible>(event),
-                (updates, page, shutdown),
+                (updates, page, shutdown, subscribed),
             ))
         },
     );
@@ -241,7 +256,7 @@ async fn metrics(State(app): State<App>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&app.prometheus, &app.hub, &app.transcoders),
+        crate::metrics::render(&app.prometheus, &app.hub, &app.transcoders, &app.limits),
     )
         .into_response()
 }
@@ -338,7 +353,25 @@ pub async fn serve(listener: TcpListener, app: App) {
             c = crate::net::accept(&listener, "http") => c,
             _ = app.shutdown.cancelled() => return,
         };
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let Some(slot) = app.limits.admit(peer, "http") else {
+            continue;
+        };
+        // The connection's place in the limits: its handshake ends with its first request's
+        // head, and a WebSocket handler keeps the slot for as long as it serves the socket.
+        let slot = Arc::new(slot);
+        let first_request = slot.clone();
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::middleware::map_request(
+                    move |req: axum::extract::Request| {
+                        first_request.handshake_done();
+                        std::future::ready(req)
+                    },
+                ))
+                .layer(axum::Extension(Peer(peer)))
+                .layer(axum::Extension(crate::limits::ConnSlot(slot))),
+        );
         let shutdown = app.shutdown.clone();
         app.tracker.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()

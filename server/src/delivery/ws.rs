@@ -86,6 +86,7 @@ pub async fn play(
     Path(stream): Path<String>,
     Query(query): Query<PlayQuery>,
     Extension(Peer(peer)): Extension<Peer>,
+    Extension(slot): Extension<crate::limits::ConnSlot>,
     mut req: Request,
 ) -> Response {
     if let Some(refused) = crate::net::refuse_upgrade(&req, &stream, "playing") {
@@ -131,6 +132,8 @@ pub async fn play(
     let memory = app.abr_memory.clone();
     app.tracker.spawn(
         async move {
+            // The socket counts against the connection limit for as long as it is served.
+            let _slot = slot;
             let ws = match upgrade.await {
                 Ok(ws) => ws,
                 Err(e) => {

@@ -32,6 +32,11 @@ use crate::hub::{Event, Hub, Item, QueueLimits, Stream, StreamHold, now_us};
 
 /// The published rendition's name.
 pub const SOURCE: &str = "source";
+/// How long a stream's numbering is remembered after its packager ended: a player holding a
+/// playlist URL across a longer gap starts over anyway.
+const COUNTERS_KEPT: Duration = Duration::from_secs(3600);
+/// Stream names whose numbering is remembered at most.
+const COUNTERS_MAX: usize = 4096;
 use segmenter::{Counters, Frame, Segmenter, Settings};
 
 /// The HLS side of the server: a packager per stream.
@@ -39,9 +44,11 @@ pub struct Hls {
     settings: Settings,
     grace: Duration,
     streams: DashMap<String, Arc<HlsStream>>,
-    /// Where each stream's numbering stopped when its last packager ended: a later one
-    /// continues it, so a playlist URL's sequence numbers never go back.
-    counters: DashMap<String, Counters>,
+    /// Where each stream's numbering stopped when its last packager ended, and when: a later
+    /// one continues it, so a playlist URL's sequence numbers never go back. Kept for
+    /// [`COUNTERS_KEPT`], and for at most [`COUNTERS_MAX`] names (a publisher trying names
+    /// must not grow it without end).
+    counters: DashMap<String, (Counters, std::time::Instant)>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -203,7 +210,7 @@ impl Hls {
     ) -> Arc<HlsStream> {
         let mut segmenter = Segmenter::new(self.settings);
         if let Some(c) = self.counters.get(&key) {
-            segmenter.resume(*c);
+            segmenter.resume(c.0);
         }
         let hls = Arc::new(HlsStream {
             epoch: now_us() / 1000,
@@ -226,7 +233,19 @@ impl Hls {
 
     fn remove(&self, hls: &Arc<HlsStream>) {
         let counters = hls.read(|s| s.counters());
-        self.counters.insert(hls.key.clone(), counters);
+        let now = std::time::Instant::now();
+        self.counters.insert(hls.key.clone(), (counters, now));
+        if self.counters.len() > COUNTERS_MAX {
+            self.counters
+                .retain(|_, (_, at)| now.duration_since(*at) < COUNTERS_KEPT);
+        }
+        if self.counters.len() > COUNTERS_MAX {
+            // Still too many within the hour: the oldest go.
+            let mut ages: Vec<_> = self.counters.iter().map(|e| e.value().1).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() - COUNTERS_MAX];
+            self.counters.retain(|_, (_, at)| *at >= cut);
+        }
         self.streams.remove_if(&hls.key, |_, h| Arc::ptr_eq(h, hls));
     }
 }

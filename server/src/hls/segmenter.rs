@@ -24,9 +24,13 @@ use onair_protocol::wire::{Init, TrackKind, TrackParams};
 const VIDEO_ID: u32 = 1;
 const AUDIO_ID: u32 = 2;
 const AAC_FRAME: u64 = 1024;
-/// A part that never meets a boundary (timestamps that stall) is closed anyway at this size:
-/// memory per stream stays bounded whatever the publisher sends.
+/// A part that never meets a boundary (timestamps that stall) is closed anyway at this size,
+/// and a segment at [`MAX_SEGMENT_BYTES`]: with the window's segments counted, memory per
+/// rendition stays bounded whatever timestamps the publisher sends.
 const MAX_PENDING_BYTES: usize = 8 << 20;
+/// A segment this large closes after its part, keyframe or not (the next one starts at the
+/// next keyframe): 4K at 20 Mbit/s for three segment targets of 6 s is about 45 MB.
+const MAX_SEGMENT_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -479,7 +483,8 @@ impl Segmenter {
         if let Some(v) = video.filter(|v| v.wire_id == f.track) {
             let t_us = to_us(f.dts, v.timescale);
             if let Some(last) = self.last_video_us
-                && (t_us + 1_000_000 < last || t_us > last + MAX_STEP_US)
+                && (t_us.saturating_add(1_000_000) < last
+                    || t_us > last.saturating_add(MAX_STEP_US))
             {
                 self.new_timeline(last);
             }
@@ -523,7 +528,7 @@ impl Segmenter {
                 Some(next) if next.abs_diff(anchored) <= 2 * AAC_FRAME => next,
                 _ => anchored,
             };
-            self.audio_next = Some(dts + AAC_FRAME);
+            self.audio_next = Some(dts.saturating_add(AAC_FRAME));
             let t_us = to_us(dts, a.sample_rate);
             if video.is_none() {
                 // Audio only: audio drives the parts, and every frame can start a segment.
@@ -542,7 +547,8 @@ impl Segmenter {
             });
         }
         if self.pending_bytes > MAX_PENDING_BYTES {
-            let end = self.pending.last().map_or(0, |p| p.t_us) + self.video_delta_us;
+            let last = self.pending.last().map_or(0, |p| p.t_us);
+            let end = last.saturating_add(self.video_delta_us);
             self.close_part(end);
             closed = true;
         }
@@ -552,7 +558,7 @@ impl Segmenter {
     /// The publisher's clock jumped: close what is open at the old clock, and start the next
     /// segment (at a keyframe) as a discontinuity.
     fn new_timeline(&mut self, last_video_us: u64) {
-        self.close_part(last_video_us + self.video_delta_us);
+        self.close_part(last_video_us.saturating_add(self.video_delta_us));
         self.close_segment();
         self.discontinuity_next = !self.segments.is_empty();
         self.last_video_us = None;
@@ -713,6 +719,7 @@ impl Segmenter {
             || (videos.is_empty() && init.video.is_none());
         let duration_s = end_us.saturating_sub(start) as f64 / 1e6;
         self.next_part_seq += 1;
+        let mut full = false;
         if let Some(seg) = self.segments.back_mut().filter(|s| !s.complete) {
             seg.duration_s += duration_s;
             seg.parts.push(Arc::new(Part {
@@ -722,6 +729,11 @@ impl Segmenter {
                 independent,
                 ready_us: now_us,
             }));
+            full = seg.parts.iter().map(|p| p.bytes.len()).sum::<usize>() > MAX_SEGMENT_BYTES;
+        }
+        if full {
+            // Timestamps that never reach a segment boundary.
+            self.close_segment();
         }
     }
 
@@ -995,6 +1007,39 @@ mod tests {
             assert!(g.duration_s <= 2.1, "segment of {} s", g.duration_s);
         }
         assert_eq!(s.target_duration(), 2);
+    }
+
+    #[test]
+    fn timestamps_that_stop_advancing_leave_memory_bounded() {
+        let mut s = Segmenter::new(settings());
+        s.set_init(&init(false)).unwrap();
+        // Keyframes and frames of 1 MiB, all at the same dts: no part or segment boundary is
+        // ever reached by time.
+        let payload = vec![0x55; 1 << 20];
+        for i in 0..400u64 {
+            let f = Frame {
+                track: 0,
+                keyframe: i % 30 == 0,
+                dts: 1000,
+                cts: 0,
+                ingest_us: 0,
+                payload: &payload,
+            };
+            s.push(&f, 0).unwrap();
+        }
+        let held: usize = s
+            .segments()
+            .iter()
+            .flat_map(|g| g.parts.iter())
+            .map(|p| p.bytes.len())
+            .sum();
+        let bound = (3 + UNLISTED_KEPT + 1) * (MAX_SEGMENT_BYTES + MAX_PENDING_BYTES);
+        assert!(held <= bound, "{} MiB held", held >> 20);
+        assert!(s.segments().len() <= 3 + UNLISTED_KEPT + 1);
+        assert!(
+            s.segments().iter().filter(|g| g.complete).count() >= 3,
+            "segments closed"
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! A viewer whose cursor reaches the live edge hands its socket to the rendition (it is
 //! *promoted*). From then on the rendition's fan-out task writes each new media frame to every
-//! promoted socket with one non-blocking vectored write per wake-up: no task wake-up, lock or
-//! allocation per viewer and frame, just the system call. A wake-up flushes everything pushed
+//! promoted socket with one non-blocking vectored write per wake-up: no task wake-up or
+//! allocation per viewer and frame, just the sink's (uncontended) mutex and the system call. A wake-up flushes everything pushed
 //! since the last one, so a publisher's read that carried audio and video becomes one write.
 //!
 //! Anything unusual hands the socket back to the viewer's own task (it is *demoted*), which

@@ -20,6 +20,8 @@ use super::{IngestError, MediaIngest};
 
 /// Largest NAL unit accepted: a 4K IDR at a high bitrate fits.
 pub const MAX_NAL: usize = 8 << 20;
+/// Largest access unit (one frame, all its NAL units): a 4K IDR in several slices fits.
+pub const MAX_ACCESS_UNIT: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RawError {
@@ -39,7 +41,8 @@ impl RawError {
     /// The `kind` label of `onair_ingest_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
-            RawError::AnnexB(AnnexBError::NalTooLarge { .. }) => "oversize",
+            RawError::AnnexB(AnnexBError::NalTooLarge { .. })
+            | RawError::AnnexB(AnnexBError::AccessUnitTooLarge { .. }) => "oversize",
             RawError::AnnexB(_) | RawError::Text => "not_h264",
             RawError::Avc(_) => "bad_parameter_sets",
             RawError::Ingest(_) => "media",
@@ -84,7 +87,7 @@ impl RawH264 {
     pub fn new(ingest: MediaIngest, fps: Option<f64>, idr_timeout: Duration) -> Self {
         Self {
             ingest,
-            units: AccessUnits::new(MAX_NAL),
+            units: AccessUnits::new(MAX_NAL, MAX_ACCESS_UNIT),
             configured_fps: fps.filter(|f| f.is_finite() && *f > 0.0 && *f <= 1000.0),
             clock: None,
             frames: 0,
@@ -137,7 +140,13 @@ impl RawH264 {
     /// The connection loops wait for it, so the rule holds even for a source that sends
     /// nothing at all.
     pub fn idr_deadline(&self) -> Option<tokio::time::Instant> {
-        (!self.got_idr).then(|| tokio::time::Instant::from_std(self.started + self.idr_timeout))
+        if self.got_idr {
+            return None;
+        }
+        // A timeout too long to add to a clock is none at all.
+        self.started
+            .checked_add(self.idr_timeout)
+            .map(tokio::time::Instant::from_std)
     }
 
     /// The error for a source whose [`RawH264::idr_deadline`] passed.

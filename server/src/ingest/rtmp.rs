@@ -124,6 +124,7 @@ pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
     cfg: Arc<Config>,
+    limits: Arc<crate::limits::Limits>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -132,11 +133,14 @@ pub async fn serve(
             c = crate::net::accept(&listener, "rtmp") => c,
             _ = shutdown.cancelled() => return,
         };
+        let Some(slot) = limits.admit(peer, "rtmp") else {
+            continue;
+        };
         let (hub, cfg, shutdown) = (hub.clone(), cfg.clone(), shutdown.clone());
         let span = tracing::info_span!("publish", %peer, stream = tracing::field::Empty);
         tracker.spawn(
             async move {
-                match connection(tcp, peer, hub, &cfg, shutdown).await {
+                match connection(tcp, peer, hub, &cfg, &slot, shutdown).await {
                     Ok(()) => tracing::info!("rtmp connection closed"),
                     Err(e) => {
                         crate::metrics::ingest_error("rtmp", e.kind());
@@ -154,6 +158,7 @@ async fn connection(
     peer: SocketAddr,
     hub: Arc<Hub>,
     cfg: &Config,
+    slot: &crate::limits::Slot,
     shutdown: CancellationToken,
 ) -> Result<(), RtmpError> {
     let mut buf = vec![0u8; 64 * 1024];
@@ -174,13 +179,17 @@ async fn connection(
             .map_err(|e| RtmpError::Handshake(format!("{:?}", e)))?
         {
             HandshakeProcessResult::InProgress { response_bytes } => {
-                tcp.write_all(&response_bytes).await?;
+                tokio::time::timeout_at(deadline, tcp.write_all(&response_bytes))
+                    .await
+                    .map_err(|_| RtmpError::Timeout("writing the RTMP handshake"))??;
             }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
             } => {
-                tcp.write_all(&response_bytes).await?;
+                tokio::time::timeout_at(deadline, tcp.write_all(&response_bytes))
+                    .await
+                    .map_err(|_| RtmpError::Timeout("writing the RTMP handshake"))??;
                 break remaining_bytes;
             }
         }
@@ -198,6 +207,7 @@ async fn connection(
         cfg,
         ingest: None,
         pending: None,
+        slot,
         guard: ChunkGuard {
             chunks: ChunkDeserializer::new(),
         },
@@ -222,7 +232,10 @@ async fn connection(
             return Err(e);
         }
         if !conn.out.is_empty() {
-            tcp.write_all(&conn.out).await?;
+            // A publisher that does not read what we send (acknowledgements, status) is gone.
+            tokio::time::timeout(cfg.rtmp_idle_timeout, tcp.write_all(&conn.out))
+                .await
+                .map_err(|_| RtmpError::Timeout("writing to the publisher"))??;
             conn.out.clear();
         }
         let wait = if conn.ingest.is_some() || conn.finished {
@@ -273,6 +286,8 @@ struct Conn<'a> {
     guard: ChunkGuard,
     /// A publish request waiting for its credentials to be checked (which may ask the hook).
     pending: Option<Pending>,
+    /// Its place in the connection limits: in its handshake until the publish is accepted.
+    slot: &'a crate::limits::Slot,
     /// The publisher finished; the client is expected to close.
     finished: bool,
 }
@@ -335,6 +350,7 @@ impl Conn<'_> {
         )?;
         tracing::info!("publishing");
         self.ingest = Some(MediaIngest::new(publisher));
+        self.slot.handshake_done();
         self.accept(p.request_id)
     }
 

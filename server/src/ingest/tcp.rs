@@ -60,7 +60,9 @@ enum Reader {
     Flv(Box<(MediaIngest, TagReader)>),
 }
 
-/// Serves one source connection as stream `name` until it ends.
+/// Serves one source connection as stream `name` until it ends; `slot` (a listener's
+/// connection) leaves its handshake once the stream is claimed.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     mut tcp: TcpStream,
     peer: SocketAddr,
@@ -68,6 +70,7 @@ async fn serve(
     fps: Option<f64>,
     hub: &Arc<Hub>,
     cfg: &Config,
+    slot: Option<&crate::limits::Slot>,
     shutdown: &CancellationToken,
 ) -> Result<(), TcpError> {
     let _ = tcp.set_nodelay(true);
@@ -96,6 +99,9 @@ async fn serve(
     let publisher = hub
         .publish(name, info)
         .map_err(|_| TcpError::Busy(name.to_string()))?;
+    if let Some(slot) = slot {
+        slot.handshake_done();
+    }
     let ingest = MediaIngest::new(publisher);
     let mut reader = if first.starts_with(b"FLV") {
         tracing::info!("publishing (FLV)");
@@ -159,6 +165,7 @@ async fn serve(
 pub async fn start(
     hub: Arc<Hub>,
     cfg: Arc<Config>,
+    limits: Arc<crate::limits::Limits>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> Result<(), String> {
@@ -172,6 +179,7 @@ pub async fn start(
             l.clone(),
             hub.clone(),
             cfg.clone(),
+            limits.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -187,6 +195,7 @@ async fn listen(
     source: ListenSource,
     hub: Arc<Hub>,
     cfg: Arc<Config>,
+    limits: Arc<crate::limits::Limits>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -203,12 +212,27 @@ async fn listen(
             tracing::warn!(stream = %source.name, %peer, "tcp source refused: address not allowed");
             continue;
         }
+        let Some(slot) = limits.admit(peer, "tcp") else {
+            continue;
+        };
         let (hub, cfg, shutdown, source) =
             (hub.clone(), cfg.clone(), shutdown.clone(), source.clone());
         let span = tracing::info_span!("ingest", protocol = "tcp", stream = %source.name, %peer);
         tracker.spawn(
             async move {
-                match serve(tcp, peer, &source.name, source.fps, &hub, &cfg, &shutdown).await {
+                let slot = Some(&slot);
+                match serve(
+                    tcp,
+                    peer,
+                    &source.name,
+                    source.fps,
+                    &hub,
+                    &cfg,
+                    slot,
+                    &shutdown,
+                )
+                .await
+                {
                     Ok(()) => tracing::info!("source finished"),
                     Err(e) => {
                         crate::metrics::ingest_error("tcp", e.kind());
@@ -238,7 +262,7 @@ async fn pull(source: PullSource, hub: Arc<Hub>, cfg: Arc<Config>, shutdown: Can
                     Ok(Ok(tcp)) => {
                         let peer = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                         tracing::info!("camera connected");
-                        serve(tcp, peer, &source.name, source.fps, &hub, &cfg, &shutdown).await
+                        serve(tcp, peer, &source.name, source.fps, &hub, &cfg, None, &shutdown).await
                     }
                     Ok(Err(e)) => Err(TcpError::Io(e)),
                     Err(_) => Err(TcpError::Io(std::io::ErrorKind::TimedOut.into())),

@@ -2,7 +2,9 @@
 //! of Annex B bytes in any chunking (a NAL may span messages, a message may hold many).
 //!
 //! The stream is claimed before the upgrade, so a name already live is refused with an HTTP
-//! error a client can read. Bad input closes the connection with a reason (1003 for bytes that
+//! error a client can read. A message's fragments go to the Annex B reader as they come, never
+//! reassembled: memory per publisher is one frame's payload (at most [`MAX_FRAME`]) and the
+//! access unit being gathered (bounded in `raw`), however long a fragmented message runs. Bad input closes the connection with a reason (1003 for bytes that
 //! are not H.264, 1008 for a stream without an IDR); nothing else on the server is touched.
 
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use fastwebsockets::{FragmentCollector, Frame, OpCode};
+use fastwebsockets::{Frame, OpCode, WebSocket};
 use tracing::Instrument;
 
 use tokio_util::sync::CancellationToken;
@@ -33,8 +35,9 @@ pub struct PushContext {
     pub tracker: TaskTracker,
 }
 
-/// Largest message taken: far more than any chunking needs, and a bound on memory.
-const MAX_MESSAGE: usize = 16 << 20;
+/// Largest WebSocket frame taken (a message may be any number of them): far more than any
+/// chunking needs, and a bound on a publisher's read buffer.
+const MAX_FRAME: usize = 16 << 20;
 
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct PushQuery {
@@ -49,6 +52,7 @@ pub async fn push(
     Path(stream): Path<String>,
     Query(q): Query<PushQuery>,
     Extension(Peer(peer)): Extension<Peer>,
+    Extension(slot): Extension<crate::limits::ConnSlot>,
     mut req: Request,
 ) -> Response {
     if let Some(refused) = crate::net::refuse_upgrade(&req, &stream, "raw H.264 (Annex B) ingest") {
@@ -109,6 +113,8 @@ pub async fn push(
     let (idle, shutdown) = (app.cfg.rtmp_idle_timeout, app.shutdown.clone());
     app.tracker.spawn(
         async move {
+            // The socket counts against the connection limit for as long as it is served.
+            let _slot = slot;
             let ws = match upgrade.await {
                 Ok(ws) => ws,
                 Err(e) => {
@@ -118,8 +124,7 @@ pub async fn push(
             };
             tracing::info!("publishing");
             let mut ws = ws;
-            ws.set_max_message_size(MAX_MESSAGE);
-            let mut ws = FragmentCollector::new(ws);
+            ws.set_max_message_size(MAX_FRAME);
             let (code, reason) = match run(&mut ws, raw, idle, shutdown).await {
                 Ok(()) => {
                     tracing::info!("publisher finished");
@@ -162,7 +167,7 @@ enum End {
 }
 
 async fn run<S>(
-    ws: &mut FragmentCollector<S>,
+    ws: &mut WebSocket<S>,
     mut raw: RawH264,
     idle: Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -186,7 +191,9 @@ where
             _ = shutdown.cancelled() => return Err(End::Shutdown),
         };
         match frame.opcode {
-            OpCode::Binary => raw.push(&frame.payload).map_err(End::Raw)?,
+            // A fragment of a text message starts with a Text frame, refused below, so every
+            // continuation here belongs to a binary message.
+            OpCode::Binary | OpCode::Continuation => raw.push(&frame.payload).map_err(End::Raw)?,
             OpCode::Close => {
                 raw.finish().map_err(End::Raw)?;
                 return Ok(());
