@@ -1,7 +1,7 @@
 # onair: `make run` builds everything and starts the server; `make test` runs every check.
 CARGO ?= cargo
 
-.PHONY: run build player setup test fmt-check clippy wasm-check unit e2e bench
+.PHONY: run build player setup test fmt-check clippy wasm-check unit e2e bench fuzz fuzz-smoke fuzz-corpus
 
 run: build
 	./target/release/onair
@@ -17,7 +17,7 @@ player: setup
 setup:
 	./scripts/setup.sh
 
-test: setup fmt-check clippy wasm-check unit player e2e
+test: setup fmt-check clippy wasm-check unit player e2e fuzz-smoke
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -46,3 +46,16 @@ BENCH_ARGS ?= --viewers 1000 --burst 500 --window-secs 60 --runs 3
 bench: setup player
 	$(CARGO) build --release --locked -p onair-server -p onair-tests --bin onair --bin onair-bench
 	./target/release/onair-bench $(BENCH_ARGS) --json target/bench/results.json
+
+# `make fuzz`'s short version: every target for 10 s from the committed seeds.
+fuzz-smoke:
+	./scripts/fuzz.sh 10
+
+# Every fuzz target for FUZZ_SECS seconds each (docs/reliability.md); not part of `make test`.
+FUZZ_SECS ?= 300
+fuzz: setup
+	./scripts/fuzz.sh $(FUZZ_SECS)
+
+# Re-seeds fuzz/corpus/ from real ffmpeg output and a real server's messages (committed).
+fuzz-corpus: build
+	python3 scripts/fuzz-corpus.py ./target/release/onair fuzz/corpus

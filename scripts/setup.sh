@@ -7,7 +7,8 @@ set -euo pipefail
 # gcc/libc6-dev: the linker rustc needs. make: the entry point itself. binaryen: wasm-opt for
 # the player. chromium + chromium-driver: the real browser the player is tested in.
 # iproute2: `ip netns`, veth and `tc … tbf`, for the tests' own shaped links (tests/src/netns.rs).
-APT_PACKAGES=(ffmpeg procps gcc libc6-dev make binaryen chromium chromium-driver iproute2)
+# g++: libFuzzer, which the fuzz targets link (scripts/fuzz.sh).
+APT_PACKAGES=(ffmpeg procps gcc g++ libc6-dev make binaryen chromium chromium-driver iproute2)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

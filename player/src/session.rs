@@ -359,8 +359,10 @@ impl Session {
         if let Some(last) = track.last_dts
             && header.dts > last
         {
-            let step =
-                (header.dts - last) * u64::from(track.timescale) / u64::from(track.wire_timescale);
+            // In u128: a dts step of up to 2^40 times a 32-bit timescale (fuzz/player_session).
+            let step = u128::from(header.dts - last) * u128::from(track.timescale)
+                / u128::from(track.wire_timescale.max(1));
+            let step = u64::try_from(step).unwrap_or(u64::MAX);
             // Audio keeps its exact 1024; a video step longer than a second is a gap in the
             // stream, not a frame rate.
             if track.kind == TrackKind::Video && step > 0 && step < u64::from(track.timescale) {
@@ -882,5 +884,24 @@ mod tests {
         let end = s.timeline_end();
         assert!(fragment(&mut s, &media(0, false, 0, i16::MAX, 7)).is_some());
         assert!(s.timeline_end() > end && s.timeline_end() - end < 0.1);
+    }
+
+    /// Inputs fuzz/player_session found panicking, replayed as that target does (messages
+    /// behind u16 lengths): a dts step times a large timescale overflowed a u64.
+    #[test]
+    fn fuzz_regressions_replay_without_a_panic() {
+        let inputs: [&[u8]; 1] = [include_bytes!(
+            "../../fuzz/regressions/player_session/dts-step-overflow"
+        )];
+        for input in inputs {
+            let mut s = Session::new();
+            let mut rest = input;
+            while rest.len() >= 2 {
+                let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let end = (2 + len).min(rest.len());
+                let _ = s.message(&rest[2..end]);
+                rest = &rest[end..];
+            }
+        }
     }
 }

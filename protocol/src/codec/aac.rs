@@ -85,7 +85,8 @@ impl AudioSpecificConfig {
 
     /// The 7-byte ADTS header (no CRC) for one raw AAC frame of `payload_len` bytes.
     pub fn adts_header(&self, payload_len: usize) -> Result<[u8; 7], AacError> {
-        let frame_len = payload_len + 7;
+        // Saturating: a length near usize::MAX is too long, not an overflow (fuzz/aac).
+        let frame_len = payload_len.saturating_add(7);
         if frame_len > 0x1fff || self.sampling_frequency_index > 12 {
             return Err(AacError::FrameTooLong(payload_len));
         }
@@ -160,6 +161,16 @@ mod tests {
             he.adts_header(10).unwrap()[2] >> 6,
             1,
             "signalled as AAC-LC"
+        );
+    }
+
+    /// Found by fuzz/aac: the frame length overflowed.
+    #[test]
+    fn a_payload_length_near_the_maximum_is_too_long_not_an_overflow() {
+        let asc = AudioSpecificConfig::parse(&[0x12, 0x10]).unwrap();
+        assert_eq!(
+            asc.adts_header(usize::MAX),
+            Err(AacError::FrameTooLong(usize::MAX))
         );
     }
 }

@@ -45,6 +45,7 @@ pub struct AvcInfo {
 
 impl AvcInfo {
     pub fn parse(avcc: &[u8]) -> Result<Self, AvcError> {
+        check_layout(avcc)?;
         let record = AvcDecoderConfigurationRecord::try_from(avcc)
             .map_err(|e| AvcError::Config(format!("{e:?}")))?;
         let length_size = record.length_size_minus_one() + 1;
@@ -116,8 +117,44 @@ pub fn avcc_from_parameter_sets(sps: &[u8], pps: &[u8]) -> Result<Vec<u8>, AvcEr
     Ok(out)
 }
 
+/// Walks an avcC's parameter set lists (ISO/IEC 14496-15 5.3.3.1) with every length checked.
+/// h264-reader's iterators index past the end of a truncated list and panic (found by
+/// fuzz/avc), so nothing reaches them that this has not walked.
+fn check_layout(avcc: &[u8]) -> Result<(), AvcError> {
+    let count = |at: usize, mask: u8| {
+        avcc.get(at)
+            .map(|n| usize::from(n & mask))
+            .ok_or_else(truncated)
+    };
+    let sps = count(5, 0x1f)?;
+    let at = skip_parameter_sets(avcc, 6, sps)?;
+    let pps = count(at, 0xff)?;
+    skip_parameter_sets(avcc, at + 1, pps).map(|_| ())
+}
+
+fn truncated() -> AvcError {
+    AvcError::Config("truncated parameter set list".into())
+}
+
+/// Skips `count` parameter sets (each a u16 length and that many bytes) from `at`.
+fn skip_parameter_sets(avcc: &[u8], mut at: usize, count: usize) -> Result<usize, AvcError> {
+    for _ in 0..count {
+        let len = avcc.get(at..at + 2).ok_or_else(truncated)?;
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if len == 0 || avcc.len() < at + 2 + len {
+            return Err(truncated());
+        }
+        at += 2 + len;
+    }
+    Ok(at)
+}
+
 /// Parses one SPS NAL unit (with its one-byte NAL header).
 pub fn parse_sps(nal: &[u8]) -> Result<SeqParameterSet, AvcError> {
+    if nal.is_empty() {
+        // h264-reader's RefNal panics on an empty NAL (found by fuzz/avc).
+        return Err(AvcError::Sps("empty SPS".into()));
+    }
     let nal = RefNal::new(nal, &[], true);
     SeqParameterSet::from_bits(nal.rbsp_bits()).map_err(|e| AvcError::Sps(format!("{e:?}")))
 }
@@ -244,5 +281,20 @@ mod tests {
             nal_units(&[0, 0], 4).next(),
             Some(Err(AvcError::TruncatedLength { offset: 0 }))
         ));
+    }
+
+    /// Found by fuzz/avc: h264-reader panics on an empty NAL unit, and on a truncated
+    /// parameter set list.
+    #[test]
+    fn an_empty_sps_is_an_error_not_a_panic() {
+        let truncated = [
+            0x01, 0x61, 0x00, 0x0a, 0xff, 0xe1, 0x00, 0x19, 0x67, 0x25, 0x00, 0x0a, 0xac, 0xd9,
+            0x00, 0x04, 0x68, 0xef, 0x99, 0xcb, 0xfd, 0xf8, 0x64, 0x01, 0xb8, 0x00, 0x05, 0x27,
+            0xff, 0x0f, 0x12, 0x25, 0x96, 0x01, 0x00, 0x00,
+        ];
+        assert!(AvcInfo::parse(&truncated).is_err());
+        assert!(parse_sps(&[]).is_err());
+        // An avcC whose one SPS is empty.
+        assert!(AvcInfo::parse(&[1, 0x64, 0, 0x1f, 0xff, 0xe1, 0, 0, 1, 0, 1, 0x68]).is_err());
     }
 }

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Seeds the fuzz corpora (fuzz/corpus/TARGET/) from real ffmpeg output and from what a real
+onair server sends a viewer of it. Run by `make fuzz-corpus`; the seeds are committed.
+
+  fuzz-corpus.py ONAIR_BIN OUT_DIR
+"""
+import os, socket, struct, subprocess, sys, tempfile, time, base64
+
+onair, out = sys.argv[1], sys.argv[2]
+tmp = tempfile.mkdtemp(prefix="onair-fuzz-corpus-")
+
+def put(target, name, data):
+    d = os.path.join(out, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+def ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+src = ["-f", "lavfi", "-i", "testsrc2=size=160x90:rate=10", "-f", "lavfi",
+       "-i", "sine=frequency=440:sample_rate=44100", "-t", "1"]
+x264 = ["-c:v", "libx264", "-preset", "veryfast", "-g", "5", "-pix_fmt", "yuv420p"]
+
+# FLV as a TCP source or an RTMP publisher sends it, and its tag bodies one by one.
+flv = os.path.join(tmp, "a.flv")
+ffmpeg(*src, *x264, "-c:a", "aac", "-b:a", "32k", "-f", "flv", flv)
+data = open(flv, "rb").read()
+put("flv", "ffmpeg.flv", data)
+at, tags = 13, []
+while at + 11 <= len(data):
+    kind, size = data[at], int.from_bytes(data[at + 1:at + 4], "big")
+    body = data[at + 11:at + 11 + size]
+    tags.append((kind, body))
+    at += 11 + size + 4
+for i, (kind, body) in enumerate(tags[:12]):
+    put("flv", f"tag-{i}-{kind}", body)
+# The AAC sequence header's AudioSpecificConfig, the AVC sequence header's avcC.
+for kind, body in tags:
+    if kind == 8 and len(body) > 2 and body[1] == 0:
+        put("aac", "ffmpeg-asc", body[2:])
+    if kind == 9 and len(body) > 5 and body[1] == 0:
+        put("avc", "ffmpeg-avcc", body[5:])
+put("aac", "lc-48k-mono", bytes([0x11, 0x88]))
+
+# Raw H.264 as a camera sends it, with and without access unit delimiters.
+for name, extra in [("ffmpeg-annexb", []), ("ffmpeg-aud-annexb", ["-bsf:v", "h264_metadata=aud=insert"])]:
+    path = os.path.join(tmp, name + ".h264")
+    ffmpeg(*src[:4], "-t", "1", *x264, *extra, "-f", "h264", path)
+    h264 = open(path, "rb").read()
+    put("annexb", name, h264)
+    sps = h264.split(b"\x00\x00\x01")[1]
+    put("avc", "ffmpeg-sps", sps.rstrip(b"\x00"))
+
+# What a server sends a viewer: each message alone (wire), and the sequence behind u16
+# lengths (player_session).
+server = subprocess.Popen([onair, "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+                          stderr=subprocess.PIPE, text=True)
+http = None
+for line in server.stderr:
+    if "onair ready rtmp=" in line:
+        rtmp = line.split("rtmp=")[1].split()[0]
+        http = line.split("http=")[1].split()[0]
+        break
+pub = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re",
+                        *src[:8], "-t", "30", *x264, "-c:a", "aac", "-b:a", "32k",
+                        "-f", "flv", f"rtmp://{rtmp}/live/cam"])
+host, port = http.rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f"GET /ws/cam HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\n"
+           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+buf = b""
+while b"\r\n\r\n" not in buf:
+    buf += s.recv(4096)
+buf = buf.split(b"\r\n\r\n", 1)[1]
+
+def need(n):
+    global buf
+    while len(buf) < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("server closed")
+        buf += chunk
+
+messages = []
+deadline = time.time() + 20
+while len(messages) < 40 and time.time() < deadline:
+    need(2)
+    n = buf[1] & 0x7f
+    head = 2
+    if n == 126:
+        need(4); n = int.from_bytes(buf[2:4], "big"); head = 4
+    elif n == 127:
+        need(10); n = int.from_bytes(buf[2:10], "big"); head = 10
+    need(head + n)
+    if buf[0] & 0x0f == 2:
+        messages.append(buf[head:head + n])
+    buf = buf[head + n:]
+pub.kill(); server.kill()
+for i, m in enumerate(messages[:12]):
+    put("wire", f"server-{i}", m)
+for m in [b"\x20" + struct.pack(">Q", 123456789), b"\x32" + struct.pack(">Q", 1 << 20),
+          b"\x40\x01\xff", b"\x40\x02" + struct.pack(">I", 200)]:
+    put("wire", f"viewer-{m[0]:02x}-{len(m)}", m)
+seq = b"".join(struct.pack(">H", len(m)) + m for m in messages if len(m) < 65536)
+put("player_session", "server-session", seq)
+print(f"corpus: {len(messages)} server messages, {len(tags)} FLV tags")
