@@ -62,9 +62,41 @@ for line in server.stderr:
         rtmp = line.split("rtmp=")[1].split()[0]
         http = line.split("http=")[1].split()[0]
         break
+# The publisher goes through a proxy that keeps what it sends after the handshake (C0, C1 and
+# C2 are 3073 bytes): real chunks of connect, publish, metadata and media, for the rtmp target.
+import threading
+proxy = socket.socket()
+proxy.bind(("127.0.0.1", 0))
+proxy.listen(1)
+sent = bytearray()
+def relay():
+    c, _ = proxy.accept()
+    rh, rp = rtmp.rsplit(":", 1)
+    u = socket.create_connection((rh, int(rp)))
+    def back():
+        while True:
+            d = u.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+    threading.Thread(target=back, daemon=True).start()
+    while len(sent) < 3073 + (256 << 10):
+        d = c.recv(65536)
+        if not d:
+            break
+        sent.extend(d)
+        u.sendall(d)
+    # Keep relaying so that the publish goes on for the viewer below.
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        u.sendall(d)
+threading.Thread(target=relay, daemon=True).start()
+pport = proxy.getsockname()[1]
 pub = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re",
                         *src[:8], "-t", "30", *x264, "-c:a", "aac", "-b:a", "32k",
-                        "-f", "flv", f"rtmp://{rtmp}/live/cam"])
+                        "-f", "flv", f"rtmp://127.0.0.1:{pport}/live/cam"])
 host, port = http.rsplit(":", 1)
 s = socket.create_connection((host, int(port)))
 key = base64.b64encode(os.urandom(16)).decode()
@@ -105,5 +137,6 @@ for m in [b"\x20" + struct.pack(">Q", 123456789), b"\x32" + struct.pack(">Q", 1 
           b"\x40\x01\xff", b"\x40\x02" + struct.pack(">I", 200)]:
     put("wire", f"viewer-{m[0]:02x}-{len(m)}", m)
 seq = b"".join(struct.pack(">H", len(m)) + m for m in messages if len(m) < 65536)
+put("rtmp", "ffmpeg-publish", bytes(sent[3073:3073 + (64 << 10)]))
 put("player_session", "server-session", seq)
 print(f"corpus: {len(messages)} server messages, {len(tags)} FLV tags")

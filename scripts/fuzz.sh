@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
-targets="${FUZZ_TARGETS:-wire flv avc aac annexb fmp4 player_session}"
+targets="${FUZZ_TARGETS:-wire flv avc aac annexb fmp4 player_session rtmp}"
 # cargo-fuzz 0.13.1 builds with nightly flags; RUSTC_BOOTSTRAP lets this stable toolchain take
 # them (design.md).
 if [ "$(cargo fuzz --version 2>/dev/null || true)" != "cargo-fuzz 0.13.1" ]; then

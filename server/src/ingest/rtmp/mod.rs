@@ -4,27 +4,22 @@
 //! does the handshake, chunking and commands, and hands us FLV tag bodies, which
 //! `onair_protocol::flv` parses (ex-header included).
 //!
-//! Where rml_rtmp falls short on hostile input, [`ChunkGuard`] reads the same bytes first, with
-//! rml_rtmp's own chunk deserializer, and refuses the message before the session decodes it:
+//! Where rml_rtmp falls short on hostile input, [`chunks::ChunkCheck`] reads the same bytes
+//! first and refuses, with a clear error, what its session could not take (interleaved chunk
+//! streams, bad chunk sizes, deep AMF): no panic is reached, so none is caught.
 //!
-//! - it applies a peer's SetChunkSize without telling us and refuses a bad one with an error that
-//!   does not say what was wrong: the guard refuses it clearly;
-//! - its AMF0 decoder (rml_amf0) recurses once per nesting level with no limit, so a small
-//!   command of nested arrays would overflow the stack and abort the process: the guard bounds
-//!   AMF message size and nesting;
-//! - its chunk deserializer panics (integer underflow) when a message starts on one chunk stream
-//!   while another is unfinished: that panic is caught and becomes this connection's error.
-//!
-//! rml_rtmp also reserves a message's declared length (at most 16 MiB, the 24-bit RTMP maximum)
-//! up front, which bounds a publisher connection's buffers at about twice that.
+//! rml_rtmp reserves a message's declared length (at most 16 MiB, the 24-bit RTMP maximum) up
+//! front, and the check lets only one message be unfinished at a time, which bounds a publisher
+//! connection's buffers at about twice that.
+
+pub mod chunks;
 
 use std::net::SocketAddr;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rml_rtmp::chunk_io::{ChunkDeserializer, ChunkSerializer};
+use rml_rtmp::chunk_io::ChunkSerializer;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::messages::RtmpMessage;
 use rml_rtmp::rml_amf0::Amf0Value;
@@ -64,10 +59,8 @@ pub enum RtmpError {
     Publish(#[from] PublishError),
     #[error("unauthorized: {0}")]
     Unauthorized(crate::auth::Refusal),
-    #[error("chunk size {0} refused: must be 1..=16777215 (RTMP's largest message)")]
-    ChunkSize(u32),
-    #[error("AMF message refused: {0}")]
-    Amf(String),
+    #[error(transparent)]
+    Chunks(#[from] chunks::ChunkError),
     #[error("RTMP playback is not offered; watch over WebSocket or HLS")]
     Play,
     #[error("{0}")]
@@ -82,7 +75,7 @@ impl RtmpError {
         match self {
             RtmpError::Handshake(_) | RtmpError::TruncatedHandshake(_) => "handshake",
             RtmpError::Timeout(_) => "timeout",
-            RtmpError::Session(_) | RtmpError::ChunkSize(_) | RtmpError::Amf(_) => "protocol",
+            RtmpError::Session(_) | RtmpError::Chunks(_) => "protocol",
             RtmpError::UnknownApp(_)
             | RtmpError::Publish(_)
             | RtmpError::Unauthorized(_)
@@ -106,9 +99,7 @@ impl RtmpError {
             // What OBS shows for a wrong stream key.
             RtmpError::Unauthorized(_) => ("NetStream.Publish.BadName", self.to_string()),
             RtmpError::Play => ("NetStream.Play.Failed", self.to_string()),
-            RtmpError::ChunkSize(_) | RtmpError::Amf(_) => {
-                ("NetConnection.Connect.Rejected", self.to_string())
-            }
+            RtmpError::Chunks(_) => ("NetConnection.Connect.Rejected", self.to_string()),
             RtmpError::Ingest(e) if e.is_unsupported_codec() => (
                 "NetStream.Publish.Rejected",
                 format!("{e}; onair carries H.264 video and AAC audio"),
@@ -208,9 +199,7 @@ async fn connection(
         ingest: None,
         pending: None,
         slot,
-        guard: ChunkGuard {
-            chunks: ChunkDeserializer::new(),
-        },
+        guard: chunks::ChunkCheck::default(),
         finished: false,
     };
     let mut result = conn.handle(initial);
@@ -283,7 +272,7 @@ struct Conn<'a> {
     peer: SocketAddr,
     cfg: &'a Config,
     ingest: Option<MediaIngest>,
-    guard: ChunkGuard,
+    guard: chunks::ChunkCheck,
     /// A publish request waiting for its credentials to be checked (which may ask the hook).
     pending: Option<Pending>,
     /// Its place in the connection limits: in its handshake until the publish is accepted.
@@ -303,9 +292,10 @@ impl Conn<'_> {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.guard.check(bytes)?;
-        let results = catch_unwind(AssertUnwindSafe(|| self.session.handle_input(bytes)))
-            .map_err(|_| RtmpError::Session(MALFORMED_CHUNKS.into()))?
+        self.guard.push(bytes)?;
+        let results = self
+            .session
+            .handle_input(bytes)
             .map_err(|e| RtmpError::Session(e.to_string()))?;
         self.handle(results)
     }
@@ -461,72 +451,4 @@ fn status_packet(level: &str, code: &str, description: &str) -> Vec<u8> {
         .and_then(|p| serializer.serialize(&p, true, false).ok())
         .map(|p| p.bytes)
         .unwrap_or_default()
-}
-
-/// Largest chunk size we accept: a chunk larger than RTMP's largest message (24-bit length)
-/// is pointless, and the spec forbids the top bit.
-const MAX_CHUNK_SIZE: u32 = 0xff_ffff;
-/// RTMP message types: SetChunkSize, and the AMF-encoded data, shared object and command
-/// messages (AMF3 variants included, as rml_rtmp decodes those as AMF0 too).
-const SET_CHUNK_SIZE: u8 = 1;
-const AMF_MESSAGES: [u8; 6] = [15, 16, 17, 18, 19, 20];
-/// OBS's and ffmpeg's connect commands and metadata are a few hundred bytes.
-const MAX_AMF_MESSAGE: usize = 64 * 1024;
-/// Bytes that could open a nested AMF0 value (object, ECMA array, strict array). Every nesting
-/// level needs one, so this bounds rml_amf0's recursion depth; real messages have a handful.
-const MAX_AMF_CONTAINER_MARKERS: usize = 256;
-const MALFORMED_CHUNKS: &str =
-    "malformed RTMP chunk stream (a message started before the previous one was complete)";
-
-/// Reads the publisher's bytes as RTMP messages before rml_rtmp's session does (see the module
-/// docs for why).
-struct ChunkGuard {
-    chunks: ChunkDeserializer,
-}
-
-impl ChunkGuard {
-    fn check(&mut self, bytes: &[u8]) -> Result<(), RtmpError> {
-        let mut input = bytes;
-        loop {
-            let next = catch_unwind(AssertUnwindSafe(|| self.chunks.get_next_message(input)))
-                .map_err(|_| RtmpError::Session(MALFORMED_CHUNKS.into()))?;
-            // Other errors in the chunk stream are left to the session, which reports them.
-            let Ok(Some(message)) = next else {
-                return Ok(());
-            };
-            input = &[];
-            if message.type_id == SET_CHUNK_SIZE {
-                let size = match message.data.get(..4) {
-                    Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-                    None => return Err(RtmpError::Session("SetChunkSize without a size".into())),
-                };
-                if size == 0 || size > MAX_CHUNK_SIZE {
-                    return Err(RtmpError::ChunkSize(size));
-                }
-                let _ = self.chunks.set_max_chunk_size(size as usize);
-            } else if AMF_MESSAGES.contains(&message.type_id) {
-                check_amf(&message.data)?;
-            }
-        }
-    }
-}
-
-fn check_amf(data: &[u8]) -> Result<(), RtmpError> {
-    if data.len() > MAX_AMF_MESSAGE {
-        return Err(RtmpError::Amf(format!(
-            "{} bytes, the limit is {MAX_AMF_MESSAGE}",
-            data.len()
-        )));
-    }
-    let containers = data
-        .iter()
-        .filter(|&&b| matches!(b, 0x03 | 0x08 | 0x0a))
-        .count();
-    if containers > MAX_AMF_CONTAINER_MARKERS {
-        return Err(RtmpError::Amf(format!(
-            "too deeply nested or complex ({containers} possible container markers, the limit is \
-             {MAX_AMF_CONTAINER_MARKERS})"
-        )));
-    }
-    Ok(())
 }
