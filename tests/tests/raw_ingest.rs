@@ -140,6 +140,20 @@ async fn pusher(server: &Server, path: &str) -> Pusher {
         .0
 }
 
+/// The server's close frame, skipping anything before it; `what` names the case in a failure.
+async fn close_frame(push: &mut Pusher, what: &str) -> Option<tungstenite::protocol::CloseFrame> {
+    loop {
+        match tokio::time::timeout(T, futures_util::StreamExt::next(push))
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(tungstenite::Message::Close(c))) => return c,
+            Some(Ok(_)) => continue,
+            other => panic!("{what}: no close frame: {other:?}"),
+        }
+    }
+}
+
 /// Chunk sizes from 1 to 5000 bytes, varied (a small LCG: the same every run).
 fn odd_chunks(data: &[u8]) -> Vec<&[u8]> {
     let mut seed: u32 = 12345;
@@ -284,16 +298,7 @@ async fn bytes_that_are_not_h264_are_refused_with_a_reason() {
                 break;
             }
         }
-        let close = loop {
-            match tokio::time::timeout(T, futures_util::StreamExt::next(&mut push))
-                .await
-                .expect("closed in time")
-            {
-                Some(Ok(tungstenite::Message::Close(c))) => break c,
-                Some(Ok(_)) => continue,
-                other => panic!("{kind}: no close frame: {other:?}"),
-            }
-        };
+        let close = close_frame(&mut push, kind).await;
         let took = started.elapsed();
         let close = close.expect("a close frame with a reason");
         assert_eq!(u16::from(close.code), 1003, "{kind}: {}", close.reason);
@@ -591,16 +596,7 @@ async fn a_fragmented_message_is_read_fragment_by_fragment() {
         sent += zeros.len();
         kind = OpCode::Data(Data::Continue);
     }
-    let close = loop {
-        match tokio::time::timeout(T, futures_util::StreamExt::next(&mut push))
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(tungstenite::Message::Close(c))) => break c,
-            Some(Ok(_)) => continue,
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
+    let close = close_frame(&mut push, "fragments").await;
     let close = close.expect("a close frame with a reason");
     assert_eq!(u16::from(close.code), 1003, "{}", close.reason);
     assert!(
