@@ -1,7 +1,7 @@
 # onair: `make run` builds everything and starts the server; `make test` runs every check.
 CARGO ?= cargo
 
-.PHONY: run build player setup test fmt-check clippy wasm-check unit e2e bench fuzz fuzz-smoke fuzz-corpus
+.PHONY: run build player setup test fmt-check clippy wasm-check unit e2e bench soak fuzz fuzz-smoke fuzz-corpus
 
 run: build
 	./target/release/onair
@@ -46,6 +46,14 @@ BENCH_ARGS ?= --viewers 1000 --burst 500 --window-secs 60 --runs 3
 bench: setup player
 	$(CARGO) build --release --locked -p onair-server -p onair-tests --bin onair --bin onair-bench
 	./target/release/onair-bench $(BENCH_ARGS) --json target/bench/results.json
+
+# The fault and soak runs R1, R3-R6 against the release binary (docs/reliability.md). Not part
+# of `make test`, which runs a short R4 (tests/tests/faults.rs) and all of R5. About 45 minutes.
+SOAK_ARGS ?=
+soak: setup player
+	$(CARGO) build --release --locked -p onair-server -p onair-tests --bin onair --bin onair-soak
+	mkdir -p target/soak
+	./target/release/onair-soak $(SOAK_ARGS) --json target/soak/results.json
 
 # `make fuzz`'s short version: every target for 10 s from the committed seeds.
 fuzz-smoke:

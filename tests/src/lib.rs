@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite;
 pub mod browser;
 pub mod load;
 pub mod netns;
+pub mod soak;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

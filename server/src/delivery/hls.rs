@@ -37,10 +37,42 @@ pub struct PlaylistQuery {
     token: Option<String>,
 }
 
+/// What a media playlist request asks for, once its query is checked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PlaylistAsk {
+    /// A delta update (`_HLS_skip=YES`).
+    pub skip: bool,
+    /// A blocking request: held until this segment (and part, if given) exists.
+    pub block: Option<(u64, Option<u64>)>,
+}
+
+impl PlaylistQuery {
+    /// Checks the LL-HLS query against a playlist whose last segment is `last`: the reason
+    /// for the 400 the spec asks for, or what to serve.
+    pub fn check(&self, last: u64) -> Result<PlaylistAsk, String> {
+        let skip = match self.skip.as_deref() {
+            None => false,
+            Some("YES") | Some("v2") => true,
+            Some(other) => return Err(format!("_HLS_skip={other:?}: only YES is supported\n")),
+        };
+        let block = match (self.msn, self.part) {
+            (Some(msn), _) if msn > last.saturating_add(MAX_AHEAD_SEGMENTS) => {
+                return Err(format!(
+                    "_HLS_msn={msn} is too far ahead: the last segment is {last}\n"
+                ));
+            }
+            (Some(msn), part) => Some((msn, part)),
+            (None, Some(_)) => return Err("_HLS_part needs _HLS_msn\n".into()),
+            (None, None) => None,
+        };
+        Ok(PlaylistAsk { skip, block })
+    }
+}
+
 /// The query of a media file: only the play token matters.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct FileQuery {
-    token: Option<String>,
+    pub token: Option<String>,
 }
 
 /// The refusal of an HLS request without the play token its stream needs.
@@ -281,33 +313,17 @@ async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -
     if let Err(unavailable) = first_part(hls, name).await {
         return unavailable;
     }
-    let skip = match q.skip.as_deref() {
-        None => false,
-        Some("YES") | Some("v2") => true,
-        Some(other) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("_HLS_skip={other:?}: only YES is supported\n"),
-            );
-        }
+    let last = hls.read(|s| s.segments().back().map_or(0, |g| g.msn));
+    let ask = match q.check(last) {
+        Ok(ask) => ask,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    let blocking = q.msn.is_some();
-    if let Some(msn) = q.msn {
-        let (last, td) = hls.read(|s| {
-            (
-                s.segments().back().map_or(0, |g| g.msn),
-                s.target_duration(),
-            )
-        });
-        if msn > last + MAX_AHEAD_SEGMENTS {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("_HLS_msn={msn} is too far ahead: the last segment is {last}\n"),
-            );
-        }
+    let blocking = ask.block.is_some();
+    if let Some((msn, part)) = ask.block {
+        let td = hls.read(|s| s.target_duration());
         // Held until that part exists, for at most three target durations (the spec's bound),
         // and only so many at once: each holds a connection and a task.
-        let _held = if has(hls, msn, q.part) {
+        let _held = if has(hls, msn, part) {
             None
         } else {
             let Some(held) = app.hls_held.take() else {
@@ -320,13 +336,13 @@ async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -
         };
         let mut updates = hls.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3 * td);
-        while !has(hls, msn, q.part) {
+        while !has(hls, msn, part) {
             tokio::select! {
                 r = updates.changed() => if r.is_err() { return no_stream(name) },
                 _ = tokio::time::sleep_until(deadline) => {
                     return error(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("segment {msn} part {:?} did not come in time\n", q.part),
+                        format!("segment {msn} part {part:?} did not come in time\n"),
                     );
                 }
                 _ = app.shutdown.cancelled() => {
@@ -334,11 +350,9 @@ async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -
                 }
             }
         }
-    } else if q.part.is_some() {
-        return error(StatusCode::BAD_REQUEST, "_HLS_part needs _HLS_msn\n".into());
     }
     let body = hls.playlist(
-        playlist::Variant { skip },
+        playlist::Variant { skip: ask.skip },
         &uri_suffix(app, name, q.token.as_deref()),
     );
     let part_target_ms = hls.read(|s| s.settings().part_target_ms);
@@ -365,13 +379,14 @@ async fn serve_media(app: &App, name: &str, hls: &HlsStream, q: PlaylistQuery) -
 }
 
 /// What a media file name asks for.
-enum File {
+#[derive(Debug, PartialEq, Eq)]
+pub enum File {
     Init(u32),
     Segment(u64),
     Part(u64),
 }
 
-fn parse_file(file: &str) -> Option<File> {
+pub fn parse_file(file: &str) -> Option<File> {
     if let Some(id) = file
         .strip_prefix("init")
         .and_then(|f| f.strip_suffix(".mp4"))
@@ -587,7 +602,7 @@ fn ranged(headers: &HeaderMap, chunks: Vec<Bytes>) -> Response {
 /// `bytes=a-b`, `bytes=a-`, `bytes=-n` over `total` bytes: None to ignore the header (not a
 /// single well-formed byte range), Some(None) when it cannot be satisfied, else the half-open
 /// range.
-fn parse_range(v: &str, total: u64) -> Option<Option<(u64, u64)>> {
+pub fn parse_range(v: &str, total: u64) -> Option<Option<(u64, u64)>> {
     let spec = v.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
@@ -630,6 +645,49 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), None, "ignored: 200");
         assert_eq!(parse_range("bytes=5-3", 1000), None, "ignored: 200");
         assert_eq!(parse_range("items=0-1", 1000), None);
+    }
+
+    #[test]
+    fn playlist_queries() {
+        let q = |s: &str| {
+            axum::extract::Query::<PlaylistQuery>::try_from_uri(
+                &format!("/x/index.m3u8?{s}").parse().unwrap(),
+            )
+            .unwrap()
+            .0
+        };
+        let plain = PlaylistAsk {
+            skip: false,
+            block: None,
+        };
+        assert_eq!(q("").check(5), Ok(plain));
+        assert_eq!(
+            q("_HLS_msn=7&_HLS_part=2&_HLS_skip=YES").check(5),
+            Ok(PlaylistAsk {
+                skip: true,
+                block: Some((7, Some(2)))
+            })
+        );
+        assert!(
+            q("_HLS_msn=8")
+                .check(5)
+                .unwrap_err()
+                .contains("too far ahead")
+        );
+        assert!(
+            q("_HLS_part=1")
+                .check(5)
+                .unwrap_err()
+                .contains("needs _HLS_msn")
+        );
+        assert!(q("_HLS_skip=no").check(5).unwrap_err().contains("only YES"));
+        assert_eq!(
+            q(&format!("_HLS_msn={}", u64::MAX))
+                .check(u64::MAX)
+                .map(|a| a.block),
+            Ok(Some((u64::MAX, None))),
+            "no overflow at the top"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use source::{Clip, Feed};
 use viewers::{Proto, Shared, ViewerStats};
 
 /// The stream name used on every server.
-const STREAM: &str = "bench";
+pub const STREAM: &str = "bench";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -220,7 +220,7 @@ pub fn fan_out_config() -> Result<String, BoxError> {
 }
 
 /// Writes an onair config file into this process's temporary folder; returns its path.
-fn write_config(name: &str, text: &str) -> Result<String, BoxError> {
+pub fn write_config(name: &str, text: &str) -> Result<String, BoxError> {
     let dir = std::env::temp_dir().join(format!("onair-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(name);
@@ -370,7 +370,7 @@ pub fn rss_bytes(pid: u32) -> Result<u64, BoxError> {
 }
 
 /// Waits until `n` viewers have their first video frame, or `timeout`.
-async fn wait_started(shared: &Shared, n: usize, timeout: Duration) -> usize {
+pub async fn wait_started(shared: &Shared, n: usize, timeout: Duration) -> usize {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let notified = shared.progress.notified();

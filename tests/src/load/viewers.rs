@@ -142,16 +142,33 @@ pub async fn run(shared: Arc<Shared>, i: usize, capacity: usize) -> ViewerStats 
     st
 }
 
-async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), String> {
-    let started = Instant::now();
-    let tcp = TcpStream::connect(&shared.addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+/// A WebSocket viewer connection as [`connect`] opens it.
+pub type Ws = fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Opens a WebSocket to `path` on `addr` (`host:port`), from `from` when given (a loopback
+/// address other than 127.0.0.1, for the per-address rules).
+pub async fn connect(addr: &str, path: &str, from: Option<std::net::IpAddr>) -> Result<Ws, String> {
+    let tcp = match from {
+        None => TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?,
+        Some(ip) => {
+            let to: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            socket
+                .bind((ip, 0).into())
+                .map_err(|e| format!("bind {ip}: {e}"))?;
+            socket
+                .connect(to)
+                .await
+                .map_err(|e| format!("connect: {e}"))?
+        }
+    };
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let req = hyper::Request::builder()
         .method("GET")
         .uri(path)
-        .header("Host", &shared.addr)
+        .header("Host", addr)
         .header("Upgrade", "websocket")
         .header("Connection", "upgrade")
         .header(
@@ -161,11 +178,17 @@ async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), 
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
+    let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp)
         .await
         .map_err(|e| format!("upgrade: {e}"))?;
-    let (mut ws, mut wr) = ws.split(tokio::io::split);
     ws.set_max_message_size(64 << 20);
+    Ok(ws)
+}
+
+async fn watch(shared: &Shared, path: &str, st: &mut ViewerStats) -> Result<(), String> {
+    let started = Instant::now();
+    let ws = connect(&shared.addr, path, None).await?;
+    let (mut ws, mut wr) = ws.split(tokio::io::split);
     // Bytes of every message as the server framed them: the count a receipt carries.
     let received = Arc::new(AtomicU64::new(0));
     // How often the server asked for receipts (0: not now).
