@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, get_service};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -359,19 +359,17 @@ pub async fn serve(listener: TcpListener, app: App) {
         // The connection's place in the limits: its handshake ends with its first request's
         // head, and a WebSocket handler keeps the slot for as long as it serves the socket.
         let slot = Arc::new(slot);
-        let first_request = slot.clone();
-        let service = TowerToHyperService::new(
-            router
-                .clone()
-                .layer(axum::middleware::map_request(
-                    move |req: axum::extract::Request| {
-                        first_request.handshake_done();
-                        std::future::ready(req)
-                    },
-                ))
-                .layer(axum::Extension(Peer(peer)))
-                .layer(axum::Extension(crate::limits::ConnSlot(slot))),
-        );
+        // The connection's facts go into each request's extensions in front of the router:
+        // `Router::layer` here would rebuild every route for every connection (tens of KB
+        // each, held for as long as the connection lives).
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            slot.handshake_done();
+            req.extensions_mut().insert(Peer(peer));
+            req.extensions_mut()
+                .insert(crate::limits::ConnSlot(slot.clone()));
+            tower_service::Service::call(&mut router.clone(), req)
+        });
         let shutdown = app.shutdown.clone();
         app.tracker.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()

@@ -143,8 +143,8 @@ async fn main() -> Result<(), BoxError> {
                     .iter()
                     .map(|c| {
                         format!(
-                            "cut after {} of a {}-byte read, then {}: resumed by frame {} ({} of {} on a keyframe), first frame at {:.0} ms",
-                            c.cut_at.0, c.cut_at.1, c.then, c.first_frame_max, c.on_keyframe, r.viewers, c.latency_max_ms
+                            "cut after {} of a {}-byte read, then {}: resumed by frame {} ({} of {} on a keyframe), that frame {:.0} ms after it was published and {:.1} ms after the server had it",
+                            c.cut_at.0, c.cut_at.1, c.then, c.first_frame_max, c.on_keyframe, r.viewers, c.latency_max_ms, c.delivery_max_ms
                         )
                     })
                     .collect();
@@ -271,7 +271,7 @@ pub fn r4_summary(r: &attack::R4) -> String {
         })
         .collect();
     format!(
-        "{} viewers for {:.0} s: {} frames lost, {} skips, {} failed; {} idle sockets from one address ({} closed at accept); held LL-HLS requests answered {} × 200, {} × 503, {} refused at accept, {} other; {}; another address meanwhile: first frame {:.0} ms, API {:.0} ms, HLS {:.0} ms, RTMP handshake {:.0} ms; RSS {} before, {} at most, {} after; up: {}",
+        "{} viewers for {:.0} s: {} frames lost, {} skips, {} failed; {} idle sockets from one address ({} closed at accept); held LL-HLS requests answered {} × 200, {} × 503, {} refused at accept, {} other; {}; another address meanwhile: first frame {:.0} ms, API {:.0} ms, HLS {:.0} ms, RTMP handshake {:.0} ms; RSS {} before, {} at most in the first half of the attacks, {} in all, {} after; up: {}",
         r.viewers,
         r.window_s,
         r.seen.lost_total,
@@ -289,6 +289,7 @@ pub fn r4_summary(r: &attack::R4) -> String {
         r.other_hls_ms,
         r.other_rtmp_ms,
         mb(r.rss_before),
+        mb(r.rss_max_first_half),
         mb(r.rss_max),
         mb(r.rss_after),
         r.server_up,

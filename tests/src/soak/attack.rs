@@ -70,6 +70,9 @@ pub struct R4 {
     pub other_hls_ms: f64,
     pub other_rtmp_ms: f64,
     pub rss_before: u64,
+    /// The most in the first half of the attacks, and in all of them: bounded is the second
+    /// no higher than the first.
+    pub rss_max_first_half: u64,
     pub rss_max: u64,
     pub rss_after: u64,
     pub server_up: bool,
@@ -520,7 +523,15 @@ pub async fn r4(live: &mut Live, tcp: [u16; TCP_LISTENERS], plan: &Plan) -> Resu
     group.record(false);
     r.window_s = t0.elapsed().as_secs_f64();
     stop_rss.cancel();
-    r.rss_max = rss.await?.iter().map(|s| s.1).max().unwrap_or(0);
+    let samples = rss.await?;
+    let half = r.window_s / 2.0;
+    r.rss_max_first_half = samples
+        .iter()
+        .filter(|s| s.0 <= half)
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(0);
+    r.rss_max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     r.seen = Seen::of(group.finish().await);
     live.feed.check().await?;
     r.server_up = live.server.still_running() && live.api_viewers().await.is_ok();

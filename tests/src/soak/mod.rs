@@ -69,15 +69,19 @@ impl Live {
         self.server.pid()
     }
 
-    /// Viewers the server's API counts on the stream now.
+    /// Viewers the server's API counts on the stream now (`GET /api/streams`).
     pub async fn api_viewers(&self) -> Result<u64, BoxError> {
-        let (status, body) =
-            crate::http_get(&self.server.http, &format!("/api/streams/{STREAM}")).await?;
+        let (status, body) = crate::http_get(&self.server.http, "/api/streams").await?;
         if status != 200 {
-            return Err(format!("GET /api/streams/{STREAM}: {status} {body}").into());
+            return Err(format!("GET /api/streams: {status} {body}").into());
         }
         let v: serde_json::Value = serde_json::from_str(&body)?;
-        Ok(v["viewers"].as_u64().unwrap_or(0))
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == STREAM)
+            .and_then(|s| s["viewers"].as_u64())
+            .ok_or_else(|| format!("no stream {STREAM:?} with a viewer count in {body}").into())
     }
 
     pub async fn stop(mut self) {

@@ -34,8 +34,11 @@ pub struct Resumed {
     /// The first video frame's number in the new publish (0: its first keyframe).
     pub first_frame: u64,
     pub keyframe: bool,
-    /// Publisher's stamp to receipt, of that first frame.
+    /// Of that first frame: publisher's stamp to receipt (the publishing ffmpeg's start-up
+    /// included: it holds the frame until its RTMP session is up), and the server's ingest to
+    /// receipt.
     pub latency_ms: f64,
+    pub delivery_ms: f64,
     pub height: u16,
 }
 
@@ -129,6 +132,7 @@ async fn watch_inner(
                         first_frame: stamp.seq,
                         keyframe: header.keyframe,
                         latency_ms: now.saturating_sub(stamp.wall_us) as f64 / 1000.0,
+                        delivery_ms: now.saturating_sub(header.ingest_us) as f64 / 1000.0,
                         height: *height,
                     });
                 }
@@ -225,10 +229,11 @@ pub struct Cut {
     /// Of the cut read: bytes forwarded, of how many.
     pub cut_at: (usize, usize),
     /// Over the viewers: the latest first frame any resumed on, how many resumed on a
-    /// keyframe, and the worst latency of that first frame.
+    /// keyframe, and the worst latency and delivery time of that first frame.
     pub first_frame_max: u64,
     pub on_keyframe: usize,
     pub latency_max_ms: f64,
+    pub delivery_max_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -328,6 +333,7 @@ pub async fn r3(
                 .unwrap_or(u64::MAX),
             on_keyframe: firsts.iter().filter(|f| f.keyframe).count(),
             latency_max_ms: firsts.iter().map(|f| f.latency_ms).fold(0.0, f64::max),
+            delivery_max_ms: firsts.iter().map(|f| f.delivery_ms).fold(0.0, f64::max),
         });
     }
     for v in &seen {
