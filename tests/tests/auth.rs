@@ -13,6 +13,7 @@ const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "jwt-secret-for-the-auth-test";
 const KEY: &str = "cam-publish-key";
 const READ: &str = "read-token-for-the-auth-test";
+const ADMIN: &str = "admin-token-for-the-auth-test";
 
 fn token(sub: &str, act: &str, exp_from_now: i64) -> String {
     let now = std::time::SystemTime::now()
@@ -32,10 +33,10 @@ fn config(tcp_port: u16) -> String {
     std::fs::create_dir_all(&dir).expect("create dir");
     let path = dir.join("auth.toml");
     let toml = format!(
-        "jwt_secret = \"{SECRET}\"\nread_token = \"{READ}\"\n\
+        "jwt_secret = \"{SECRET}\"\nread_token = \"{READ}\"\nadmin_token = \"{ADMIN}\"\n\
          [streams.cam]\npublish_key = \"{KEY}\"\nplay = \"token\"\nladder = []\n\
          [streams.\"*\"]\nladder = []\n\
-         [[listen]]\nname = \"tcpcam\"\naddr = \"127.0.0.1:{tcp_port}\"\nallow = [\"10.0.0.0/8\"]\n"
+         [[listen]]\nname = \"tcpcam\"\naddr = \"127.0.0.1:{tcp_port}\"\nallow = [\"10.0.0.0/8\", \"127.0.0.2\"]\n"
     );
     std::fs::write(&path, toml).expect("write config");
     path.to_string_lossy().to_string()
@@ -120,6 +121,10 @@ async fn every_way_in_and_out_needs_its_credential() {
     let cam_token = token("cam", "publish", 60);
     let (status, body) = ws_status(&ingest(&format!("?token={cam_token}")), None).await;
     assert_eq!(status, 403, "another stream's token: {body}");
+    let dog_expired = token("dog", "publish", -60);
+    let (status, body) = ws_status(&ingest(&format!("?token={dog_expired}")), None).await;
+    assert_eq!(status, 403, "an expired token: {body}");
+    assert!(body.contains("token expired"), "{body}");
     let any = token("*", "publish", 60);
     let (status, body) = ws_status(
         &ingest(&format!("?token={any}")),
@@ -142,6 +147,25 @@ async fn every_way_in_and_out_needs_its_credential() {
         .expect("closed in time")
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without a byte");
+    // An address on the list publishes.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))
+        .expect("bind 127.0.0.2");
+    let mut allowed = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], tcp_port)))
+        .await
+        .expect("connect from an allowed address");
+    let from = server.log_lines();
+    // An access unit delimiter: raw H.264 begins.
+    tokio::io::AsyncWriteExt::write_all(&mut allowed, &[0, 0, 0, 1, 0x09, 0xf0])
+        .await
+        .expect("write");
+    let line = server
+        .wait_log_since(from, "publishing (raw H.264)", T)
+        .await;
+    assert!(line.contains("127.0.0.2"), "{line}");
+    drop(allowed);
 
     // WebSocket play needs a play token for this stream.
     let play_url = |q: &str| format!("{}{q}", server.ws_url("cam"));
@@ -165,6 +189,15 @@ async fn every_way_in_and_out_needs_its_credential() {
     // HLS: every URL needs the token, and the playlist carries it on to every URI it lists,
     // so ffprobe, given the playlist's URL with the token, reads the stream.
     assert_eq!(get(&server, "/hls/cam/index.m3u8", &[]).await.0, 401);
+    for (what, t) in [
+        ("wrong", "nope".to_string()),
+        ("expired", token("cam", "play", -60)),
+        ("another stream's", token("dog", "play", 60)),
+        ("a publish token", token("cam", "publish", 60)),
+    ] {
+        let (status, body) = get(&server, &format!("/hls/cam/index.m3u8?token={t}"), &[]).await;
+        assert_eq!(status, 403, "HLS, {what}: {body}");
+    }
     let (status, playlist) = get(&server, &format!("/hls/cam/index.m3u8?token={play}"), &[]).await;
     assert_eq!(status, 200, "{playlist}");
     let uris: Vec<&str> = playlist
@@ -182,6 +215,9 @@ async fn every_way_in_and_out_needs_its_credential() {
     }
     let bare = uris[0].split('?').next().unwrap_or_default();
     assert_eq!(get(&server, &format!("/hls/cam/{bare}"), &[]).await.0, 401);
+    let dog_play = token("dog", "play", 60);
+    let (status, _) = get(&server, &format!("/hls/cam/{bare}?token={dog_play}"), &[]).await;
+    assert_eq!(status, 403, "a part with another stream's token");
     // ffprobe reads whole segments: wait (a blocking reload) until two are complete.
     for msn in 1..=2 {
         let held = format!("/hls/cam/index.m3u8?token={play}&_HLS_msn={msn}&_HLS_part=0");
@@ -225,6 +261,29 @@ async fn every_way_in_and_out_needs_its_credential() {
     let (status, page) = get(&server, &format!("/dashboard?token={READ}"), &[]).await;
     assert_eq!(status, 200);
     assert!(page.contains("EventSource"), "the dashboard page");
+    // Changing: the admin token, and only it.
+    let delete = |token: Option<&str>| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let http = server.http.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = auth
+                .as_deref()
+                .map(|a| vec![("Authorization", a)])
+                .unwrap_or_default();
+            http_fetch(&http, "DELETE", "/api/viewers/987654321", &headers)
+                .await
+                .expect("DELETE")
+                .status
+        }
+    };
+    assert_eq!(delete(None).await, 401, "no token");
+    assert_eq!(delete(Some("nope")).await, 403, "a wrong token");
+    assert_eq!(delete(Some(READ)).await, 403, "the read token");
+    assert_eq!(
+        delete(Some(ADMIN)).await,
+        404,
+        "the admin token: no such viewer"
+    );
     let auth = format!("Bearer {READ}");
     let (_, metrics) = get(&server, "/metrics", &[("Authorization", &auth)]).await;
     for (labels, at_least) in [
@@ -258,6 +317,7 @@ async fn every_way_in_and_out_needs_its_credential() {
         SECRET,
         KEY,
         READ,
+        ADMIN,
         "not-the-key",
         play.as_str(),
         expired.as_str(),

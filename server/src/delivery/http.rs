@@ -294,21 +294,24 @@ fn refusal(app: &App, headers: &HeaderMap) -> Option<Response> {
         "http",
         refusal.as_ref().map_or("disabled", |r| r.label()),
     );
-    let text = match refusal {
-        None => {
-            "401: mutating API calls are disabled: set admin_token (ONAIR_ADMIN_TOKEN) and send \
-             Authorization: Bearer TOKEN\n"
-        }
-        Some(_) => "401: missing or wrong admin token (Authorization: Bearer TOKEN)\n",
-    };
-    Some(
-        (
+    // As for reading: 401 without a credential (or with mutations disabled), 403 with one that
+    // does not grant this.
+    let (status, text) = match refusal {
+        None => (
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            text,
-        )
-            .into_response(),
-    )
+            "401: mutating API calls are disabled: set admin_token (ONAIR_ADMIN_TOKEN) and send \
+             Authorization: Bearer TOKEN\n",
+        ),
+        Some(crate::auth::Refusal::Missing) => (
+            StatusCode::UNAUTHORIZED,
+            "401: this call needs the admin token (Authorization: Bearer TOKEN)\n",
+        ),
+        Some(_) => (
+            StatusCode::FORBIDDEN,
+            "403: wrong admin token (Authorization: Bearer TOKEN)\n",
+        ),
+    };
+    Some((status, [(header::WWW_AUTHENTICATE, "Bearer")], text).into_response())
 }
 
 /// Disconnects the stream's publisher. Viewers stay, waiting, as when a publisher leaves.
