@@ -52,6 +52,32 @@ for name, extra in [("ffmpeg-annexb", []), ("ffmpeg-aud-annexb", ["-bsf:v", "h26
     sps = h264.split(b"\x00\x00\x01")[1]
     put("avc", "ffmpeg-sps", sps.rstrip(b"\x00"))
 
+# The configurations of the other codecs, as ffmpeg boxes them in MP4 (what Enhanced RTMP's
+# sequence start carries): x265's hvcC and its SPS, libaom's and SVT-AV1's av1C, libvpx's vpcC.
+def mp4_box(data, name):
+    i = data.find(name)
+    return data[i + 4:i - 4 + int.from_bytes(data[i - 4:i], "big")]
+
+for name, box, codec in [("x265-hvcc", b"hvcC", ["libx265", "-x265-params", "log-level=none"]),
+                         ("aom-av1c", b"av1C", ["libaom-av1", "-cpu-used", "8"]),
+                         ("svt-av1c", b"av1C", ["libsvtav1", "-preset", "12"]),
+                         ("vpx-vpcc-box", b"vpcC", ["libvpx-vp9", "-deadline", "realtime"])]:
+    path = os.path.join(tmp, name + ".mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30", "-frames:v", "3",
+           "-c:v", *codec, path)
+    config = mp4_box(open(path, "rb").read(), box)
+    put("codecs", name, config)
+    if box == b"hvcC":
+        at = 23
+        for _ in range(config[22]):
+            kind, count = config[at] & 0x3f, int.from_bytes(config[at + 1:at + 3], "big")
+            at += 3
+            for _ in range(count):
+                size = int.from_bytes(config[at:at + 2], "big")
+                if kind == 33:
+                    put("codecs", "x265-sps", config[at + 2:at + 2 + size])
+                at += 2 + size
+
 # What a server sends a viewer: each message alone (wire), and the sequence behind u16
 # lengths (player_session).
 server = subprocess.Popen([onair, "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"],

@@ -3,4 +3,7 @@
 
 pub mod aac;
 pub mod annexb;
+pub mod av1;
 pub mod avc;
+pub mod hevc;
+pub mod vp9;
