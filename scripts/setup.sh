@@ -7,8 +7,8 @@ set -euo pipefail
 # gcc/libc6-dev: the linker rustc needs. make: the entry point itself. binaryen: wasm-opt for
 # the player. chromium + chromium-driver: the real browser the player is tested in.
 # iproute2: `ip netns`, veth and `tc … tbf`, for the tests' own shaped links (tests/src/netns.rs).
-# g++: libFuzzer, which the fuzz targets link (scripts/fuzz.sh).
-APT_PACKAGES=(ffmpeg procps gcc g++ libc6-dev make binaryen chromium chromium-driver iproute2)
+# g++: libFuzzer, which the fuzz targets link (scripts/fuzz.sh). python3: ffmpeg 9 comes from PyPI.
+APT_PACKAGES=(ffmpeg procps gcc g++ libc6-dev make binaryen chromium chromium-driver iproute2 python3)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -47,6 +47,18 @@ WB_VERSION=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print 
 if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WB_VERSION" ]; then
     echo "setup: installing wasm-bindgen-cli $WB_VERSION"
     cargo install wasm-bindgen-cli --version "=$WB_VERSION"
+fi
+
+# ffmpeg 9 for the Enhanced RTMP tests (HEVC, AV1, multitrack), which Debian's 5.1 cannot
+# send: PyPI's imageio-ffmpeg wheel carries a static build (design.md).
+if ! python3 -c "import imageio_ffmpeg, os, sys; sys.exit(not os.path.exists(imageio_ffmpeg.get_ffmpeg_exe()))" 2>/dev/null; then
+    echo "setup: installing imageio-ffmpeg 0.8.1 (ffmpeg 9)"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+    python3 -m pip install -q imageio-ffmpeg==0.8.1 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages imageio-ffmpeg==0.8.1
 fi
 
 for tool in ffmpeg npm wasm-opt wasm-bindgen chromium chromedriver; do

@@ -26,21 +26,54 @@ pub enum FlvError {
     UnsupportedPacketType { kind: &'static str, packet_type: u8 },
 }
 
-/// Video codecs we carry end to end.
+/// Video codecs an FLV tag can carry: legacy codec id 7, or an Enhanced RTMP FourCC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VideoCodec {
-    /// H.264, either legacy codec id 7 or Enhanced RTMP `avc1`.
+    /// H.264: legacy codec id 7 or `avc1`; its config is an avcC.
     Avc,
+    /// `hvc1`; its config is an hvcC.
+    Hevc,
+    /// `av01`; its config is an av1C.
+    Av1,
+    /// `vp09`; its config is a vpcC.
+    Vp9,
+}
+
+impl VideoCodec {
+    fn from_fourcc(f: &[u8]) -> Option<Self> {
+        match f {
+            b"avc1" => Some(Self::Avc),
+            b"hvc1" => Some(Self::Hevc),
+            b"av01" => Some(Self::Av1),
+            b"vp09" => Some(Self::Vp9),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avc => "H.264",
+            Self::Hevc => "HEVC",
+            Self::Av1 => "AV1",
+            Self::Vp9 => "VP9",
+        }
+    }
+
+    /// Whether its CodedFrames packets carry a composition time offset (only codecs with
+    /// B-frames in their bitstream order do).
+    fn has_cts(self) -> bool {
+        matches!(self, Self::Avc | Self::Hevc)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VideoTag<'a> {
-    /// `AVCDecoderConfigurationRecord`.
+    /// The codec's configuration record (avcC, hvcC, av1C or vpcC).
     SequenceHeader {
         codec: VideoCodec,
         config: &'a [u8],
     },
-    /// One access unit of length-prefixed NAL units.
+    /// One access unit: length-prefixed NAL units (H.264, HEVC), OBUs (AV1) or a frame (VP9).
     Frame {
         codec: VideoCodec,
         keyframe: bool,
@@ -51,6 +84,95 @@ pub enum VideoTag<'a> {
     EndOfSequence,
     /// Video info/command frames and Enhanced RTMP metadata: nothing to deliver.
     Ignored,
+    /// Enhanced RTMP v2 multitrack: packets of one or more tracks in one message.
+    Multitrack(Multitrack<'a>),
+}
+
+/// The tracks of an Enhanced RTMP multitrack video message; [`Multitrack::tracks`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Multitrack<'a> {
+    layout: Layout,
+    frame_type: u8,
+    packet_type: u8,
+    /// The codec of every track, unless each names its own.
+    codec: Option<&'a [u8]>,
+    body: &'a [u8],
+}
+
+/// AvMultitrackType.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    OneTrack,
+    ManyTracks,
+    ManyTracksManyCodecs,
+}
+
+impl<'a> Multitrack<'a> {
+    /// Each track's id and packet, in order; an error ends the message.
+    pub fn tracks(&self) -> Tracks<'a> {
+        Tracks {
+            m: self.clone(),
+            rest: Some(self.body),
+        }
+    }
+}
+
+/// The iterator of [`Multitrack::tracks`].
+pub struct Tracks<'a> {
+    m: Multitrack<'a>,
+    rest: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for Tracks<'a> {
+    type Item = Result<(u8, VideoTag<'a>), FlvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.rest.take()?;
+        if rest.is_empty() && self.m.layout != Layout::OneTrack {
+            return None;
+        }
+        let r = self.track(rest);
+        if r.is_err() {
+            self.rest = None;
+        }
+        Some(r)
+    }
+}
+
+impl<'a> Tracks<'a> {
+    fn track(&mut self, rest: &'a [u8]) -> Result<(u8, VideoTag<'a>), FlvError> {
+        let kind = "multitrack video";
+        let (fourcc, rest) = match self.m.codec {
+            Some(f) => (f, rest),
+            None => {
+                need(kind, rest, 4)?;
+                rest.split_at(4)
+            }
+        };
+        let (&id, rest) = rest.split_first().ok_or(FlvError::Truncated {
+            kind,
+            needed: 1,
+            got: 0,
+        })?;
+        let body = if self.m.layout == Layout::OneTrack {
+            rest
+        } else {
+            need(kind, rest, 3)?;
+            let size = usize::try_from(u32::from_be_bytes([0, rest[0], rest[1], rest[2]]))
+                .unwrap_or(usize::MAX);
+            let rest = &rest[3..];
+            need(kind, rest, size)?;
+            self.rest = Some(&rest[size..]);
+            &rest[..size]
+        };
+        let codec = VideoCodec::from_fourcc(fourcc).ok_or_else(|| {
+            FlvError::UnsupportedVideoCodec(format!("{} (Enhanced RTMP)", fourcc_name(fourcc)))
+        })?;
+        Ok((
+            id,
+            packet(codec, self.m.frame_type, self.m.packet_type, body)?,
+        ))
+    }
 }
 
 const FRAME_TYPE_KEY: u8 = 1;
@@ -130,52 +252,120 @@ pub fn parse_video(data: &[u8]) -> Result<VideoTag<'_>, FlvError> {
     }
 }
 
-/// Enhanced RTMP: `[1 isExHeader][3 frameType][4 packetType][fourcc]...`
+/// Enhanced RTMP video packet types.
+const PACKET_SEQUENCE_START: u8 = 0;
+const PACKET_CODED_FRAMES: u8 = 1;
+const PACKET_SEQUENCE_END: u8 = 2;
+const PACKET_CODED_FRAMES_X: u8 = 3;
+const PACKET_METADATA: u8 = 4;
+const PACKET_MPEG2TS_SEQUENCE_START: u8 = 5;
+const PACKET_MULTITRACK: u8 = 6;
+const PACKET_MOD_EX: u8 = 7;
+
+/// Enhanced RTMP: `[1 isExHeader][3 frameType][4 packetType]`, any ModEx prefixes, then the
+/// FourCC, or the multitrack header.
 fn parse_video_ex(data: &[u8]) -> Result<VideoTag<'_>, FlvError> {
-    need("enhanced video", data, 5)?;
+    let kind = "enhanced video";
     let frame_type = (data[0] >> 4) & 0x07;
-    let packet_type = data[0] & 0x0f;
-    let fourcc = &data[1..5];
-    // Multitrack (6) and ModEx (7) wrap other packets; we do not carry them yet.
-    if packet_type == 6 || packet_type == 7 {
-        return Err(FlvError::UnsupportedPacketType {
-            kind: "enhanced video",
-            packet_type,
-        });
+    let mut packet_type = data[0] & 0x0f;
+    let mut rest = &data[1..];
+    while packet_type == PACKET_MOD_EX {
+        // `[UI8 size-1 (UI16 size-1 after 0xFF)][data][4 modExType][4 packetType]`; the one
+        // ModEx type so far (a nanosecond timestamp offset) is below what is carried.
+        need(kind, rest, 1)?;
+        let (size, after) = match rest[0] {
+            0xff => {
+                need(kind, rest, 3)?;
+                (
+                    usize::from(u16::from_be_bytes([rest[1], rest[2]])) + 1,
+                    &rest[3..],
+                )
+            }
+            n => (usize::from(n) + 1, &rest[1..]),
+        };
+        need(kind, after, size + 1)?;
+        packet_type = after[size] & 0x0f;
+        rest = &after[size + 1..];
     }
-    if frame_type == FRAME_TYPE_COMMAND || packet_type == 4 {
-        // Command frame, or packetType Metadata (HDR colour info).
+    if packet_type != PACKET_METADATA && frame_type == FRAME_TYPE_COMMAND {
         return Ok(VideoTag::Ignored);
     }
-    if fourcc != b"avc1" {
-        return Err(FlvError::UnsupportedVideoCodec(format!(
-            "{} (Enhanced RTMP)",
-            fourcc_name(fourcc)
-        )));
+    if packet_type == PACKET_MULTITRACK {
+        need(kind, rest, 1)?;
+        let layout = match rest[0] >> 4 {
+            0 => Layout::OneTrack,
+            1 => Layout::ManyTracks,
+            2 => Layout::ManyTracksManyCodecs,
+            t => {
+                return Err(FlvError::UnsupportedPacketType {
+                    kind: "multitrack layout",
+                    packet_type: t,
+                });
+            }
+        };
+        let packet_type = rest[0] & 0x0f;
+        if packet_type == PACKET_MULTITRACK || packet_type == PACKET_MOD_EX {
+            return Err(FlvError::UnsupportedPacketType {
+                kind: "packet inside a multitrack",
+                packet_type,
+            });
+        }
+        let rest = &rest[1..];
+        let (codec, body) = if layout == Layout::ManyTracksManyCodecs {
+            (None, rest)
+        } else {
+            need(kind, rest, 4)?;
+            (Some(&rest[..4]), &rest[4..])
+        };
+        return Ok(VideoTag::Multitrack(Multitrack {
+            layout,
+            frame_type,
+            packet_type,
+            codec,
+            body,
+        }));
     }
-    let codec = VideoCodec::Avc;
+    need(kind, rest, 4)?;
+    let (fourcc, body) = rest.split_at(4);
+    if packet_type == PACKET_METADATA {
+        return Ok(VideoTag::Ignored);
+    }
+    let codec = VideoCodec::from_fourcc(fourcc).ok_or_else(|| {
+        FlvError::UnsupportedVideoCodec(format!("{} (Enhanced RTMP)", fourcc_name(fourcc)))
+    })?;
+    packet(codec, frame_type, packet_type, body)
+}
+
+/// One packet's body, after its FourCC (and track id).
+fn packet(
+    codec: VideoCodec,
+    frame_type: u8,
+    packet_type: u8,
+    body: &[u8],
+) -> Result<VideoTag<'_>, FlvError> {
     let keyframe = frame_type == FRAME_TYPE_KEY;
     match packet_type {
-        0 => Ok(VideoTag::SequenceHeader {
+        PACKET_SEQUENCE_START => Ok(VideoTag::SequenceHeader {
             codec,
-            config: &data[5..],
+            config: body,
         }),
-        1 => {
-            need("enhanced video", data, 8)?;
+        PACKET_CODED_FRAMES if codec.has_cts() => {
+            need("enhanced video", body, 3)?;
             Ok(VideoTag::Frame {
                 codec,
                 keyframe,
-                cts: si24(&data[5..8]),
-                data: &data[8..],
+                cts: si24(&body[..3]),
+                data: &body[3..],
             })
         }
-        2 => Ok(VideoTag::EndOfSequence),
-        3 => Ok(VideoTag::Frame {
+        PACKET_CODED_FRAMES | PACKET_CODED_FRAMES_X => Ok(VideoTag::Frame {
             codec,
             keyframe,
             cts: 0,
-            data: &data[5..],
+            data: body,
         }),
+        PACKET_SEQUENCE_END => Ok(VideoTag::EndOfSequence),
+        PACKET_METADATA | PACKET_MPEG2TS_SEQUENCE_START => Ok(VideoTag::Ignored),
         t => Err(FlvError::UnsupportedPacketType {
             kind: "enhanced video",
             packet_type: t,
@@ -460,19 +650,268 @@ mod tests {
                 data: &[7]
             })
         );
-        let mut hevc = vec![0x80 | 0x10 | 1];
-        hevc.extend_from_slice(b"hvc1");
-        hevc.extend_from_slice(&[0, 0, 0]);
+        let mut vvc = vec![0x80 | 0x10 | 1];
+        vvc.extend_from_slice(b"vvc1");
+        vvc.extend_from_slice(&[0, 0, 0]);
         assert_eq!(
-            parse_video(&hevc),
+            parse_video(&vvc),
             Err(FlvError::UnsupportedVideoCodec(
-                "'hvc1' (Enhanced RTMP)".into()
+                "'vvc1' (Enhanced RTMP)".into()
             ))
         );
         assert_eq!(
             parse_video(&[0x12, 0]),
             Err(FlvError::UnsupportedVideoCodec("Sorenson H.263".into()))
         );
+    }
+
+    /// An Enhanced RTMP video tag: `[0x80 | frame type | packet type][rest]`.
+    fn ex(frame_type: u8, packet_type: u8, rest: &[&[u8]]) -> Vec<u8> {
+        let mut v = vec![0x80 | frame_type << 4 | packet_type];
+        for r in rest {
+            v.extend_from_slice(r);
+        }
+        v
+    }
+
+    #[test]
+    fn hevc_av1_and_vp9_frames_and_their_composition_offsets() {
+        // CodedFrames: HEVC has a composition offset, AV1 and VP9 do not.
+        assert_eq!(
+            parse_video(&ex(1, 1, &[b"hvc1", &[0, 0, 40], &[9]])),
+            Ok(VideoTag::Frame {
+                codec: VideoCodec::Hevc,
+                keyframe: true,
+                cts: 40,
+                data: &[9]
+            })
+        );
+        for (fourcc, codec) in [(b"av01", VideoCodec::Av1), (b"vp09", VideoCodec::Vp9)] {
+            assert_eq!(
+                parse_video(&ex(2, 1, &[fourcc, &[1, 2]])),
+                Ok(VideoTag::Frame {
+                    codec,
+                    keyframe: false,
+                    cts: 0,
+                    data: &[1, 2]
+                })
+            );
+            assert_eq!(
+                parse_video(&ex(1, 0, &[fourcc, &[0x81]])),
+                Ok(VideoTag::SequenceHeader {
+                    codec,
+                    config: &[0x81]
+                })
+            );
+        }
+        assert_eq!(
+            parse_video(&ex(1, 2, &[b"av01"])),
+            Ok(VideoTag::EndOfSequence)
+        );
+        assert_eq!(
+            parse_video(&ex(1, 4, &[b"hvc1", &[2, 0, 0]])),
+            Ok(VideoTag::Ignored),
+            "metadata"
+        );
+        assert!(parse_video(&ex(1, 1, &[b"hvc1", &[0, 0]])).is_err());
+    }
+
+    #[test]
+    fn mod_ex_prefixes_are_skipped() {
+        // ModEx: one byte of size-1, a 3-byte nanosecond offset, then type 0 | CodedFramesX.
+        assert_eq!(
+            parse_video(&ex(1, 7, &[&[2, 0, 0, 7, 0x03], b"avc1", &[5]])),
+            Ok(VideoTag::Frame {
+                codec: VideoCodec::Avc,
+                keyframe: true,
+                cts: 0,
+                data: &[5]
+            })
+        );
+        // Two in a row, the second with the 16-bit size.
+        let mut big = vec![0xff, 0x01, 0x00];
+        big.extend(std::iter::repeat_n(0u8, 257));
+        big.push(0x00); // then SequenceStart
+        assert_eq!(
+            parse_video(&ex(1, 7, &[&[0, 9, 0x07], &big, b"hvc1", &[1]])),
+            Ok(VideoTag::SequenceHeader {
+                codec: VideoCodec::Hevc,
+                config: &[1]
+            })
+        );
+        assert!(parse_video(&ex(1, 7, &[&[4, 0, 0]])).is_err(), "cut short");
+    }
+
+    fn tracks(tag: &[u8]) -> Vec<(u8, VideoTag<'_>)> {
+        match parse_video(tag) {
+            Ok(VideoTag::Multitrack(m)) => m.tracks().collect::<Result<_, _>>().unwrap(),
+            other => panic!("not a multitrack message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn multitrack_in_its_three_layouts() {
+        // OneTrack (as OBS sends every track but the first): layout 0, CodedFrames, FourCC,
+        // track id, then the packet.
+        assert_eq!(
+            tracks(&ex(1, 6, &[&[0x01], b"avc1", &[1], &[0, 0, 0], &[7, 7]])),
+            vec![(
+                1,
+                VideoTag::Frame {
+                    codec: VideoCodec::Avc,
+                    keyframe: true,
+                    cts: 0,
+                    data: &[7, 7]
+                }
+            )]
+        );
+        // ManyTracks: one FourCC, then each track's id and UI24 size.
+        assert_eq!(
+            tracks(&ex(
+                1,
+                6,
+                &[
+                    &[0x10],
+                    b"hvc1",
+                    &[0, 0, 0, 1],
+                    &[0xaa],
+                    &[2, 0, 0, 2],
+                    &[0xbb, 0xcc]
+                ]
+            )),
+            vec![
+                (
+                    0,
+                    VideoTag::SequenceHeader {
+                        codec: VideoCodec::Hevc,
+                        config: &[0xaa]
+                    }
+                ),
+                (
+                    2,
+                    VideoTag::SequenceHeader {
+                        codec: VideoCodec::Hevc,
+                        config: &[0xbb, 0xcc]
+                    }
+                )
+            ]
+        );
+        // ManyTracksManyCodecs: each track names its codec.
+        assert_eq!(
+            tracks(&ex(
+                2,
+                6,
+                &[
+                    &[0x23],
+                    b"avc1",
+                    &[0, 0, 0, 1],
+                    &[1],
+                    b"av01",
+                    &[1, 0, 0, 1],
+                    &[2]
+                ]
+            )),
+            vec![
+                (
+                    0,
+                    VideoTag::Frame {
+                        codec: VideoCodec::Avc,
+                        keyframe: false,
+                        cts: 0,
+                        data: &[1]
+                    }
+                ),
+                (
+                    1,
+                    VideoTag::Frame {
+                        codec: VideoCodec::Av1,
+                        keyframe: false,
+                        cts: 0,
+                        data: &[2]
+                    }
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_multitrack_message_is_an_error_not_a_panic() {
+        let good = ex(
+            1,
+            6,
+            &[
+                &[0x10],
+                b"hvc1",
+                &[0, 0, 0, 1],
+                &[0xaa],
+                &[2, 0, 0, 2],
+                &[1, 2],
+            ],
+        );
+        for n in 0..good.len() {
+            if let Ok(VideoTag::Multitrack(m)) = parse_video(&good[..n]) {
+                let all: Result<Vec<_>, _> = m.tracks().collect();
+                // Cut between tracks, a message is whole (with no track, or with the first);
+                // cut inside one, it is an error.
+                assert!(all.is_err() == !matches!(n, 6 | 11), "cut at {n}: {all:?}");
+            }
+        }
+        assert!(
+            parse_video(&ex(1, 6, &[&[0x30], b"avc1"])).is_err(),
+            "layout 3"
+        );
+        assert!(
+            parse_video(&ex(1, 6, &[&[0x16], b"avc1"])).is_err(),
+            "a multitrack in a multitrack"
+        );
+    }
+
+    /// The first video tags ffmpeg 9 writes (`scripts/fuzz-corpus.py` made them; the fuzz
+    /// seeds are these files): HEVC and AV1 sequence starts, and the sequence start of a
+    /// second video track as a multitrack message.
+    #[test]
+    fn what_ffmpeg_9_sends_parses_with_its_configurations() {
+        use crate::codec::{av1::Av1Info, avc::AvcInfo, hevc::HevcInfo};
+        let hevc = include_bytes!("../../fuzz/corpus/flv/ffmpeg9-hevc-video-0");
+        let Ok(VideoTag::SequenceHeader {
+            codec: VideoCodec::Hevc,
+            config,
+        }) = parse_video(hevc)
+        else {
+            panic!("{:?}", parse_video(hevc));
+        };
+        let info = HevcInfo::parse(config).unwrap();
+        assert!(info.codec.starts_with("hvc1.1.6.L"), "{}", info.codec);
+        assert_eq!((info.width, info.height), (160, 90));
+
+        let av1 = include_bytes!("../../fuzz/corpus/flv/ffmpeg9-av1-video-0");
+        let Ok(VideoTag::SequenceHeader {
+            codec: VideoCodec::Av1,
+            config,
+        }) = parse_video(av1)
+        else {
+            panic!("{:?}", parse_video(av1));
+        };
+        let info = Av1Info::parse(config).unwrap();
+        assert!(info.codec.starts_with("av01.0."), "{}", info.codec);
+        assert_eq!((info.width, info.height), (160, 90));
+
+        let second = include_bytes!("../../fuzz/corpus/flv/ffmpeg9-two-tracks-video-1");
+        let t = tracks(second);
+        let [
+            (
+                1,
+                VideoTag::SequenceHeader {
+                    codec: VideoCodec::Avc,
+                    config,
+                },
+            ),
+        ] = t.as_slice()
+        else {
+            panic!("{t:?}");
+        };
+        let info = AvcInfo::parse(config).unwrap();
+        assert_eq!((info.width, info.height), (80, 44));
     }
 
     #[test]

@@ -393,6 +393,26 @@ impl Default for Profile {
     }
 }
 
+/// The path of PyPI's static ffmpeg 9 (`imageio-ffmpeg==0.8.1`, which scripts/setup.sh
+/// installs): the publisher for what Debian's 5.1 cannot send (Enhanced RTMP: HEVC, AV1,
+/// multitrack). Fails, not skips, without it.
+pub fn ffmpeg9() -> PathBuf {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())",
+        ])
+        .output()
+        .expect("run python3");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        out.status.success() && path.exists(),
+        "ffmpeg 9 (pip imageio-ffmpeg==0.8.1) is not installed: run scripts/setup.sh (make test does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
 /// A real ffmpeg publishing a synthetic stream over RTMP, killed on drop.
 pub struct Publisher {
     pub child: Child,

@@ -131,6 +131,9 @@ pub struct MediaIngest<T: Target = Publisher> {
     timeline: Unwrap,
     /// The video frame rate, when the source says it rather than the SPS.
     video_fps: Option<f64>,
+    /// Enhanced RTMP multitrack: packets of video tracks other than the default one (track
+    /// 0), which are not carried yet.
+    other_tracks: u64,
 }
 
 impl<T: Target> MediaIngest<T> {
@@ -143,6 +146,7 @@ impl<T: Target> MediaIngest<T> {
             init_sent: false,
             timeline: Unwrap::default(),
             video_fps: None,
+            other_tracks: 0,
         }
     }
 
@@ -291,18 +295,57 @@ impl<T: Target> MediaIngest<T> {
 
     /// One FLV video tag body (RTMP video message, or a tag of an FLV bytestream).
     pub fn flv_video(&mut self, data: &Bytes, ts: u32) -> Result<(), IngestError> {
+        use onair_protocol::flv::VideoTag;
         match onair_protocol::flv::parse_video(data)? {
-            onair_protocol::flv::VideoTag::SequenceHeader { config, .. } => {
-                self.video_config(data.slice_ref(config))
+            VideoTag::Multitrack(m) => {
+                // The default track is the stream; the others (OBS's Enhanced Broadcasting,
+                // ffmpeg with several video maps) are left out until they become renditions.
+                for track in m.tracks() {
+                    match track? {
+                        (0, tag) => self.video_tag(data, tag, ts)?,
+                        (id, _) => {
+                            if self.other_tracks == 0 {
+                                tracing::info!(
+                                    track = id,
+                                    "left out: video tracks beside the default one are not carried yet"
+                                );
+                            }
+                            self.other_tracks += 1;
+                        }
+                    }
+                }
+                Ok(())
             }
-            onair_protocol::flv::VideoTag::Frame {
+            tag => self.video_tag(data, tag, ts),
+        }
+    }
+
+    fn video_tag(
+        &mut self,
+        data: &Bytes,
+        tag: onair_protocol::flv::VideoTag<'_>,
+        ts: u32,
+    ) -> Result<(), IngestError> {
+        use onair_protocol::flv::{VideoCodec, VideoTag};
+        match tag {
+            VideoTag::SequenceHeader {
+                codec: VideoCodec::Avc,
+                config,
+            } => self.video_config(data.slice_ref(config)),
+            VideoTag::Frame {
+                codec: VideoCodec::Avc,
                 keyframe,
                 cts,
                 data: payload,
-                ..
             } => self.video_frame(ts, cts, keyframe, payload),
-            onair_protocol::flv::VideoTag::EndOfSequence
-            | onair_protocol::flv::VideoTag::Ignored => Ok(()),
+            VideoTag::SequenceHeader { codec, .. } | VideoTag::Frame { codec, .. } => {
+                Err(IngestError::Flv(FlvError::UnsupportedVideoCodec(format!(
+                    "{} (Enhanced RTMP): only H.264 is carried yet",
+                    codec.name()
+                ))))
+            }
+            // The parser never nests multitrack messages.
+            VideoTag::EndOfSequence | VideoTag::Ignored | VideoTag::Multitrack(_) => Ok(()),
         }
     }
 

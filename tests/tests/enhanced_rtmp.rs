@@ -1,0 +1,115 @@
+//! Enhanced RTMP from a current ffmpeg (9, from PyPI): what is carried and what is refused with
+//! a reason, until HEVC, AV1 and extra tracks become renditions (the ingest issue).
+
+use std::time::Duration;
+
+use onair_protocol::wire::{Message, TrackParams};
+use onair_tests::{Server, Viewer, ffmpeg9};
+
+const T: Duration = Duration::from_secs(20);
+
+fn publish(args: &[&str], url: &str) -> tokio::process::Child {
+    tokio::process::Command::new(ffmpeg9())
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(args)
+        .args(["-f", "flv", url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ffmpeg 9")
+}
+
+#[tokio::test]
+async fn a_two_track_publish_plays_its_default_track() {
+    let server = Server::start(&[]).await;
+    // Two video tracks, as OBS's Enhanced Broadcasting sends them: ffmpeg writes the first as
+    // a legacy tag and the second as an Enhanced RTMP multitrack (OneTrack) message.
+    let mut ffmpeg = publish(
+        &[
+            "-filter_complex",
+            "[0:v]split=2[a][b];[b]scale=320:180[c]",
+            "-map",
+            "[a]",
+            "-map",
+            "[c]",
+            "-map",
+            "1:a",
+            "-c:v",
+            "libx264",
+            "-g",
+            "30",
+            "-c:a",
+            "aac",
+        ],
+        &server.rtmp_url("two"),
+    );
+    let mut viewer = Viewer::connect(&server.ws_url("two")).await;
+    let got = viewer
+        .recv_until(
+            T,
+            |m| matches!(m, Message::Media { header, .. } if header.track == 0),
+        )
+        .await;
+    let size = got.iter().find_map(|r| match r.msg() {
+        Message::Init(init) => init.tracks.iter().find_map(|t| match t.params {
+            TrackParams::Video { width, height, .. } => Some((width, height)),
+            _ => None,
+        }),
+        _ => None,
+    });
+    assert_eq!(size, Some((640, 360)), "the default track is the stream");
+    // Two seconds later it still plays: the second track's messages did not end it.
+    let from = std::time::Instant::now();
+    let mut frames = 0;
+    while from.elapsed() < Duration::from_secs(2) {
+        let r = viewer.recv(T).await;
+        if matches!(r.msg(), Message::Media { .. }) {
+            frames += 1;
+        }
+    }
+    assert!(frames > 30, "{frames} frames in 2 s");
+    let line = server.wait_log("left out: video tracks beside", T).await;
+    assert!(line.contains("track=1"), "{line}");
+    assert_eq!(
+        server.log_matching("left out: video tracks").len(),
+        1,
+        "said once"
+    );
+    assert!(
+        ffmpeg.try_wait().expect("ffmpeg state").is_none(),
+        "ffmpeg still publishing"
+    );
+}
+
+#[tokio::test]
+async fn hevc_and_av1_publishes_are_refused_with_the_reason() {
+    let server = Server::start(&[]).await;
+    for (codec, args) in [
+        (
+            "HEVC",
+            &["-c:v", "libx265", "-x265-params", "log-level=none"][..],
+        ),
+        ("AV1", &["-c:v", "libsvtav1", "-preset", "12"][..]),
+    ] {
+        let from = server.log_lines();
+        let mut ffmpeg = publish(args, &server.rtmp_url(&codec.to_lowercase()));
+        let status = tokio::time::timeout(T, ffmpeg.wait())
+            .await
+            .expect("ffmpeg ends once refused")
+            .expect("wait ffmpeg");
+        assert!(!status.success(), "{codec}: ffmpeg should fail");
+        server
+            .wait_log_since(
+                from,
+                &format!(
+                    "unsupported video codec: {codec} (Enhanced RTMP): only H.264 is carried yet"
+                ),
+                T,
+            )
+            .await;
+    }
+}
