@@ -53,26 +53,29 @@ for name, extra in [("ffmpeg-annexb", []), ("ffmpeg-aud-annexb", ["-bsf:v", "h26
     put("avc", "ffmpeg-sps", sps.rstrip(b"\x00"))
 
 # Enhanced RTMP as a current ffmpeg (9, PyPI's imageio-ffmpeg, which scripts/setup.sh
-# installs) writes it: HEVC and AV1 tags, and two video tracks (the second as multitrack).
+# installs) writes it: HEVC and AV1 tags, two video tracks and two audio tracks (the second of
+# each as multitrack).
 import imageio_ffmpeg
 ff9 = imageio_ffmpeg.get_ffmpeg_exe()
 for name, args in [
         ("ffmpeg9-hevc", ["-c:v", "libx265", "-x265-params", "log-level=none"]),
         ("ffmpeg9-av1", ["-c:v", "libsvtav1", "-preset", "12", "-svtav1-params", "fast-decode=1"]),
         ("ffmpeg9-two-tracks", ["-filter_complex", "[0:v]split=2[a][b];[b]scale=80:44[c]",
-                                "-map", "[a]", "-map", "[c]", "-map", "1:a", *x264])]:
+                                "-map", "[a]", "-map", "[c]", "-map", "1:a", *x264]),
+        ("ffmpeg9-two-audio", ["-map", "0:v", "-map", "1:a", "-map", "1:a", *x264])]:
     path = os.path.join(tmp, name + ".flv")
     subprocess.run([ff9, "-hide_banner", "-loglevel", "error", "-y", *src, *args,
                     "-c:a", "aac", "-b:a", "32k", "-f", "flv", path], check=True,
                    stderr=subprocess.DEVNULL)
     data = open(path, "rb").read()
     put("flv", name + ".flv", data)
-    at, n = 13, 0
-    while at + 11 <= len(data) and n < 6:
+    at, seen = 13, {8: 0, 9: 0}
+    while at + 11 <= len(data):
         kind, size = data[at], int.from_bytes(data[at + 1:at + 4], "big")
-        if kind == 9:
-            put("flv", f"{name}-video-{n}", data[at + 11:at + 11 + size])
-            n += 1
+        if kind in seen and seen[kind] < 6:
+            put("flv", f"{name}-{'video' if kind == 9 else 'audio'}-{seen[kind]}",
+                data[at + 11:at + 11 + size])
+            seen[kind] += 1
         at += 11 + size + 4
 
 # The configurations of the other codecs, as ffmpeg boxes them in MP4 (what Enhanced RTMP's

@@ -91,12 +91,23 @@ pub enum VideoTag<'a> {
 /// The tracks of an Enhanced RTMP multitrack video message; [`Multitrack::tracks`] reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Multitrack<'a> {
-    layout: Layout,
     frame_type: u8,
     packet_type: u8,
-    /// The codec of every track, unless each names its own.
-    codec: Option<&'a [u8]>,
-    body: &'a [u8],
+    split: TrackSplit<'a>,
+}
+
+impl<'a> Multitrack<'a> {
+    /// Each track's id and packet, in order; an error ends the message.
+    pub fn tracks(&self) -> impl Iterator<Item = Result<(u8, VideoTag<'a>), FlvError>> + 'a {
+        let (frame_type, packet_type) = (self.frame_type, self.packet_type);
+        self.split.clone().map(move |track| {
+            let (fourcc, id, body) = track?;
+            let codec = VideoCodec::from_fourcc(fourcc).ok_or_else(|| {
+                FlvError::UnsupportedVideoCodec(format!("{} (Enhanced RTMP)", fourcc_name(fourcc)))
+            })?;
+            Ok((id, packet(codec, frame_type, packet_type, body)?))
+        })
+    }
 }
 
 /// AvMultitrackType.
@@ -107,42 +118,53 @@ enum Layout {
     ManyTracksManyCodecs,
 }
 
-impl<'a> Multitrack<'a> {
-    /// Each track's id and packet, in order; an error ends the message.
-    pub fn tracks(&self) -> Tracks<'a> {
-        Tracks {
-            m: self.clone(),
-            rest: Some(self.body),
-        }
-    }
-}
-
-/// The iterator of [`Multitrack::tracks`].
-pub struct Tracks<'a> {
-    m: Multitrack<'a>,
+/// The tracks of a multitrack message (video or audio, whose layouts are the same), each as
+/// its FourCC, id and packet body; it stops at the first error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TrackSplit<'a> {
+    kind: &'static str,
+    layout: Layout,
+    /// The codec of every track, unless each names its own.
+    codec: Option<&'a [u8]>,
     rest: Option<&'a [u8]>,
 }
 
-impl<'a> Iterator for Tracks<'a> {
-    type Item = Result<(u8, VideoTag<'a>), FlvError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let rest = self.rest.take()?;
-        if rest.is_empty() && self.m.layout != Layout::OneTrack {
-            return None;
-        }
-        let r = self.track(rest);
-        if r.is_err() {
-            self.rest = None;
-        }
-        Some(r)
+impl<'a> TrackSplit<'a> {
+    /// Reads the multitrack header (`[4 layout][4 packetType]`, then the FourCC unless each
+    /// track has its own) from `rest`; returns the split and the tracks' packet type.
+    fn new(kind: &'static str, rest: &'a [u8]) -> Result<(Self, u8), FlvError> {
+        need(kind, rest, 1)?;
+        let layout = match rest[0] >> 4 {
+            0 => Layout::OneTrack,
+            1 => Layout::ManyTracks,
+            2 => Layout::ManyTracksManyCodecs,
+            t => {
+                return Err(FlvError::UnsupportedPacketType {
+                    kind: "multitrack layout",
+                    packet_type: t,
+                });
+            }
+        };
+        let packet_type = rest[0] & 0x0f;
+        let rest = &rest[1..];
+        let (codec, rest) = if layout == Layout::ManyTracksManyCodecs {
+            (None, rest)
+        } else {
+            need(kind, rest, 4)?;
+            (Some(&rest[..4]), &rest[4..])
+        };
+        let split = TrackSplit {
+            kind,
+            layout,
+            codec,
+            rest: Some(rest),
+        };
+        Ok((split, packet_type))
     }
-}
 
-impl<'a> Tracks<'a> {
-    fn track(&mut self, rest: &'a [u8]) -> Result<(u8, VideoTag<'a>), FlvError> {
-        let kind = "multitrack video";
-        let (fourcc, rest) = match self.m.codec {
+    fn track(&mut self, rest: &'a [u8]) -> Result<(&'a [u8], u8, &'a [u8]), FlvError> {
+        let kind = self.kind;
+        let (fourcc, rest) = match self.codec {
             Some(f) => (f, rest),
             None => {
                 need(kind, rest, 4)?;
@@ -154,24 +176,29 @@ impl<'a> Tracks<'a> {
             needed: 1,
             got: 0,
         })?;
-        let body = if self.m.layout == Layout::OneTrack {
-            rest
-        } else {
-            need(kind, rest, 3)?;
-            let size = usize::try_from(u32::from_be_bytes([0, rest[0], rest[1], rest[2]]))
-                .unwrap_or(usize::MAX);
-            let rest = &rest[3..];
-            need(kind, rest, size)?;
-            self.rest = Some(&rest[size..]);
-            &rest[..size]
-        };
-        let codec = VideoCodec::from_fourcc(fourcc).ok_or_else(|| {
-            FlvError::UnsupportedVideoCodec(format!("{} (Enhanced RTMP)", fourcc_name(fourcc)))
-        })?;
-        Ok((
-            id,
-            packet(codec, self.m.frame_type, self.m.packet_type, body)?,
-        ))
+        if self.layout == Layout::OneTrack {
+            return Ok((fourcc, id, rest));
+        }
+        need(kind, rest, 3)?;
+        let size = usize::try_from(u32::from_be_bytes([0, rest[0], rest[1], rest[2]]))
+            .unwrap_or(usize::MAX);
+        let rest = &rest[3..];
+        need(kind, rest, size)?;
+        self.rest = Some(&rest[size..]);
+        Ok((fourcc, id, &rest[..size]))
+    }
+}
+
+impl<'a> Iterator for TrackSplit<'a> {
+    type Item = Result<(&'a [u8], u8, &'a [u8]), FlvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.rest.take()?;
+        if rest.is_empty() && self.layout != Layout::OneTrack {
+            return None;
+        }
+        // A failed track leaves nothing to read: the split ends with its error.
+        Some(self.track(rest))
     }
 }
 
@@ -267,11 +294,45 @@ const PACKET_MOD_EX: u8 = 7;
 fn parse_video_ex(data: &[u8]) -> Result<VideoTag<'_>, FlvError> {
     let kind = "enhanced video";
     let frame_type = (data[0] >> 4) & 0x07;
-    let mut packet_type = data[0] & 0x0f;
-    let mut rest = &data[1..];
+    let (packet_type, rest) = skip_mod_ex(kind, data[0] & 0x0f, &data[1..])?;
+    if packet_type != PACKET_METADATA && frame_type == FRAME_TYPE_COMMAND {
+        return Ok(VideoTag::Ignored);
+    }
+    if packet_type == PACKET_MULTITRACK {
+        let (split, packet_type) = TrackSplit::new("multitrack video", rest)?;
+        if packet_type == PACKET_MULTITRACK || packet_type == PACKET_MOD_EX {
+            return Err(FlvError::UnsupportedPacketType {
+                kind: "packet inside a multitrack",
+                packet_type,
+            });
+        }
+        return Ok(VideoTag::Multitrack(Multitrack {
+            frame_type,
+            packet_type,
+            split,
+        }));
+    }
+    need(kind, rest, 4)?;
+    let (fourcc, body) = rest.split_at(4);
+    if packet_type == PACKET_METADATA {
+        return Ok(VideoTag::Ignored);
+    }
+    let codec = VideoCodec::from_fourcc(fourcc).ok_or_else(|| {
+        FlvError::UnsupportedVideoCodec(format!("{} (Enhanced RTMP)", fourcc_name(fourcc)))
+    })?;
+    packet(codec, frame_type, packet_type, body)
+}
+
+/// Skips ModEx prefixes (video and audio have the same, and the same packet type 7): `[UI8
+/// size-1 (UI16 size-1 after 0xFF)][data][4 modExType][4 packetType]`. The one ModEx type so
+/// far (a nanosecond timestamp offset) is below what is carried. Returns the real packet type
+/// and what follows.
+fn skip_mod_ex<'a>(
+    kind: &'static str,
+    mut packet_type: u8,
+    mut rest: &'a [u8],
+) -> Result<(u8, &'a [u8]), FlvError> {
     while packet_type == PACKET_MOD_EX {
-        // `[UI8 size-1 (UI16 size-1 after 0xFF)][data][4 modExType][4 packetType]`; the one
-        // ModEx type so far (a nanosecond timestamp offset) is below what is carried.
         need(kind, rest, 1)?;
         let (size, after) = match rest[0] {
             0xff => {
@@ -287,53 +348,7 @@ fn parse_video_ex(data: &[u8]) -> Result<VideoTag<'_>, FlvError> {
         packet_type = after[size] & 0x0f;
         rest = &after[size + 1..];
     }
-    if packet_type != PACKET_METADATA && frame_type == FRAME_TYPE_COMMAND {
-        return Ok(VideoTag::Ignored);
-    }
-    if packet_type == PACKET_MULTITRACK {
-        need(kind, rest, 1)?;
-        let layout = match rest[0] >> 4 {
-            0 => Layout::OneTrack,
-            1 => Layout::ManyTracks,
-            2 => Layout::ManyTracksManyCodecs,
-            t => {
-                return Err(FlvError::UnsupportedPacketType {
-                    kind: "multitrack layout",
-                    packet_type: t,
-                });
-            }
-        };
-        let packet_type = rest[0] & 0x0f;
-        if packet_type == PACKET_MULTITRACK || packet_type == PACKET_MOD_EX {
-            return Err(FlvError::UnsupportedPacketType {
-                kind: "packet inside a multitrack",
-                packet_type,
-            });
-        }
-        let rest = &rest[1..];
-        let (codec, body) = if layout == Layout::ManyTracksManyCodecs {
-            (None, rest)
-        } else {
-            need(kind, rest, 4)?;
-            (Some(&rest[..4]), &rest[4..])
-        };
-        return Ok(VideoTag::Multitrack(Multitrack {
-            layout,
-            frame_type,
-            packet_type,
-            codec,
-            body,
-        }));
-    }
-    need(kind, rest, 4)?;
-    let (fourcc, body) = rest.split_at(4);
-    if packet_type == PACKET_METADATA {
-        return Ok(VideoTag::Ignored);
-    }
-    let codec = VideoCodec::from_fourcc(fourcc).ok_or_else(|| {
-        FlvError::UnsupportedVideoCodec(format!("{} (Enhanced RTMP)", fourcc_name(fourcc)))
-    })?;
-    packet(codec, frame_type, packet_type, body)
+    Ok((packet_type, rest))
 }
 
 /// One packet's body, after its FourCC (and track id).
@@ -391,6 +406,8 @@ pub enum AudioTag<'a> {
         data: &'a [u8],
     },
     Ignored,
+    /// Enhanced RTMP v2 multitrack audio: packets of one or more tracks in one message.
+    Multitrack(AudioMultitrack<'a>),
 }
 
 fn legacy_audio_codec_name(format: u8) -> String {
@@ -432,42 +449,75 @@ pub fn parse_audio(data: &[u8]) -> Result<AudioTag<'_>, FlvError> {
         }
         // Enhanced RTMP audio: `[4 soundFormat=9][4 packetType][fourcc]...`
         9 => {
-            need("enhanced audio", data, 5)?;
-            let packet_type = b0 & 0x0f;
-            let fourcc = &data[1..5];
-            if packet_type == 5 || packet_type == 7 {
-                return Err(FlvError::UnsupportedPacketType {
-                    kind: "enhanced audio",
-                    packet_type,
-                });
+            let kind = "enhanced audio";
+            let (packet_type, rest) = skip_mod_ex(kind, b0 & 0x0f, &data[1..])?;
+            if packet_type == AUDIO_MULTITRACK {
+                let (split, packet_type) = TrackSplit::new("multitrack audio", rest)?;
+                if packet_type == AUDIO_MULTITRACK || packet_type == PACKET_MOD_EX {
+                    return Err(FlvError::UnsupportedPacketType {
+                        kind: "packet inside a multitrack",
+                        packet_type,
+                    });
+                }
+                return Ok(AudioTag::Multitrack(AudioMultitrack { packet_type, split }));
             }
-            if fourcc != b"mp4a" {
-                return Err(FlvError::UnsupportedAudioCodec(format!(
-                    "{} (Enhanced RTMP)",
-                    fourcc_name(fourcc)
-                )));
-            }
-            let codec = AudioCodec::Aac;
-            match packet_type {
-                0 => Ok(AudioTag::SequenceHeader {
-                    codec,
-                    config: &data[5..],
-                }),
-                1 => Ok(AudioTag::Frame {
-                    codec,
-                    data: &data[5..],
-                }),
-                // SequenceEnd, MultichannelConfig: nothing to deliver.
-                2 | 4 => Ok(AudioTag::Ignored),
-                t => Err(FlvError::UnsupportedPacketType {
-                    kind: "enhanced audio",
-                    packet_type: t,
-                }),
-            }
+            need(kind, rest, 4)?;
+            let (fourcc, body) = rest.split_at(4);
+            audio_packet(fourcc, packet_type, body)
         }
         other => Err(FlvError::UnsupportedAudioCodec(legacy_audio_codec_name(
             other,
         ))),
+    }
+}
+
+/// Enhanced RTMP audio: the packet type of a multitrack message (ModEx is 7, as for video).
+const AUDIO_MULTITRACK: u8 = 5;
+
+/// One Enhanced RTMP audio packet's body, after its FourCC (and track id).
+fn audio_packet<'a>(
+    fourcc: &[u8],
+    packet_type: u8,
+    body: &'a [u8],
+) -> Result<AudioTag<'a>, FlvError> {
+    if fourcc != b"mp4a" {
+        return Err(FlvError::UnsupportedAudioCodec(format!(
+            "{} (Enhanced RTMP)",
+            fourcc_name(fourcc)
+        )));
+    }
+    let codec = AudioCodec::Aac;
+    match packet_type {
+        0 => Ok(AudioTag::SequenceHeader {
+            codec,
+            config: body,
+        }),
+        1 => Ok(AudioTag::Frame { codec, data: body }),
+        // SequenceEnd, MultichannelConfig: nothing to deliver.
+        2 | 4 => Ok(AudioTag::Ignored),
+        t => Err(FlvError::UnsupportedPacketType {
+            kind: "enhanced audio",
+            packet_type: t,
+        }),
+    }
+}
+
+/// The tracks of an Enhanced RTMP multitrack audio message; [`AudioMultitrack::tracks`] reads
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioMultitrack<'a> {
+    packet_type: u8,
+    split: TrackSplit<'a>,
+}
+
+impl<'a> AudioMultitrack<'a> {
+    /// Each track's id and packet, in order; an error ends the message.
+    pub fn tracks(&self) -> impl Iterator<Item = Result<(u8, AudioTag<'a>), FlvError>> + 'a {
+        let packet_type = self.packet_type;
+        self.split.clone().map(move |track| {
+            let (fourcc, id, body) = track?;
+            Ok((id, audio_packet(fourcc, packet_type, body)?))
+        })
     }
 }
 
@@ -912,6 +962,52 @@ mod tests {
         };
         let info = AvcInfo::parse(config).unwrap();
         assert_eq!((info.width, info.height), (80, 44));
+    }
+
+    /// A second audio track as ffmpeg 9 sends it (OneTrack multitrack): its AudioSpecificConfig,
+    /// its MultichannelConfig, then its frames.
+    #[test]
+    fn a_second_audio_track_as_ffmpeg_9_sends_it() {
+        fn read(tag: &[u8]) -> Vec<(u8, AudioTag<'_>)> {
+            match parse_audio(tag) {
+                Ok(AudioTag::Multitrack(m)) => m.tracks().collect::<Result<_, _>>().unwrap(),
+                other => panic!("not a multitrack message: {other:?}"),
+            }
+        }
+        let start = include_bytes!("../../fuzz/corpus/flv/ffmpeg9-two-audio-audio-1");
+        assert_eq!(
+            read(start),
+            vec![(
+                1,
+                AudioTag::SequenceHeader {
+                    codec: AudioCodec::Aac,
+                    config: &[0x12, 0x08, 0x56, 0xe5, 0x00]
+                }
+            )]
+        );
+        let multichannel = include_bytes!("../../fuzz/corpus/flv/ffmpeg9-two-audio-audio-2");
+        assert_eq!(read(multichannel), vec![(1, AudioTag::Ignored)]);
+        // `[0x95 ex|Multitrack][0x01 OneTrack|CodedFrames]["mp4a"][track 1]`, then the frame.
+        let frame = include_bytes!("../../fuzz/corpus/flv/ffmpeg9-two-audio-audio-4");
+        assert!(matches!(
+            read(frame).as_slice(),
+            [(1, AudioTag::Frame { codec: AudioCodec::Aac, data })] if data.len() == frame.len() - 7
+        ));
+        // ModEx before an audio packet, as before a video one.
+        let mut modex = vec![0x97, 2, 0, 0, 7, 0x01];
+        modex.extend_from_slice(b"mp4a");
+        modex.push(5);
+        assert_eq!(
+            parse_audio(&modex),
+            Ok(AudioTag::Frame {
+                codec: AudioCodec::Aac,
+                data: &[5]
+            })
+        );
+        assert!(
+            parse_audio(&[0x95, 0x05]).is_err(),
+            "a multitrack in a multitrack"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Enhanced RTMP from a current ffmpeg (9, from PyPI): what is carried and what is refused with
-//! a reason, until HEVC, AV1 and extra tracks become renditions (the ingest issue).
+//! a reason, until HEVC, AV1 and extra video tracks become renditions (the ingest issue). Of
+//! several audio tracks, the default one is the stream's.
 
 use std::time::Duration;
 
@@ -79,6 +80,68 @@ async fn a_two_track_publish_plays_its_default_track() {
         1,
         "said once"
     );
+    assert!(
+        ffmpeg.try_wait().expect("ffmpeg state").is_none(),
+        "ffmpeg still publishing"
+    );
+}
+
+#[tokio::test]
+async fn a_two_audio_track_publish_plays_its_default_audio() {
+    let server = Server::start(&[]).await;
+    let mut ffmpeg = publish(
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=880:sample_rate=48000",
+            "-map",
+            "0:v",
+            "-map",
+            "1:a",
+            "-map",
+            "2:a",
+            "-c:v",
+            "libx264",
+            "-g",
+            "30",
+            "-c:a",
+            "aac",
+        ],
+        &server.rtmp_url("two-audio"),
+    );
+    let mut viewer = Viewer::connect(&server.ws_url("two-audio")).await;
+    let got = viewer
+        .recv_until(T, |m| matches!(m, Message::Media { .. }))
+        .await;
+    let audio = got.iter().find_map(|r| match r.msg() {
+        Message::Init(init) => init.tracks.iter().find_map(|t| match t.params {
+            TrackParams::Audio { sample_rate, .. } => Some((t.id, sample_rate)),
+            _ => None,
+        }),
+        _ => None,
+    });
+    let (audio_id, rate) = audio.expect("an audio track in the init");
+    assert_eq!(
+        rate, 44100,
+        "the first audio track, not the second (48 kHz)"
+    );
+    let from = std::time::Instant::now();
+    let mut audio_frames = 0;
+    while from.elapsed() < Duration::from_secs(2) {
+        if let Message::Media { header, .. } = viewer.recv(T).await.msg()
+            && header.track == audio_id
+        {
+            audio_frames += 1;
+        }
+    }
+    // 44.1 kHz AAC: 43 frames a second, of the one track.
+    assert!(
+        (60..=110).contains(&audio_frames),
+        "{audio_frames} audio frames in 2 s"
+    );
+    let line = server.wait_log("left out: audio tracks beside", T).await;
+    assert!(line.contains("track=1"), "{line}");
     assert!(
         ffmpeg.try_wait().expect("ffmpeg state").is_none(),
         "ffmpeg still publishing"

@@ -172,7 +172,8 @@ fn read_clip(path: &Path) -> Clip {
                     keyframe: true,
                     data: data.to_vec(),
                 }),
-                AudioTag::Ignored => {}
+                // Debian's ffmpeg writes one legacy AAC track.
+                AudioTag::Ignored | AudioTag::Multitrack(_) => {}
             },
             _ => {}
         }

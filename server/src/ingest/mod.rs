@@ -132,8 +132,9 @@ pub struct MediaIngest<T: Target = Publisher> {
     /// The video frame rate, when the source says it rather than the SPS.
     video_fps: Option<f64>,
     /// Enhanced RTMP multitrack: packets of video tracks other than the default one (track
-    /// 0), which are not carried yet.
+    /// 0), which are not carried yet, and of audio tracks other than the default one.
     other_tracks: u64,
+    other_audio_tracks: u64,
 }
 
 impl<T: Target> MediaIngest<T> {
@@ -147,6 +148,7 @@ impl<T: Target> MediaIngest<T> {
             timeline: Unwrap::default(),
             video_fps: None,
             other_tracks: 0,
+            other_audio_tracks: 0,
         }
     }
 
@@ -351,14 +353,41 @@ impl<T: Target> MediaIngest<T> {
 
     /// One FLV audio tag body.
     pub fn flv_audio(&mut self, data: &Bytes, ts: u32) -> Result<(), IngestError> {
-        match onair_protocol::flv::parse_audio(data)? {
-            onair_protocol::flv::AudioTag::SequenceHeader { config, .. } => {
-                self.audio_config(data.slice_ref(config))
+        use onair_protocol::flv::AudioTag;
+        let tag = onair_protocol::flv::parse_audio(data)?;
+        let AudioTag::Multitrack(m) = tag else {
+            return self.audio_tag(data, tag, ts);
+        };
+        // The default track is the stream's audio; the others are counted and left out.
+        for track in m.tracks() {
+            match track? {
+                (0, tag) => self.audio_tag(data, tag, ts)?,
+                (id, _) => {
+                    if self.other_audio_tracks == 0 {
+                        tracing::info!(
+                            track = id,
+                            "left out: audio tracks beside the default one are not carried"
+                        );
+                    }
+                    self.other_audio_tracks += 1;
+                }
             }
-            onair_protocol::flv::AudioTag::Frame { data: payload, .. } => {
-                self.audio_frame(ts, payload)
-            }
-            onair_protocol::flv::AudioTag::Ignored => Ok(()),
+        }
+        Ok(())
+    }
+
+    fn audio_tag(
+        &mut self,
+        data: &Bytes,
+        tag: onair_protocol::flv::AudioTag<'_>,
+        ts: u32,
+    ) -> Result<(), IngestError> {
+        use onair_protocol::flv::AudioTag;
+        match tag {
+            AudioTag::SequenceHeader { config, .. } => self.audio_config(data.slice_ref(config)),
+            AudioTag::Frame { data: payload, .. } => self.audio_frame(ts, payload),
+            // The parser never nests multitrack messages.
+            AudioTag::Ignored | AudioTag::Multitrack(_) => Ok(()),
         }
     }
 
