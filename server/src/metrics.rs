@@ -151,6 +151,11 @@ pub fn ingest_error(protocol: &'static str, kind: &'static str) {
         .increment(1);
 }
 
+/// A multitrack packet of a track beside the default one, left out (`kind`: video or audio).
+pub fn track_left_out(kind: &'static str) {
+    metrics::counter!("onair_ingest_tracks_left_out_total", "kind" => kind).increment(1);
+}
+
 /// The process's open-file limit, set once at start-up: every socket takes one.
 pub fn open_files_limit(n: u64) {
     metrics::gauge!("onair_open_files_limit").set(n as f64);
@@ -252,6 +257,10 @@ fn describe() {
         "Media payload bytes received from publishers"
     );
     describe_counter!("onair_ingest_frames_total", "Media frames received");
+    describe_counter!(
+        "onair_ingest_tracks_left_out_total",
+        "Enhanced RTMP multitrack packets of tracks beside the default one, left out, by kind (video, audio)"
+    );
     describe_counter!(
         "onair_auth_refusals_total",
         "Credentials refused, by action (publish, play, read, admin), protocol and reason"

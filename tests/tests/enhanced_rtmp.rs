@@ -75,6 +75,18 @@ async fn a_two_track_publish_plays_its_default_track() {
     assert!(frames > 30, "{frames} frames in 2 s");
     let line = server.wait_log("left out: video tracks beside", T).await;
     assert!(line.contains("track=1"), "{line}");
+    let (_, metrics) = onair_tests::http_get(&server.http, "/metrics")
+        .await
+        .expect("GET /metrics");
+    let left_out = onair_tests::metric(
+        &metrics,
+        "onair_ingest_tracks_left_out_total{kind=\"video\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        left_out > 30.0,
+        "the second track's packets counted: {left_out}"
+    );
     assert_eq!(
         server.log_matching("left out: video tracks").len(),
         1,
@@ -142,6 +154,18 @@ async fn a_two_audio_track_publish_plays_its_default_audio() {
     );
     let line = server.wait_log("left out: audio tracks beside", T).await;
     assert!(line.contains("track=1"), "{line}");
+    let (_, metrics) = onair_tests::http_get(&server.http, "/metrics")
+        .await
+        .expect("GET /metrics");
+    let left_out = onair_tests::metric(
+        &metrics,
+        "onair_ingest_tracks_left_out_total{kind=\"audio\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        left_out > 30.0,
+        "the second track's packets counted: {left_out}"
+    );
     assert!(
         ffmpeg.try_wait().expect("ffmpeg state").is_none(),
         "ffmpeg still publishing"

@@ -313,6 +313,7 @@ impl<T: Target> MediaIngest<T> {
                                 );
                             }
                             self.other_tracks += 1;
+                            crate::metrics::track_left_out("video");
                         }
                     }
                 }
@@ -370,6 +371,7 @@ impl<T: Target> MediaIngest<T> {
                         );
                     }
                     self.other_audio_tracks += 1;
+                    crate::metrics::track_left_out("audio");
                 }
             }
         }
