@@ -24,6 +24,31 @@ fn publish(args: &[&str], url: &str) -> tokio::process::Child {
         .expect("spawn ffmpeg 9")
 }
 
+/// The server said once that it left track 1 of `kind` out, and counted its packets (two
+/// seconds of them at least, as the callers have played).
+async fn second_track_left_out(server: &Server, kind: &str) {
+    let line = server
+        .wait_log(&format!("left out: {kind} tracks beside"), T)
+        .await;
+    assert!(line.contains("track=1"), "{line}");
+    assert_eq!(
+        server
+            .log_matching(&format!("left out: {kind} tracks"))
+            .len(),
+        1,
+        "said once"
+    );
+    let (_, metrics) = onair_tests::http_get(&server.http, "/metrics")
+        .await
+        .expect("GET /metrics");
+    let sample = format!("onair_ingest_tracks_left_out_total{{kind=\"{kind}\"}}");
+    let left_out = onair_tests::metric(&metrics, &sample).unwrap_or(0.0);
+    assert!(
+        left_out > 30.0,
+        "the second track's packets counted: {left_out}"
+    );
+}
+
 #[tokio::test]
 async fn a_two_track_publish_plays_its_default_track() {
     let server = Server::start(&[]).await;
@@ -73,25 +98,7 @@ async fn a_two_track_publish_plays_its_default_track() {
         }
     }
     assert!(frames > 30, "{frames} frames in 2 s");
-    let line = server.wait_log("left out: video tracks beside", T).await;
-    assert!(line.contains("track=1"), "{line}");
-    let (_, metrics) = onair_tests::http_get(&server.http, "/metrics")
-        .await
-        .expect("GET /metrics");
-    let left_out = onair_tests::metric(
-        &metrics,
-        "onair_ingest_tracks_left_out_total{kind=\"video\"}",
-    )
-    .unwrap_or(0.0);
-    assert!(
-        left_out > 30.0,
-        "the second track's packets counted: {left_out}"
-    );
-    assert_eq!(
-        server.log_matching("left out: video tracks").len(),
-        1,
-        "said once"
-    );
+    second_track_left_out(&server, "video").await;
     assert!(
         ffmpeg.try_wait().expect("ffmpeg state").is_none(),
         "ffmpeg still publishing"
@@ -152,20 +159,7 @@ async fn a_two_audio_track_publish_plays_its_default_audio() {
         (60..=110).contains(&audio_frames),
         "{audio_frames} audio frames in 2 s"
     );
-    let line = server.wait_log("left out: audio tracks beside", T).await;
-    assert!(line.contains("track=1"), "{line}");
-    let (_, metrics) = onair_tests::http_get(&server.http, "/metrics")
-        .await
-        .expect("GET /metrics");
-    let left_out = onair_tests::metric(
-        &metrics,
-        "onair_ingest_tracks_left_out_total{kind=\"audio\"}",
-    )
-    .unwrap_or(0.0);
-    assert!(
-        left_out > 30.0,
-        "the second track's packets counted: {left_out}"
-    );
+    second_track_left_out(&server, "audio").await;
     assert!(
         ffmpeg.try_wait().expect("ffmpeg state").is_none(),
         "ffmpeg still publishing"

@@ -51,6 +51,18 @@ impl IngestError {
     }
 }
 
+/// A multitrack packet of a track beside the default one: counted in
+/// `onair_ingest_tracks_left_out_total`, and said once per publisher and kind.
+fn left_out(said: &mut bool, kind: &'static str, track: u8) {
+    if !std::mem::replace(said, true) {
+        tracing::info!(
+            track,
+            "left out: {kind} tracks beside the default one are not carried (counted in onair_ingest_tracks_left_out_total)"
+        );
+    }
+    crate::metrics::track_left_out(kind);
+}
+
 /// Extends 32-bit millisecond timestamps (which wrap after ~49 days) to 64 bits.
 #[derive(Debug, Default)]
 struct Unwrap {
@@ -131,10 +143,10 @@ pub struct MediaIngest<T: Target = Publisher> {
     timeline: Unwrap,
     /// The video frame rate, when the source says it rather than the SPS.
     video_fps: Option<f64>,
-    /// Enhanced RTMP multitrack: packets of video tracks other than the default one (track
-    /// 0), which are not carried yet, and of audio tracks other than the default one.
-    other_tracks: u64,
-    other_audio_tracks: u64,
+    /// Enhanced RTMP multitrack: whether packets of a video, an audio track other than the
+    /// default one (track 0) have been left out yet (said once, counted always).
+    video_left_out: bool,
+    audio_left_out: bool,
 }
 
 impl<T: Target> MediaIngest<T> {
@@ -147,8 +159,8 @@ impl<T: Target> MediaIngest<T> {
             init_sent: false,
             timeline: Unwrap::default(),
             video_fps: None,
-            other_tracks: 0,
-            other_audio_tracks: 0,
+            video_left_out: false,
+            audio_left_out: false,
         }
     }
 
@@ -305,16 +317,7 @@ impl<T: Target> MediaIngest<T> {
                 for track in m.tracks() {
                     match track? {
                         (0, tag) => self.video_tag(data, tag, ts)?,
-                        (id, _) => {
-                            if self.other_tracks == 0 {
-                                tracing::info!(
-                                    track = id,
-                                    "left out: video tracks beside the default one are not carried yet"
-                                );
-                            }
-                            self.other_tracks += 1;
-                            crate::metrics::track_left_out("video");
-                        }
+                        (id, _) => left_out(&mut self.video_left_out, "video", id),
                     }
                 }
                 Ok(())
@@ -355,27 +358,19 @@ impl<T: Target> MediaIngest<T> {
     /// One FLV audio tag body.
     pub fn flv_audio(&mut self, data: &Bytes, ts: u32) -> Result<(), IngestError> {
         use onair_protocol::flv::AudioTag;
-        let tag = onair_protocol::flv::parse_audio(data)?;
-        let AudioTag::Multitrack(m) = tag else {
-            return self.audio_tag(data, tag, ts);
-        };
-        // The default track is the stream's audio; the others are counted and left out.
-        for track in m.tracks() {
-            match track? {
-                (0, tag) => self.audio_tag(data, tag, ts)?,
-                (id, _) => {
-                    if self.other_audio_tracks == 0 {
-                        tracing::info!(
-                            track = id,
-                            "left out: audio tracks beside the default one are not carried"
-                        );
+        match onair_protocol::flv::parse_audio(data)? {
+            AudioTag::Multitrack(m) => {
+                // The default track is the stream's audio; the others are counted and left out.
+                for track in m.tracks() {
+                    match track? {
+                        (0, tag) => self.audio_tag(data, tag, ts)?,
+                        (id, _) => left_out(&mut self.audio_left_out, "audio", id),
                     }
-                    self.other_audio_tracks += 1;
-                    crate::metrics::track_left_out("audio");
                 }
+                Ok(())
             }
+            tag => self.audio_tag(data, tag, ts),
         }
-        Ok(())
     }
 
     fn audio_tag(

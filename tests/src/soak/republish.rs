@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fastwebsockets::OpCode;
-use onair_protocol::codec::avc::AvcInfo;
+use onair_protocol::codec::avc::{AvcInfo, avcc_to_annexb};
 use onair_protocol::wire::{Message, TrackParams};
 use std::io::Write as _;
 
@@ -100,14 +100,6 @@ async fn watch_inner(
                 for t in &init.tracks {
                     if let TrackParams::Video { height, .. } = t.params {
                         let info = AvcInfo::parse(t.config).map_err(|e| e.to_string())?;
-                        annexb.clear();
-                        for ps in info.sps.iter().chain(&info.pps) {
-                            annexb.extend_from_slice(&[0, 0, 0, 1]);
-                            annexb.extend_from_slice(ps);
-                        }
-                        if let Some(f) = out.as_mut() {
-                            f.write_all(&annexb).map_err(|e| e.to_string())?;
-                        }
                         video = Some((t.id, info, height));
                     }
                 }
@@ -137,20 +129,16 @@ async fn watch_inner(
                     });
                 }
                 if let Some(f) = out.as_mut() {
+                    // Each keyframe with the parameter sets in front: decodable from there,
+                    // across a republish at another size.
                     annexb.clear();
-                    let mut rest = payload;
-                    let n = usize::from(info.length_size);
-                    while rest.len() >= n {
-                        let len = rest[..n]
-                            .iter()
-                            .fold(0usize, |a, b| a << 8 | usize::from(*b));
-                        let nal = rest
-                            .get(n..n + len)
-                            .ok_or("a NAL unit runs past its frame")?;
-                        annexb.extend_from_slice(&[0, 0, 0, 1]);
-                        annexb.extend_from_slice(nal);
-                        rest = &rest[n + len..];
-                    }
+                    avcc_to_annexb(
+                        payload,
+                        info.length_size,
+                        header.keyframe.then_some(info),
+                        &mut annexb,
+                    )
+                    .map_err(|e| e.to_string())?;
                     f.write_all(&annexb).map_err(|e| e.to_string())?;
                 }
             }
