@@ -216,15 +216,10 @@ impl Session {
                     } else {
                         (t.timescale / 30).max(1)
                     };
-                    (
-                        Codec::Avc {
-                            width,
-                            height,
-                            avcc: t.config,
-                        },
-                        t.timescale,
-                        duration,
-                    )
+                    let Some(codec) = Codec::video(t.codec, width, height, t.config) else {
+                        continue; // a codec this player cannot box: left out, like a second track
+                    };
+                    (codec, t.timescale, duration)
                 }
                 TrackParams::Audio {
                     sample_rate,

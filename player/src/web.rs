@@ -73,6 +73,45 @@ fn log2(msg: &str, detail: &str) {
     web_sys::console::log_2(&JsValue::from_str(msg), &JsValue::from_str(detail));
 }
 
+/// A codec string of each video codec the server may send, to ask MSE about (the profile
+/// most encoders use).
+const CODEC_PROBES: [(&str, &str); 4] = [
+    ("avc1", "avc1.42E01E"),
+    ("hvc1", "hvc1.1.6.L93.B0"),
+    ("av01", "av01.0.08M.08"),
+    ("vp09", "vp09.00.10.08"),
+];
+
+/// The video codecs this browser's `MediaSource` (or `ManagedMediaSource`) plays in MP4, as
+/// the server's `?codecs=` list: `avc1,av01`.
+fn decodable_codecs(managed: bool) -> String {
+    let class = if managed {
+        "ManagedMediaSource"
+    } else {
+        "MediaSource"
+    };
+    let Ok(class) = Reflect::get(&js_sys::global(), &JsValue::from_str(class)) else {
+        return String::new();
+    };
+    let Some(probe) = Reflect::get(&class, &JsValue::from_str("isTypeSupported"))
+        .ok()
+        .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+    else {
+        return String::new();
+    };
+    CODEC_PROBES
+        .iter()
+        .filter(|(_, codec)| {
+            let mime = JsValue::from_str(&format!("video/mp4; codecs=\"{codec}\""));
+            probe
+                .call1(&class, &mime)
+                .is_ok_and(|v| v.as_bool() == Some(true))
+        })
+        .map(|(family, _)| *family)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn has_global(name: &str) -> bool {
     Reflect::get(&js_sys::global(), &JsValue::from_str(name))
         .map(|v| !v.is_undefined())
@@ -268,7 +307,9 @@ fn with(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner, &Rc<RefCell<Inne
 impl Player {
     /// `options`: `{ latencyMs }`, the target live latency in milliseconds (default 200);
     /// `rendition`, a rendition's name to play (default `auto`: the server chooses), passed on
-    /// as `?rendition=`; and `hlsUrl`, used where the browser has neither MediaSource nor
+    /// as `?rendition=`; `codecs`, the video codecs to say this browser decodes (default: what
+    /// `MediaSource.isTypeSupported` says, as `avc1,hvc1,av01,vp09` or a part of it), passed on
+    /// as `?codecs=`; and `hlsUrl`, used where the browser has neither MediaSource nor
     /// ManagedMediaSource (default: the `/hls/STREAM/index.m3u8` next to the WebSocket URL).
     #[wasm_bindgen(constructor)]
     pub fn new(
@@ -289,15 +330,27 @@ impl Player {
         let hls_url = opt("hlsUrl")
             .and_then(|v| v.as_string())
             .unwrap_or_else(|| hls_url_for(&url));
-        let url = match opt("rendition").and_then(|v| v.as_string()) {
-            Some(r) if r != "auto" && !r.is_empty() => {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                let r = String::from(js_sys::encode_uri_component(&r));
-                format!("{url}{sep}rendition={r}")
-            }
-            _ => url,
+        let mut url = url;
+        let mut param = |name: &str, value: &str| {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let value = String::from(js_sys::encode_uri_component(value));
+            url = format!("{url}{sep}{name}={value}");
         };
+        if let Some(r) = opt("rendition").and_then(|v| v.as_string())
+            && r != "auto"
+            && !r.is_empty()
+        {
+            param("rendition", &r);
+        }
         let managed = !has_global("MediaSource") && has_global("ManagedMediaSource");
+        // What this browser decodes goes to the server, which then sends no rendition outside
+        // it (an HEVC source's H.264 rungs instead, say).
+        let codecs = opt("codecs")
+            .and_then(|v| v.as_string())
+            .unwrap_or_else(|| decodable_codecs(managed));
+        if !codecs.is_empty() {
+            param("codecs", &codecs);
+        }
         let inner = Rc::new(RefCell::new(Inner {
             video,
             url,

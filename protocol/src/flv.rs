@@ -7,6 +7,8 @@
 
 use thiserror::Error;
 
+pub use crate::codec::VideoCodec;
+
 #[derive(Debug, Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FlvError {
@@ -24,46 +26,6 @@ pub enum FlvError {
     UnsupportedAudioCodec(String),
     #[error("unsupported {kind} packet type {packet_type}")]
     UnsupportedPacketType { kind: &'static str, packet_type: u8 },
-}
-
-/// Video codecs an FLV tag can carry: legacy codec id 7, or an Enhanced RTMP FourCC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VideoCodec {
-    /// H.264: legacy codec id 7 or `avc1`; its config is an avcC.
-    Avc,
-    /// `hvc1`; its config is an hvcC.
-    Hevc,
-    /// `av01`; its config is an av1C.
-    Av1,
-    /// `vp09`; its config is a vpcC.
-    Vp9,
-}
-
-impl VideoCodec {
-    fn from_fourcc(f: &[u8]) -> Option<Self> {
-        match f {
-            b"avc1" => Some(Self::Avc),
-            b"hvc1" => Some(Self::Hevc),
-            b"av01" => Some(Self::Av1),
-            b"vp09" => Some(Self::Vp9),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Avc => "H.264",
-            Self::Hevc => "HEVC",
-            Self::Av1 => "AV1",
-            Self::Vp9 => "VP9",
-        }
-    }
-
-    /// Whether its CodedFrames packets carry a composition time offset (only codecs with
-    /// B-frames in their bitstream order do).
-    fn has_cts(self) -> bool {
-        matches!(self, Self::Avc | Self::Hevc)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,8 @@
 
 use thiserror::Error;
 
+use crate::codec::VideoCodec;
+
 #[derive(Debug, Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fmp4Error {
@@ -38,11 +40,15 @@ pub enum Fmp4Error {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec<'a> {
-    /// H.264; `avcc` is the AVCDecoderConfigurationRecord, written verbatim into avcC.
-    Avc {
+    /// Video: `config` is the codec's configuration record (avcC, hvcC, av1C: written
+    /// verbatim into the box of that name; a vpcC record goes into vpcC after its version 1
+    /// FullBox header, whether or not it came with one), in the sample entry named by
+    /// [`VideoCodec::fourcc`] (avc1, hvc1, av01, vp09).
+    Video {
+        codec: VideoCodec,
         width: u16,
         height: u16,
-        avcc: &'a [u8],
+        config: &'a [u8],
     },
     /// AAC; `asc` is the AudioSpecificConfig, written as esds' DecoderSpecificInfo.
     Aac {
@@ -50,6 +56,19 @@ pub enum Codec<'a> {
         channels: u8,
         asc: &'a [u8],
     },
+}
+
+impl<'a> Codec<'a> {
+    /// The video entry for a track the wire protocol describes by its codec string; `None`
+    /// for a codec this muxer has no sample entry for.
+    pub fn video(codec_string: &str, width: u16, height: u16, config: &'a [u8]) -> Option<Self> {
+        Some(Codec::Video {
+            codec: VideoCodec::of_codec_string(codec_string)?,
+            width,
+            height,
+            config,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +140,10 @@ pub fn init_segment(tracks: &[Track<'_>]) -> Result<Vec<u8>, Fmp4Error> {
             return Err(Fmp4Error::ZeroTimescale { track_id: t.id });
         }
         let (config, what) = match t.codec {
-            Codec::Avc { avcc, .. } => (avcc, "avcC"),
+            Codec::Video { config, codec, .. } => (
+                config,
+                std::str::from_utf8(codec.config_box()).unwrap_or("video configuration"),
+            ),
             Codec::Aac { asc, .. } => (asc, "AudioSpecificConfig"),
         };
         if config.is_empty() {
@@ -138,8 +160,14 @@ pub fn init_segment(tracks: &[Track<'_>]) -> Result<Vec<u8>, Fmp4Error> {
     out.extend_from_slice(b"iso6");
     put_u32(&mut out, 0); // minor_version
     out.extend_from_slice(b"iso6cmfcmp41");
-    if tracks.iter().any(|t| matches!(t.codec, Codec::Avc { .. })) {
-        out.extend_from_slice(b"avc1");
+    // The brands of the video codecs whose ISOBMFF bindings define one.
+    for brand in [VideoCodec::Avc, VideoCodec::Av1] {
+        if tracks
+            .iter()
+            .any(|t| matches!(t.codec, Codec::Video { codec, .. } if codec == brand))
+        {
+            out.extend_from_slice(brand.fourcc());
+        }
     }
     end(&mut out, ftyp, "ftyp")?;
 
@@ -176,7 +204,7 @@ pub fn init_segment(tracks: &[Track<'_>]) -> Result<Vec<u8>, Fmp4Error> {
 
 fn trak(out: &mut Vec<u8>, t: &Track<'_>) -> Result<(), Fmp4Error> {
     let (video, handler_type, name): (bool, &[u8; 4], &[u8]) = match t.codec {
-        Codec::Avc { .. } => (true, b"vide", b"VideoHandler\0"),
+        Codec::Video { .. } => (true, b"vide", b"VideoHandler\0"),
         Codec::Aac { .. } => (false, b"soun", b"SoundHandler\0"),
     };
     let trak = begin(out, b"trak");
@@ -193,7 +221,7 @@ fn trak(out: &mut Vec<u8>, t: &Track<'_>) -> Result<(), Fmp4Error> {
     put_u16(out, 0); // reserved
     put_matrix(out);
     let (width, height) = match t.codec {
-        Codec::Avc { width, height, .. } => (width, height),
+        Codec::Video { width, height, .. } => (width, height),
         Codec::Aac { .. } => (0, 0),
     };
     put_u32(out, u32::from(width) << 16);
@@ -236,11 +264,12 @@ fn trak(out: &mut Vec<u8>, t: &Track<'_>) -> Result<(), Fmp4Error> {
     let stsd = begin_full(out, b"stsd", 0);
     put_u32(out, 1); // entry_count
     match t.codec {
-        Codec::Avc {
+        Codec::Video {
+            codec,
             width,
             height,
-            avcc,
-        } => avc1(out, width, height, avcc)?,
+            config,
+        } => visual_sample_entry(out, codec, width, height, config)?,
         Codec::Aac {
             sample_rate,
             channels,
@@ -259,8 +288,14 @@ fn trak(out: &mut Vec<u8>, t: &Track<'_>) -> Result<(), Fmp4Error> {
     end(out, trak, "trak")
 }
 
-fn avc1(out: &mut Vec<u8>, width: u16, height: u16, avcc: &[u8]) -> Result<(), Fmp4Error> {
-    let avc1 = begin(out, b"avc1");
+fn visual_sample_entry(
+    out: &mut Vec<u8>,
+    codec: VideoCodec,
+    width: u16,
+    height: u16,
+    config: &[u8],
+) -> Result<(), Fmp4Error> {
+    let entry = begin(out, codec.fourcc());
     put_zeros(out, 6); // reserved
     put_u16(out, 1); // data_reference_index
     put_zeros(out, 2 + 2 + 12); // pre_defined, reserved, pre_defined
@@ -273,10 +308,15 @@ fn avc1(out: &mut Vec<u8>, width: u16, height: u16, avcc: &[u8]) -> Result<(), F
     put_zeros(out, 32); // compressorname: empty
     put_u16(out, 0x0018); // depth: colour, no alpha
     put_u16(out, 0xffff); // pre_defined = -1
-    let avc_c = begin(out, b"avcC");
-    out.extend_from_slice(avcc);
-    end(out, avc_c, "avcC")?;
-    end(out, avc1, "avc1")
+    let config_box = begin(out, codec.config_box());
+    if codec == VideoCodec::Vp9 {
+        put_u32(out, 1 << 24); // version 1, flags 0
+        out.extend_from_slice(crate::codec::vp9::record(config));
+    } else {
+        out.extend_from_slice(config);
+    }
+    end(out, config_box, "video configuration")?;
+    end(out, entry, "visual sample entry")
 }
 
 fn mp4a(
@@ -557,10 +597,11 @@ mod tests {
             Track {
                 id: 1,
                 timescale: 1000,
-                codec: Codec::Avc {
+                codec: Codec::Video {
+                    codec: VideoCodec::Avc,
                     width: 1280,
                     height: 720,
-                    avcc,
+                    config: avcc,
                 },
             },
             Track {
@@ -721,6 +762,52 @@ mod tests {
         assert_eq!(&init[at + 4..at + 8], [0, 0, 0, 1], "vmhd flags");
     }
 
+    /// Each codec's record comes out verbatim in its own box of its own sample entry (vpcC
+    /// with its FullBox header, given one or not), and mp4-atom reads the entry back.
+    #[test]
+    fn hevc_av1_and_vp9_get_their_sample_entries() {
+        use crate::codec::{av1, hevc, vp9};
+        let vpcc_record = &vp9::tests::VPCC_BOX[4..];
+        for (codec, config, written) in [
+            (
+                VideoCodec::Hevc,
+                hevc::tests::HVCC_640X360,
+                hevc::tests::HVCC_640X360,
+            ),
+            (VideoCodec::Av1, av1::tests::AV1C_SVT, av1::tests::AV1C_SVT),
+            (VideoCodec::Vp9, vpcc_record, vp9::tests::VPCC_BOX),
+            (VideoCodec::Vp9, vp9::tests::VPCC_BOX, vp9::tests::VPCC_BOX),
+        ] {
+            let init = init_segment(&[Track {
+                id: 1,
+                timescale: 1000,
+                codec: Codec::Video {
+                    codec,
+                    width: 640,
+                    height: 360,
+                    config,
+                },
+            }])
+            .unwrap();
+            let at = find(&init, codec.config_box()).unwrap();
+            let size = u32::from_be_bytes(init[at - 4..at].try_into().unwrap()) as usize;
+            assert_eq!(&init[at + 4..at - 4 + size], written, "{codec:?}");
+            let (ftyp, moov) = decode_init(&init);
+            assert_eq!(
+                ftyp.compatible_brands.contains(&b"av01".into()),
+                codec == VideoCodec::Av1
+            );
+            let stsd = &moov.trak[0].mdia.minf.stbl.stsd;
+            let visual = match (codec, stsd.codecs.as_slice()) {
+                (VideoCodec::Hevc, [m::Codec::Hvc1(e)]) => &e.visual,
+                (VideoCodec::Av1, [m::Codec::Av01(e)]) => &e.visual,
+                (VideoCodec::Vp9, [m::Codec::Vp09(e)]) => &e.visual,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!((visual.width, visual.height), (640, 360));
+        }
+    }
+
     #[test]
     fn audio_only_init_and_odd_configs() {
         // A 300-byte config needs a two-byte descriptor size; 96 kHz does not fit 16.16.
@@ -798,10 +885,11 @@ mod tests {
             Err(Fmp4Error::ZeroTimescale { track_id: 2 })
         );
         let empty = Track {
-            codec: Codec::Avc {
+            codec: Codec::Video {
+                codec: VideoCodec::Avc,
                 width: 1,
                 height: 1,
-                avcc: &[],
+                config: &[],
             },
             ..v
         };

@@ -103,7 +103,8 @@ pub struct TrackInit<'a> {
     /// RFC 6381 codec string, as MSE wants it (`avc1.64001f`, `mp4a.40.2`).
     pub codec: &'a str,
     pub params: TrackParams,
-    /// `AVCDecoderConfigurationRecord` for H.264, `AudioSpecificConfig` for AAC.
+    /// The video codec's configuration record (avcC, hvcC, av1C, vpcC: the codec string's
+    /// family says which), `AudioSpecificConfig` for AAC.
     pub config: &'a [u8],
 }
 

@@ -259,7 +259,7 @@ fn describe() {
     describe_counter!("onair_ingest_frames_total", "Media frames received");
     describe_counter!(
         "onair_ingest_tracks_left_out_total",
-        "Enhanced RTMP multitrack packets of tracks beside the default one, left out, by kind (video, audio)"
+        "Enhanced RTMP multitrack packets not carried (audio tracks beside the default one, video tracks past the bound or before their sequence header), by kind (video, audio)"
     );
     describe_counter!(
         "onair_auth_refusals_total",

@@ -601,6 +601,27 @@ impl Viewer {
         })
     }
 
+    /// Reads for `d`; returns the video frames received, having checked that their dts only
+    /// grow (from `last`, the dts of the video frame before, if any).
+    pub async fn continuous_video(&mut self, d: Duration, mut last: Option<u64>) -> usize {
+        let from = Instant::now();
+        let mut frames = 0;
+        while from.elapsed() < d {
+            if let Message::Media { header, .. } = self.recv(Duration::from_secs(10)).await.msg()
+                && header.track == 0
+            {
+                assert!(
+                    last.is_none_or(|l| header.dts > l),
+                    "video dts {} after {last:?}",
+                    header.dts
+                );
+                last = Some(header.dts);
+                frames += 1;
+            }
+        }
+        frames
+    }
+
     /// Receives until a message satisfies `pred`; returns everything received, that one last.
     pub async fn recv_until(
         &mut self,
@@ -840,6 +861,105 @@ impl Recording {
             );
         }
     }
+}
+
+/// How a viewer's playback began: its init's rendition, video codec string and picture size,
+/// whether the init has audio, and whether the first media after it was a video keyframe.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub rendition: u8,
+    pub codec: String,
+    pub size: (u16, u16),
+    pub audio: bool,
+    pub keyframe_first: bool,
+}
+
+/// [`Start`] of what a viewer received, up to its first media frame (the last init before it
+/// counts). Panics without an init with video before media, or without media.
+pub fn start_of(got: &[Received]) -> Start {
+    let mut start: Option<Start> = None;
+    for r in got {
+        match r.msg() {
+            Message::Init(init) => {
+                let (codec, size) = init
+                    .tracks
+                    .iter()
+                    .find_map(|t| match t.params {
+                        TrackParams::Video { width, height, .. } => {
+                            Some((t.codec.to_string(), (width, height)))
+                        }
+                        _ => None,
+                    })
+                    .expect("a video track in the init");
+                start = Some(Start {
+                    rendition: init.rendition,
+                    codec,
+                    size,
+                    audio: init
+                        .tracks
+                        .iter()
+                        .any(|t| matches!(t.params, TrackParams::Audio { .. })),
+                    keyframe_first: false,
+                });
+            }
+            Message::Media { header, .. } => {
+                let mut s = start.expect("media before any init");
+                s.keyframe_first = header.track == 0 && header.keyframe;
+                return s;
+            }
+            _ => {}
+        }
+    }
+    panic!("no media received");
+}
+
+/// ffprobe reads the LL-HLS at `url` and finds video in `codec_name` (ffprobe's name: `h264`,
+/// `hevc`, `av1`) at `size`, and AAC; ffmpeg then decodes `secs` seconds of it without a word
+/// of complaint.
+pub async fn hls_decodes(url: &str, codec_name: &str, size: (u64, u64), secs: u32) {
+    require_tool("ffprobe");
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name,width,height",
+        ])
+        .args(["-of", "json", url])
+        .output()
+        .await
+        .expect("run ffprobe");
+    assert!(
+        probe.status.success() && probe.stderr.is_empty(),
+        "{url}: ffprobe: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&probe.stdout).expect("ffprobe json");
+    let streams = found["streams"].as_array().expect("streams");
+    let video = streams
+        .iter()
+        .find(|s| s["codec_name"] == codec_name)
+        .unwrap_or_else(|| panic!("{url}: no {codec_name} in {found}"));
+    assert_eq!(
+        (video["width"].as_u64(), video["height"].as_u64()),
+        (Some(size.0), Some(size.1)),
+        "{found}"
+    );
+    assert!(
+        streams.iter().any(|s| s["codec_name"] == "aac"),
+        "{url}: no aac in {found}"
+    );
+    let decode = Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-i", url])
+        .args(["-t", &secs.to_string(), "-f", "null", "-"])
+        .output()
+        .await
+        .expect("run ffmpeg");
+    let errors = String::from_utf8_lossy(&decode.stderr);
+    assert!(
+        decode.status.success() && errors.trim().is_empty(),
+        "{url}: ffmpeg reports errors:\n{errors}"
+    );
 }
 
 /// Decodes a file with ffmpeg; returns ffmpeg's error output (empty when clean).

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use onair_protocol::codec::VideoCodec;
 use onair_protocol::codec::aac::AudioSpecificConfig;
 use onair_protocol::codec::avc::AvcInfo;
 use onair_protocol::flv::{AudioTag, VideoTag, parse_audio, parse_video};
@@ -45,10 +46,11 @@ impl Clip {
             Track {
                 id: VIDEO_ID,
                 timescale: VIDEO_TIMESCALE,
-                codec: Codec::Avc {
+                codec: Codec::Video {
+                    codec: VideoCodec::Avc,
                     width: self.width,
                     height: self.height,
-                    avcc: &self.avcc,
+                    config: &self.avcc,
                 },
             },
             Track {

@@ -137,50 +137,8 @@ async fn read_with_ffmpeg(profile: Profile, name: &str) {
     let server = single_rendition_server(&[]).await;
     let _publisher = Publisher::start(&server.rtmp_url(name), profile);
     wait_segments(&server, name, 3).await;
-    let probe = tokio::process::Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "stream=codec_name,width,height",
-        ])
-        .args(["-of", "json", &url(&server, name)])
-        .output()
-        .await
-        .expect("run ffprobe");
-    assert!(
-        probe.status.success() && probe.stderr.is_empty(),
-        "{name}: ffprobe: {}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let found: Value = serde_json::from_slice(&probe.stdout).expect("ffprobe json");
-    let streams = found["streams"].as_array().expect("streams");
-    let video = streams
-        .iter()
-        .find(|s| s["codec_name"] == "h264")
-        .unwrap_or_else(|| panic!("{name}: no h264 in {found}"));
-    assert_eq!(
-        (video["width"].as_u64(), video["height"].as_u64()),
-        (
-            Some(u64::from(profile.width)),
-            Some(u64::from(profile.height))
-        )
-    );
-    assert!(
-        streams.iter().any(|s| s["codec_name"] == "aac"),
-        "{name}: no aac in {found}"
-    );
-    let decode = tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-v", "error", "-i", &url(&server, name)])
-        .args(["-t", "5", "-f", "null", "-"])
-        .output()
-        .await
-        .expect("run ffmpeg");
-    let errors = String::from_utf8_lossy(&decode.stderr);
-    assert!(
-        decode.status.success() && errors.trim().is_empty(),
-        "{name}: ffmpeg reports errors:\n{errors}"
-    );
+    let size = (u64::from(profile.width), u64::from(profile.height));
+    onair_tests::hls_decodes(&url(&server, name), "h264", size, 5).await;
 }
 
 #[tokio::test]

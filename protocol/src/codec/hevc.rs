@@ -227,12 +227,12 @@ pub fn sps_dimensions(nal: &[u8]) -> Result<(u32, u32), HevcError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// x265 3.5 (Debian's ffmpeg, `testsrc2` 640x360, Main, level 2.1), from the hvcC of the MP4
     /// it wrote, with its VPS, SPS and PPS arrays (the SEI array of x265's options left out).
-    const HVCC_640X360: &[u8] = &[
+    pub(crate) const HVCC_640X360: &[u8] = &[
         0x01, 0x01, 0x60, 0x00, 0x00, 0x00, 0x90, 0x00, 0x00, 0x00, 0x00, 0x00, 0x3f, 0xf0, 0x00,
         0xfc, 0xfd, 0xf8, 0xf8, 0x00, 0x00, 0x0f, 0x03, // 3 arrays
         0x20, 0x00, 0x01, 0x00, 0x18, // VPS

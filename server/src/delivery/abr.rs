@@ -568,10 +568,12 @@ impl Auto {
     ) -> Option<(Arc<Rendition>, SwitchReason)> {
         let version = stream.renditions_version();
         if self.version != Some(version) {
+            // Only what the viewer's player decodes is a rung of its ladder.
+            let decodes = follow.decodes();
             let mut ladder: Vec<_> = stream
                 .renditions()
                 .into_iter()
-                .filter(|r| !r.is_gone())
+                .filter(|r| !r.is_gone() && decodes.can(&r.info().codec))
                 .collect();
             // Highest first: by picture height, then bitrate. Not by the measured bitrate
             // alone: two renditions of about the same rate (or a still scene in a big one)

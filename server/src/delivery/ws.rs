@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fastwebsockets::{OpCode, Role, WebSocketError};
 use hyper_util::rt::TokioIo;
+use onair_protocol::codec::Decodes;
 use onair_protocol::wire::{
     self, Control, Hello, Message, ServerStats, TimeSyncResponse, ViewerStats,
 };
@@ -70,9 +71,18 @@ pub struct PlayQuery {
     rendition: Option<String>,
     /// A play token, where the stream needs one.
     token: Option<String>,
+    /// The video codecs the player decodes, by family (`avc1,hvc1,av01,vp09`); every one when
+    /// it does not say.
+    codecs: Option<String>,
 }
 
 impl PlayQuery {
+    fn decodes(&self) -> Decodes {
+        self.codecs
+            .as_deref()
+            .map_or(Decodes::ALL, Decodes::parse_list)
+    }
+
     fn preference(&self) -> Preference {
         match self.rendition.as_deref() {
             None | Some("auto") | Some("") => Preference::Auto,
@@ -125,6 +135,7 @@ pub async fn play(
         )
             .into_response();
     }
+    let decodes = query.decodes();
     let viewer = app.hub.subscribe(&stream, peer, &user_agent);
     let span = tracing::info_span!("viewer", stream = %stream, id = viewer.id, %peer);
     let shutdown = app.shutdown.clone();
@@ -157,6 +168,7 @@ pub async fn play(
             let reason = run(
                 viewer,
                 preference,
+                decodes,
                 parts.io.into_inner(),
                 parts.read_buf,
                 &cfg,
@@ -247,9 +259,11 @@ impl hub::SinkWrite for OwnedWriteHalf {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     viewer: hub::Viewer,
     preference: Preference,
+    decodes: Decodes,
     tcp: TcpStream,
     read_buf: Bytes,
     cfg: &crate::config::Config,
@@ -285,6 +299,7 @@ async fn run(
     let (end, follow, auto) = write_loop(
         &viewer,
         preference,
+        decodes,
         start.as_deref(),
         &wr,
         &sink,
@@ -385,6 +400,7 @@ fn sample(
 async fn write_loop(
     viewer: &hub::Viewer,
     preference: Preference,
+    decodes: Decodes,
     start: Option<&str>,
     wr: &OwnedWriteHalf,
     sink: &Arc<Sink>,
@@ -413,7 +429,7 @@ async fn write_loop(
     }
     let stream = viewer.stream.clone();
     let mut auto = (preference == Preference::Auto).then(|| Auto::new(Instant::now()));
-    let mut follow = Follow::join(&stream, preference, start, &mut batch);
+    let mut follow = Follow::join(&stream, preference, start, decodes, &mut batch);
     follow.rendition().attach_sink(sink);
     viewer
         .state

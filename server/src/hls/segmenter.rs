@@ -358,14 +358,13 @@ impl Segmenter {
                         fps_milli,
                     },
                 ) if video.is_none() && t.timescale > 0 => {
+                    let Some(codec) = Codec::video(t.codec, width, height, t.config) else {
+                        continue; // no sample entry for it: the packager leaves it out
+                    };
                     tracks.push(Track {
                         id: VIDEO_ID,
                         timescale: t.timescale,
-                        codec: Codec::Avc {
-                            width,
-                            height,
-                            avcc: t.config,
-                        },
+                        codec,
                     });
                     let frame_us = if fps_milli > 0 {
                         1_000_000_000 / u64::from(fps_milli)

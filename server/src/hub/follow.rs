@@ -10,11 +10,17 @@
 //! is tried again at the next one, [`MAX_MISSES`] times. A viewer whose rendition was removed
 //! continues at the target's first keyframe after what it was sent: the rendition it was on
 //! has nothing more to give.
+//!
+//! A viewer is never sent a configuration its player cannot decode (it says which codecs it
+//! decodes when it connects): it joins the highest rendition it decodes, and a viewer whose
+//! rendition turns into one it cannot (a republish in HEVC) is held, sent nothing, until it is
+//! moved to one it can, where it starts afresh from the GOP cache.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use onair_protocol::codec::Decodes;
 use serde::Serialize;
 
 use super::rendition::{Cursor, ReadOutcome, Rendition};
@@ -43,6 +49,9 @@ pub enum SwitchReason {
     DroppedFrames,
     /// Automatic, up: calm long enough to try the next higher rendition.
     Probe,
+    /// Its rendition's codec is one the viewer's player cannot decode (a source in HEVC, say):
+    /// moved to one it can.
+    Undecodable,
 }
 
 impl SwitchReason {
@@ -55,6 +64,7 @@ impl SwitchReason {
             SwitchReason::Stalled => "stalled",
             SwitchReason::DroppedFrames => "dropped_frames",
             SwitchReason::Probe => "probe",
+            SwitchReason::Undecodable => "undecodable",
         }
     }
 }
@@ -93,31 +103,61 @@ pub struct Follow {
     preference: Preference,
     /// The stream's renditions version last reconciled with.
     seen_version: Option<u64>,
+    /// The video codecs the viewer's player decodes.
+    decodes: Decodes,
+}
+
+/// The highest rendition (by picture height, then nominal bitrate) whose codec a player that
+/// decodes `decodes` can decode, among those configured.
+fn best_decodable(stream: &Stream, decodes: Decodes) -> Option<Arc<Rendition>> {
+    stream
+        .renditions()
+        .into_iter()
+        .filter(|r| {
+            let info = r.info();
+            !r.is_gone() && !info.codec.is_empty() && decodes.can(&info.codec)
+        })
+        .max_by_key(|r| {
+            let info = r.info();
+            (info.height, info.nominal_kbps)
+        })
 }
 
 impl Follow {
     /// Joins `stream` on the rendition the preference names, or on automatic on `start` (by
-    /// name), or else the source; the status and init it starts with go to `out`.
+    /// name), or else the source, each if the player decodes it (`decodes`), else on the
+    /// highest it decodes; the status and init it starts with go to `out`. A viewer whose
+    /// player decodes none of them is held (sent nothing more) until one it decodes appears.
     pub fn join(
         stream: &Stream,
         preference: Preference,
         start: Option<&str>,
+        decodes: Decodes,
         out: &mut Vec<Bytes>,
     ) -> Follow {
+        let can = |r: &Arc<Rendition>| !r.is_gone() && decodes.can(&r.info().codec);
         let rendition = match &preference {
             Preference::Pinned(name) => stream.rendition_named(name),
             Preference::Auto => start.and_then(|name| stream.rendition_named(name)),
         }
-        .filter(|r| !r.is_gone())
+        .filter(can)
+        .or_else(|| Some(stream.source()).filter(can))
+        .or_else(|| best_decodable(stream, decodes))
         .unwrap_or_else(|| stream.source());
-        let cursor = rendition.join(out);
+        let cursor = rendition.join(decodes, out);
         Follow {
             rendition,
             cursor,
             pending: None,
             preference,
             seen_version: None,
+            decodes,
         }
+    }
+
+    /// The video codecs the viewer's player decodes.
+    pub fn decodes(&self) -> Decodes {
+        self.decodes
     }
 
     pub fn rendition(&self) -> &Arc<Rendition> {
@@ -167,6 +207,14 @@ impl Follow {
     /// Follows what changed in the stream's renditions: a viewer on a rendition that went is
     /// moved to the nearest remaining one; a pinned viewer to its rendition once it exists.
     pub fn reconcile(&mut self, stream: &Stream) {
+        if self.cursor.undecodable()
+            && self.target().is_none_or(|t| t.is_gone())
+            && let Some(r) = best_decodable(stream, self.decodes)
+            && !Arc::ptr_eq(&r, &self.rendition)
+        {
+            self.request(r, SwitchReason::Undecodable);
+            return;
+        }
         let version = stream.renditions_version();
         if self.seen_version == Some(version) && !self.rendition.is_gone() {
             return;
@@ -179,6 +227,7 @@ impl Follow {
         if let Preference::Pinned(name) = &self.preference
             && let Some(r) = stream.rendition_named(name)
             && !Arc::ptr_eq(&r, &self.rendition)
+            && self.decodes.can(&r.info().codec)
         {
             if self.target().is_none_or(|t| !Arc::ptr_eq(t, &r)) {
                 self.request(r, SwitchReason::Requested);
@@ -203,11 +252,20 @@ impl Follow {
         max_bytes: usize,
     ) -> (ReadOutcome, Option<Switched>) {
         let mut switched = None;
-        if self.rendition.is_gone()
+        if self.cursor.undecodable()
+            && let Some(to) = self.target().cloned()
+        {
+            // Nothing of this rendition was sent since it became undecodable: the viewer
+            // starts afresh on the target, from its GOP cache, as a new viewer would.
+            let cursor = to.join(self.decodes, out);
+            if let Some(p) = self.pending.take() {
+                switched = Some(self.complete(p, cursor, sink));
+            }
+        } else if self.rendition.is_gone()
             && let Some(to) = self.target().cloned()
         {
             let (video, audio) = self.rendition.last_sent(&self.cursor);
-            if let Some(cursor) = to.switch_cursor(None, video, audio, out)
+            if let Some(cursor) = to.switch_cursor(None, video, audio, self.decodes, out)
                 && let Some(p) = self.pending.take()
             {
                 switched = Some(self.complete(p, cursor, sink));
@@ -224,7 +282,7 @@ impl Follow {
             return (outcome, switched);
         };
         let (video, audio) = self.rendition.last_sent(&self.cursor);
-        if let Some(cursor) = to.switch_cursor(Some(at), video, audio, out)
+        if let Some(cursor) = to.switch_cursor(Some(at), video, audio, self.decodes, out)
             && let Some(p) = self.pending.take()
         {
             let s = self.complete(p, cursor, sink);
@@ -234,6 +292,7 @@ impl Follow {
                 ReadOutcome {
                     skipped: outcome.skipped || more.skipped,
                     at_keyframe: None,
+                    undecodable: more.undecodable,
                 },
                 Some(s),
             );
@@ -308,11 +367,15 @@ mod tests {
     use std::net::SocketAddr;
 
     fn init(height: u16) -> InitConfig {
+        init_of("avc1", height)
+    }
+
+    fn init_of(family: &str, height: u16) -> InitConfig {
         InitConfig {
             tracks: vec![TrackConfig {
                 id: 0,
                 timescale: 1000,
-                codec: format!("avc1.{height}"),
+                codec: format!("{family}.{height}"),
                 params: TrackParams::Video {
                     width: height * 16 / 9,
                     height,
@@ -343,21 +406,20 @@ mod tests {
             .collect()
     }
 
+    fn publish(hub: &Arc<crate::hub::Hub>) -> crate::hub::Publisher {
+        let info = PublisherInfo {
+            protocol: "rtmp",
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            since_ms: 0,
+            clock: None,
+        };
+        hub.publish("s", info).unwrap()
+    }
+
     #[test]
     fn a_pinned_viewer_moves_at_a_keyframe_and_back_when_its_rendition_goes() {
         let hub = hub();
-        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-        let publisher = hub
-            .publish(
-                "s",
-                PublisherInfo {
-                    protocol: "rtmp",
-                    peer,
-                    since_ms: 0,
-                    clock: None,
-                },
-            )
-            .unwrap();
+        let publisher = publish(&hub);
         let stream = publisher.stream().clone();
         publisher.set_init(init(720), Default::default()).unwrap();
         let rung = stream
@@ -380,7 +442,7 @@ mod tests {
         assert_eq!(rung.rendition.info().height, 240);
 
         let mut out = Vec::new();
-        let mut follow = Follow::join(&stream, Preference::Auto, None, &mut out);
+        let mut follow = Follow::join(&stream, Preference::Auto, None, Decodes::ALL, &mut out);
         assert_eq!(follow.rendition().id, 0);
         // Both renditions: a keyframe every 100 ms, audio between.
         let frame = |t: u64| {
@@ -425,5 +487,80 @@ mod tests {
             "up, compared with the rendition that went"
         );
         assert_eq!(seen(&got), ["I0", "K200", "a205", "v250", "a255"]);
+    }
+
+    /// An HEVC source and an H.264 rung: a player that decodes only H.264 is never sent the
+    /// source's init. Joined before the rung exists, it is held (sent the status and nothing
+    /// else, never promoted), then started on the rung from its GOP cache once it appears.
+    #[test]
+    fn a_viewer_is_never_sent_a_codec_its_player_cannot_decode() {
+        let hub = hub();
+        let publisher = publish(&hub);
+        let stream = publisher.stream().clone();
+        publisher
+            .set_init(init_of("hvc1", 720), Default::default())
+            .unwrap();
+        let h264 = Decodes::parse_list("avc1");
+        let mut out = Vec::new();
+        let mut held = Follow::join(&stream, Preference::Auto, None, h264, &mut out);
+        assert_eq!(held.rendition().id, 0, "nothing else yet");
+        assert!(seen(&out).is_empty(), "no init: {:?}", seen(&out));
+        for t in (0..200).step_by(50) {
+            publisher.push_media(&h(0, t % 100 == 0, t), b"v", t % 100 == 0);
+        }
+        let mut got = Vec::new();
+        let (outcome, switched) = held.read(None, &mut got, 1000, usize::MAX);
+        assert!(outcome.undecodable && switched.is_none() && got.is_empty());
+        assert!(held.cursor().undecodable());
+
+        let rung = stream
+            .add_rendition(RenditionInfo {
+                name: "360p".into(),
+                nominal_kbps: 800,
+                ..Default::default()
+            })
+            .expect("added");
+        rung.set_init(init(360)).unwrap();
+        for t in (0..200).step_by(50) {
+            rung.push_media(&h(0, t % 100 == 0, t), b"v", t % 100 == 0);
+        }
+        held.reconcile(&stream);
+        let mut got = Vec::new();
+        let (_, switched) = held.read(None, &mut got, 1000, usize::MAX);
+        assert_eq!(
+            switched.map(|s| (s.to, s.reason)),
+            Some((rung.rendition.id, SwitchReason::Undecodable))
+        );
+        assert_eq!(
+            seen(&got),
+            ["I1", "K100", "v150"],
+            "from the rung's GOP cache"
+        );
+
+        // Joining now: straight onto the rung; a player that says nothing gets the source.
+        let mut out = Vec::new();
+        let direct = Follow::join(&stream, Preference::Auto, None, h264, &mut out);
+        assert_eq!(direct.rendition().id, rung.rendition.id);
+        assert_eq!(seen(&out), ["I1"]);
+        let pinned = Follow::join(
+            &stream,
+            Preference::Pinned("source".into()),
+            None,
+            h264,
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            pinned.rendition().id,
+            rung.rendition.id,
+            "pinned to what it cannot decode"
+        );
+        let any = Follow::join(
+            &stream,
+            Preference::Auto,
+            None,
+            Decodes::ALL,
+            &mut Vec::new(),
+        );
+        assert_eq!(any.rendition().id, 0);
     }
 }

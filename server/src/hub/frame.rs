@@ -36,7 +36,8 @@ pub struct TrackConfig {
     /// RFC 6381 codec string.
     pub codec: String,
     pub params: TrackParams,
-    /// avcC for H.264, AudioSpecificConfig for AAC.
+    /// The video codec's configuration record (avcC, hvcC, av1C, vpcC), AudioSpecificConfig
+    /// for AAC.
     pub config: Bytes,
 }
 

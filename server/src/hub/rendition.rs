@@ -29,6 +29,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use onair_protocol::codec::Decodes;
 use onair_protocol::wire::{MediaHeader, Message, Status, StatusCode, WireError};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
@@ -153,6 +154,12 @@ pub struct Cursor {
     last_audio_dts: Option<u64>,
     /// Times this viewer skipped ahead to catch up.
     pub skips: u64,
+    /// The video codecs the viewer decodes: it is sent no configuration, and so no media, of
+    /// any other.
+    decodes: Decodes,
+    /// The rendition's configuration is one the viewer cannot decode: it is sent nothing and
+    /// never promoted until it moves (or the configuration changes).
+    undecodable: bool,
 }
 
 /// What [`Rendition::read`] did besides adding frames.
@@ -163,6 +170,8 @@ pub struct ReadOutcome {
     /// Reading stopped before a video keyframe presented at this pts
     /// ([`Cursor::stop_at_keyframes`]).
     pub at_keyframe: Option<u64>,
+    /// Nothing was read: the rendition's configuration is one the viewer cannot decode.
+    pub undecodable: bool,
 }
 
 impl Cursor {
@@ -187,6 +196,25 @@ impl Cursor {
     pub fn pass_keyframe(&mut self, pts: u64) {
         self.passed_keyframe = Some(pts);
     }
+
+    /// The video codecs the viewer decodes.
+    pub fn decodes(&self) -> Decodes {
+        self.decodes
+    }
+
+    /// Whether the viewer is held: its rendition's configuration is one it cannot decode.
+    pub fn undecodable(&self) -> bool {
+        self.undecodable
+    }
+}
+
+/// Whether a viewer that decodes `decodes` can be sent the log's current configuration (or
+/// there is none yet).
+fn decodable(log: &Log, decodes: Decodes) -> bool {
+    log.init
+        .as_ref()
+        .and_then(|(_, _, init)| init.video())
+        .is_none_or(|v| decodes.can(&v.codec))
 }
 
 pub struct Rendition {
@@ -438,8 +466,10 @@ impl Rendition {
         }
     }
 
-    fn cursor_at(log: &Log, next: u64) -> Cursor {
+    fn cursor_at(log: &Log, next: u64, decodes: Decodes) -> Cursor {
         Cursor {
+            decodes,
+            undecodable: false,
             next,
             need_sync: true,
             init_generation: 0,
@@ -455,12 +485,17 @@ impl Rendition {
         }
     }
 
-    /// A cursor for a new viewer, and the messages it starts with: the current status, the
-    /// current init if any. Media follows from the GOP cache through [`Rendition::read`].
-    pub fn join(&self, out: &mut Vec<Bytes>) -> Cursor {
+    /// A cursor for a new viewer that decodes `decodes`, and the messages it starts with: the
+    /// current status, the current init if any (and if it can decode it). Media follows from
+    /// the GOP cache through [`Rendition::read`].
+    pub fn join(&self, decodes: Decodes, out: &mut Vec<Bytes>) -> Cursor {
         let log = self.log.lock();
         out.push(log.status.1.clone());
-        let mut cursor = Self::cursor_at(&log, log.head());
+        let mut cursor = Self::cursor_at(&log, log.head(), decodes);
+        if !decodable(&log, decodes) {
+            cursor.undecodable = true;
+            return cursor;
+        }
         if let Some((generation, init, _)) = &log.init {
             out.push(init.clone());
             cursor.init_generation = *generation;
@@ -501,9 +536,13 @@ impl Rendition {
         at: Option<u64>,
         last_video: Option<u64>,
         last_audio: Option<u64>,
+        decodes: Decodes,
         out: &mut Vec<Bytes>,
     ) -> Option<Cursor> {
         let log = self.log.lock();
+        if !decodable(&log, decodes) {
+            return None;
+        }
         let (generation, init, _) = log.init.as_ref()?;
         let &(_, k_dts, k_seq) = match at {
             Some(at) => log
@@ -545,7 +584,7 @@ impl Rendition {
             }
         }
         out.push(init.clone());
-        let mut cursor = Self::cursor_at(&log, start);
+        let mut cursor = Self::cursor_at(&log, start, decodes);
         cursor.init_generation = *generation;
         cursor.need_sync = false;
         cursor.video_from = Some(k_dts);
@@ -595,6 +634,13 @@ impl Rendition {
         let log = self.log.lock();
         let head = log.head();
         let mut outcome = ReadOutcome::default();
+        cursor.undecodable = !decodable(&log, cursor.decodes);
+        if cursor.undecodable {
+            // Held where it is: it moves to another rendition, or this one's configuration
+            // changes to one it decodes.
+            outcome.undecodable = true;
+            return outcome;
+        }
 
         let behind = log.entry(cursor.next).is_some_and(|e| {
             now.duration_since(e.pushed) > self.limits.max_lag + cursor.allowance
@@ -727,7 +773,8 @@ impl Rendition {
     pub fn promote(&self, sink: &Sink, cursor: &Cursor) -> bool {
         let log = self.log.lock();
         let head = log.head();
-        if cursor.next != head || cursor.need_sync || cursor.stop_at_keyframe {
+        if cursor.next != head || cursor.need_sync || cursor.stop_at_keyframe || cursor.undecodable
+        {
             return false;
         }
         sink.promote(head);
@@ -870,7 +917,7 @@ pub(crate) mod tests {
         video(&r, "K2", 100);
         video(&r, "d2", 133);
         let mut first = Vec::new();
-        let mut c = r.join(&mut first);
+        let mut c = r.join(Decodes::ALL, &mut first);
         assert_eq!(tags(&first), ["S0", "I:I1"]);
         assert_eq!(read_all(&r, &mut c), ["K2", "d2"]);
         assert_eq!(r.keyframe_at(33), Some(2));
@@ -884,7 +931,7 @@ pub(crate) mod tests {
         r.push_init(init("I1")).unwrap();
         video(&r, "d0", 0);
         let mut first = Vec::new();
-        let mut c = r.join(&mut first);
+        let mut c = r.join(Decodes::ALL, &mut first);
         assert_eq!(tags(&first), ["S0", "I:I1"]);
         video(&r, "d1", 33);
         video(&r, "K1", 66);
@@ -896,7 +943,7 @@ pub(crate) mod tests {
         let r = r(1 << 20, 10_000);
         r.push_init(init("I1")).unwrap();
         video(&r, "K1", 0);
-        let mut c = r.join(&mut Vec::new());
+        let mut c = r.join(Decodes::ALL, &mut Vec::new());
         assert_eq!(read_all(&r, &mut c), ["K1"]);
         r.push_status((StatusCode::Waiting, "W"), (StatusCode::Waiting, "W"), true);
         r.push_status(
@@ -910,7 +957,7 @@ pub(crate) mod tests {
         assert_eq!(read_all(&r, &mut c), ["W", "R", "I:I2", "K2"]);
         // A viewer joining now is told "live", not "republished".
         let mut first = Vec::new();
-        r.join(&mut first);
+        r.join(Decodes::ALL, &mut first);
         assert_eq!(tags(&first), ["L", "I:I2"]);
         // A viewer joining while waiting gets the status only.
         r.push_status(
@@ -919,7 +966,7 @@ pub(crate) mod tests {
             true,
         );
         let mut first = Vec::new();
-        r.join(&mut first);
+        r.join(Decodes::ALL, &mut first);
         assert_eq!(tags(&first), ["W2"]);
     }
 
@@ -928,7 +975,7 @@ pub(crate) mod tests {
         let r = r(400, 10_000);
         r.push_init(init("I1")).unwrap();
         video(&r, "K1", 0);
-        let mut c = r.join(&mut Vec::new());
+        let mut c = r.join(Decodes::ALL, &mut Vec::new());
         // The viewer reads nothing while a new config and far more than 400 bytes arrive.
         r.push_init(init("I2")).unwrap();
         for i in 0..10 {
@@ -956,7 +1003,7 @@ pub(crate) mod tests {
         let r = r(1 << 20, 20);
         r.push_init(init("I")).unwrap();
         video(&r, "K", 0);
-        let mut c = r.join(&mut Vec::new());
+        let mut c = r.join(Decodes::ALL, &mut Vec::new());
         video(&r, "a", 33);
         video(&r, "b", 66);
         let mut out = Vec::new();
@@ -975,7 +1022,7 @@ pub(crate) mod tests {
         video(&r, "K", 0);
         video(&r, "a", 33);
         std::thread::sleep(Duration::from_millis(60)); // the cached GOP is older than max_lag
-        let mut c = r.join(&mut Vec::new());
+        let mut c = r.join(Decodes::ALL, &mut Vec::new());
         let mut out = Vec::new();
         assert!(!r.read(&mut c, &mut out, 1, usize::MAX).skipped);
         assert_eq!(tags(&out), ["K"]);
@@ -993,7 +1040,7 @@ pub(crate) mod tests {
             video(&r, &"d".repeat(16), i * 33);
         }
         assert!(r.retained_bytes() <= 200);
-        let mut c = r.join(&mut Vec::new());
+        let mut c = r.join(Decodes::ALL, &mut Vec::new());
         assert!(
             read_all(&r, &mut c).is_empty(),
             "waits for the next keyframe"
@@ -1025,7 +1072,7 @@ pub(crate) mod tests {
     fn a_switch_stops_at_the_keyframe_and_continues_there_with_no_hole_or_overlap() {
         let (hi, lo) = aligned();
         let mut first = Vec::new();
-        let mut c = hi.join(&mut first); // the GOP at 200
+        let mut c = hi.join(Decodes::ALL, &mut first); // the GOP at 200
         let mut out = Vec::new();
         hi.read(&mut c, &mut out, 1000, usize::MAX);
         assert_eq!(tags(&out), ["hK200", "a210", "hd250", "a260"]);
@@ -1042,7 +1089,7 @@ pub(crate) mod tests {
         assert_eq!((v, a), (Some(250), Some(260)));
         let mut out = Vec::new();
         let mut c2 = lo
-            .switch_cursor(Some(300), v, a, &mut out)
+            .switch_cursor(Some(300), v, a, Decodes::ALL, &mut out)
             .expect("aligned");
         lo.read(&mut c2, &mut out, 1000, usize::MAX);
         assert_eq!(
@@ -1057,13 +1104,13 @@ pub(crate) mod tests {
         let (hi, lo) = aligned();
         let mut out = Vec::new();
         assert!(
-            lo.switch_cursor(Some(300), Some(250), Some(260), &mut out)
+            lo.switch_cursor(Some(300), Some(250), Some(260), Decodes::ALL, &mut out)
                 .is_none()
         );
         assert!(out.is_empty());
         // From a rendition that went away: the first keyframe after what was sent.
         let mut c = hi
-            .switch_cursor(None, Some(150), Some(160), &mut out)
+            .switch_cursor(None, Some(150), Some(160), Decodes::ALL, &mut out)
             .expect("a later keyframe");
         hi.read(&mut c, &mut out, 1000, usize::MAX);
         assert_eq!(tags(&out), ["I:HI", "hK200", "a210", "hd250", "a260"]);

@@ -10,13 +10,13 @@ pub mod ws;
 
 use bytes::Bytes;
 use onair_protocol::codec::aac::{AacError, AudioSpecificConfig};
-use onair_protocol::codec::avc::{AvcError, AvcInfo};
+use onair_protocol::codec::{VideoCodec, VideoConfig, VideoConfigError};
 use onair_protocol::flv::FlvError;
 use onair_protocol::wire::{self, MediaHeader, TrackParams};
 
 use crate::hub::{
-    AudioInfo, InitConfig, MediaInfo, Publisher, RenditionWriter, TrackConfig, VIDEO_TRACK,
-    VideoInfo, now_us,
+    AudioInfo, InitConfig, MediaInfo, Publisher, RenditionInfo, RenditionWriter, TrackConfig,
+    VIDEO_TRACK, VideoInfo, now_us,
 };
 
 pub const AUDIO_TRACK: u8 = 1;
@@ -27,8 +27,16 @@ pub const TIMESCALE: u32 = 1000;
 pub enum IngestError {
     #[error(transparent)]
     Flv(#[from] FlvError),
-    #[error("bad AVC sequence header: {0}")]
-    Avc(#[from] AvcError),
+    #[error("bad {} sequence header: {source}", codec.name())]
+    VideoConfig {
+        codec: VideoCodec,
+        source: VideoConfigError,
+    },
+    #[error("{frames} frames after a {config} sequence header")]
+    CodecChanged {
+        config: &'static str,
+        frames: &'static str,
+    },
     #[error("bad AAC sequence header: {0}")]
     Aac(#[from] AacError),
     #[error("composition offset {0} ms is out of range")]
@@ -51,13 +59,14 @@ impl IngestError {
     }
 }
 
-/// A multitrack packet of a track beside the default one: counted in
+/// A multitrack packet that is not carried (an audio track beside the default one, a video
+/// track before its sequence header or past [`MAX_EXTRA_TRACKS`]): counted in
 /// `onair_ingest_tracks_left_out_total`, and said once per publisher and kind.
 fn left_out(said: &mut bool, kind: &'static str, track: u8) {
     if !std::mem::replace(said, true) {
         tracing::info!(
             track,
-            "left out: {kind} tracks beside the default one are not carried (counted in onair_ingest_tracks_left_out_total)"
+            "left out: {kind} track packets not carried (counted in onair_ingest_tracks_left_out_total)"
         );
     }
     crate::metrics::track_left_out(kind);
@@ -85,7 +94,7 @@ impl Unwrap {
 
 struct Video {
     config: Bytes,
-    info: AvcInfo,
+    info: VideoConfig,
 }
 
 struct Audio {
@@ -102,6 +111,9 @@ pub trait Target {
     fn name(&self) -> &str;
     fn set_init(&self, init: InitConfig, media: MediaInfo) -> Result<(), wire::WireError>;
     fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool);
+    /// A rendition of the same stream for another video track of a multitrack publish; `None`
+    /// where there is none to add (the name is taken, or this target is not a stream's source).
+    fn add_track(&self, info: RenditionInfo) -> Option<RenditionWriter>;
 }
 
 impl Target for Publisher {
@@ -115,6 +127,10 @@ impl Target for Publisher {
 
     fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
         Publisher::push_media(self, header, payload, sync)
+    }
+
+    fn add_track(&self, info: RenditionInfo) -> Option<RenditionWriter> {
+        self.stream().add_rendition(info)
     }
 }
 
@@ -130,6 +146,22 @@ impl Target for RenditionWriter {
     fn push_media(&self, header: &MediaHeader, payload: &[u8], sync: bool) {
         RenditionWriter::push_media(self, header, payload, sync)
     }
+
+    fn add_track(&self, _info: RenditionInfo) -> Option<RenditionWriter> {
+        None // a ladder rung is one track
+    }
+}
+
+/// Video tracks of a multitrack publish beside the default one that become renditions; the
+/// rest are left out and counted.
+pub const MAX_EXTRA_TRACKS: usize = 7;
+
+/// A video track of a multitrack publish beside the default one (OBS's Enhanced Broadcasting,
+/// ffmpeg with several video maps): a rendition of the stream of its own, named by its
+/// picture height, fed with its video and the stream's audio.
+struct ExtraTrack {
+    id: u8,
+    ingest: MediaIngest<RenditionWriter>,
 }
 
 pub struct MediaIngest<T: Target = Publisher> {
@@ -147,6 +179,8 @@ pub struct MediaIngest<T: Target = Publisher> {
     /// default one (track 0) have been left out yet (said once, counted always).
     video_left_out: bool,
     audio_left_out: bool,
+    /// The other video tracks, each its own rendition.
+    tracks: Vec<ExtraTrack>,
 }
 
 impl<T: Target> MediaIngest<T> {
@@ -161,6 +195,7 @@ impl<T: Target> MediaIngest<T> {
             video_fps: None,
             video_left_out: false,
             audio_left_out: false,
+            tracks: Vec::new(),
         }
     }
 
@@ -192,22 +227,34 @@ impl<T: Target> MediaIngest<T> {
         self.expect_video = true;
     }
 
-    pub fn video_config(&mut self, config: Bytes) -> Result<(), IngestError> {
-        if self.video.as_ref().is_some_and(|v| v.config == config) {
+    /// A video sequence header: `config` is the codec's record (avcC, hvcC, av1C, vpcC).
+    pub fn video_config(&mut self, codec: VideoCodec, config: Bytes) -> Result<(), IngestError> {
+        if self
+            .video
+            .as_ref()
+            .is_some_and(|v| v.info.codec == codec && v.config == config)
+        {
             return Ok(()); // encoders repeat sequence headers; same config, nothing to do
         }
-        let info = AvcInfo::parse(&config)?;
+        let info = VideoConfig::parse(codec, &config)
+            .map_err(|source| IngestError::VideoConfig { codec, source })?;
         tracing::info!(
             stream = self.name(),
-            codec = %info.codec,
+            codec = %info.codec_string,
             width = info.width,
             height = info.height,
             fps = ?info.fps,
             "video config"
         );
+        let complete = info.is_complete();
         self.video = Some(Video { config, info });
         if self.init_sent {
-            self.send_init()?;
+            if complete {
+                self.send_init()?;
+            } else {
+                // A VP9 record has no picture size: the next keyframe brings it and the init.
+                self.init_sent = false;
+            }
         }
         Ok(())
     }
@@ -240,7 +287,7 @@ impl<T: Target> MediaIngest<T> {
             tracks.push(TrackConfig {
                 id: VIDEO_TRACK,
                 timescale: TIMESCALE,
-                codec: v.info.codec.clone(),
+                codec: v.info.codec_string.clone(),
                 params: TrackParams::Video {
                     width: v.info.width as u16,
                     height: v.info.height as u16,
@@ -249,7 +296,7 @@ impl<T: Target> MediaIngest<T> {
                 config: v.config.clone(),
             });
             media.video = Some(VideoInfo {
-                codec: v.info.codec.clone(),
+                codec: v.info.codec_string.clone(),
                 width: v.info.width,
                 height: v.info.height,
                 fps,
@@ -277,7 +324,8 @@ impl<T: Target> MediaIngest<T> {
         Ok(())
     }
 
-    /// One access unit of AVCC NAL units. `dts` in ms as published (32-bit, may wrap).
+    /// One access unit in the form the codec's MP4 binding stores (length-prefixed NAL units,
+    /// OBUs, a VP9 frame). `dts` in ms as published (32-bit, may wrap).
     pub fn video_frame(
         &mut self,
         dts: u32,
@@ -285,10 +333,15 @@ impl<T: Target> MediaIngest<T> {
         keyframe: bool,
         data: &[u8],
     ) -> Result<(), IngestError> {
-        if self.video.is_none() {
+        let Some(video) = &mut self.video else {
             return Ok(()); // before the sequence header: nothing can decode it
-        }
+        };
         if !self.init_sent {
+            let complete =
+                video.info.is_complete() || (keyframe && video.info.complete_from_keyframe(data));
+            if !complete {
+                return Ok(()); // no picture size yet (VP9): no viewer could start here
+            }
             self.send_init()?;
         }
         let cts = i16::try_from(cts).map_err(|_| IngestError::Cts(cts))?;
@@ -312,12 +365,11 @@ impl<T: Target> MediaIngest<T> {
         use onair_protocol::flv::VideoTag;
         match onair_protocol::flv::parse_video(data)? {
             VideoTag::Multitrack(m) => {
-                // The default track is the stream; the others (OBS's Enhanced Broadcasting,
-                // ffmpeg with several video maps) are left out until they become renditions.
+                // The default track is the source; each other one is a rendition of its own.
                 for track in m.tracks() {
                     match track? {
                         (0, tag) => self.video_tag(data, tag, ts)?,
-                        (id, _) => left_out(&mut self.video_left_out, "video", id),
+                        (id, tag) => self.extra_video(data, id, tag, ts)?,
                     }
                 }
                 Ok(())
@@ -326,29 +378,86 @@ impl<T: Target> MediaIngest<T> {
         }
     }
 
+    /// A packet of video track `id` (not the default one).
+    fn extra_video(
+        &mut self,
+        data: &Bytes,
+        id: u8,
+        tag: onair_protocol::flv::VideoTag<'_>,
+        ts: u32,
+    ) -> Result<(), IngestError> {
+        use onair_protocol::flv::VideoTag;
+        if let Some(t) = self.tracks.iter_mut().find(|t| t.id == id) {
+            return t.ingest.video_tag(data, tag, ts);
+        }
+        // A track becomes a rendition at its sequence header; what comes before it, and
+        // tracks past the bound, are left out.
+        let VideoTag::SequenceHeader { codec, config } = tag else {
+            left_out(&mut self.video_left_out, "video", id);
+            return Ok(());
+        };
+        if self.tracks.len() >= MAX_EXTRA_TRACKS {
+            left_out(&mut self.video_left_out, "video", id);
+            return Ok(());
+        }
+        let info = VideoConfig::parse(codec, config)
+            .map_err(|source| IngestError::VideoConfig { codec, source })?;
+        let height = info.height;
+        let Some(writer) = [format!("{height}p"), format!("{height}p-{id}")]
+            .into_iter()
+            .find_map(|name| {
+                self.publisher.add_track(RenditionInfo {
+                    name,
+                    height,
+                    ..Default::default()
+                })
+            })
+        else {
+            left_out(&mut self.video_left_out, "video", id);
+            return Ok(());
+        };
+        tracing::info!(
+            stream = self.name(),
+            track = id,
+            rendition = writer.rendition.name(),
+            "multitrack: video track {id} is a rendition"
+        );
+        let mut ingest = MediaIngest::new(writer);
+        ingest.expect_video();
+        if let Some(a) = &self.audio {
+            ingest.audio_config(a.config.clone())?;
+        }
+        ingest.video_tag(data, tag, ts)?;
+        self.tracks.push(ExtraTrack { id, ingest });
+        Ok(())
+    }
+
     fn video_tag(
         &mut self,
         data: &Bytes,
         tag: onair_protocol::flv::VideoTag<'_>,
         ts: u32,
     ) -> Result<(), IngestError> {
-        use onair_protocol::flv::{VideoCodec, VideoTag};
+        use onair_protocol::flv::VideoTag;
         match tag {
-            VideoTag::SequenceHeader {
-                codec: VideoCodec::Avc,
-                config,
-            } => self.video_config(data.slice_ref(config)),
+            VideoTag::SequenceHeader { codec, config } => {
+                self.video_config(codec, data.slice_ref(config))
+            }
             VideoTag::Frame {
-                codec: VideoCodec::Avc,
+                codec,
                 keyframe,
                 cts,
                 data: payload,
-            } => self.video_frame(ts, cts, keyframe, payload),
-            VideoTag::SequenceHeader { codec, .. } | VideoTag::Frame { codec, .. } => {
-                Err(IngestError::Flv(FlvError::UnsupportedVideoCodec(format!(
-                    "{} (Enhanced RTMP): only H.264 is carried yet",
-                    codec.name()
-                ))))
+            } => {
+                if let Some(v) = &self.video
+                    && v.info.codec != codec
+                {
+                    return Err(IngestError::CodecChanged {
+                        config: v.info.codec.name(),
+                        frames: codec.name(),
+                    });
+                }
+                self.video_frame(ts, cts, keyframe, payload)
             }
             // The parser never nests multitrack messages.
             VideoTag::EndOfSequence | VideoTag::Ignored | VideoTag::Multitrack(_) => Ok(()),
@@ -380,6 +489,10 @@ impl<T: Target> MediaIngest<T> {
         ts: u32,
     ) -> Result<(), IngestError> {
         use onair_protocol::flv::AudioTag;
+        // The stream's audio goes with every video track's rendition.
+        for t in &mut self.tracks {
+            t.ingest.audio_tag(data, tag.clone(), ts)?;
+        }
         match tag {
             AudioTag::SequenceHeader { config, .. } => self.audio_config(data.slice_ref(config)),
             AudioTag::Frame { data: payload, .. } => self.audio_frame(ts, payload),

@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use onair_protocol::codec::VideoCodec;
 use onair_protocol::codec::annexb::{AccessUnit, AccessUnits, AnnexBError};
 use onair_protocol::codec::avc::{AvcError, AvcInfo, avcc_from_parameter_sets};
 
@@ -175,7 +176,8 @@ impl RawH264 {
                 self.ingest.set_clock_source(clock.name());
                 self.clock = Some(clock);
             }
-            self.ingest.video_config(Bytes::from(avcc))?;
+            self.ingest
+                .video_config(VideoCodec::Avc, Bytes::from(avcc))?;
         }
         for au in units.drain(..) {
             // Until the first IDR nothing can be decoded, and no viewer could start.

@@ -1,9 +1,11 @@
 //! The ladder: one supervised ffmpeg child per live stream, making lower renditions of the
 //! source that come back into the hub as renditions of the same stream.
 //!
-//! - ffmpeg (the system's) reads the source as FLV on its standard input, written here from the
-//!   source's lossless reader: the publisher and the source's viewers never wait for it. When
-//!   ffmpeg cannot keep up, the reader's queue drops to the next keyframe and counts it.
+//! - ffmpeg (the system's) reads the source as fragmented MP4 on its standard input (any codec
+//!   the hub carries: H.264, HEVC, AV1, VP9), written here from the source's lossless reader:
+//!   the publisher and the source's viewers never wait for it. When ffmpeg cannot keep up, the
+//!   reader's queue drops to the next keyframe and counts it. The rungs are H.264 whatever the
+//!   source's codec, so that every browser has one it can decode.
 //! - Every rung is encoded with x264 `veryfast`/`zerolatency`, `-force_key_frames source` and
 //!   `-copyts`, so its keyframes sit where the source's are and its timestamps are the
 //!   source's: viewers switch between renditions at those keyframes. Audio is copied.
@@ -19,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use onair_protocol::flv::{TagReader, write};
+use onair_protocol::flv::TagReader;
+use onair_protocol::fmp4;
 use onair_protocol::wire::{StatusCode, TrackParams};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -171,6 +174,14 @@ async fn supervise(
             // Wait for a configuration that may have some (a republish at a larger size).
             continue;
         }
+        if stream.rendition_count() > 1 {
+            // A multitrack publish (no rung of this ladder is live between runs): the
+            // publisher's own tracks are the stream's other renditions.
+            tracing::info!(
+                "ladder: the publish sends renditions of its own (multitrack); none made"
+            );
+            continue;
+        }
         run += 1;
         let started = Instant::now();
         {
@@ -235,7 +246,7 @@ fn ffmpeg_args(rungs: &[Rung], sockets: &[PathBuf]) -> Vec<String> {
         "-fflags",
         "+nobuffer",
         "-f",
-        "flv",
+        "mp4",
         "-i",
         "pipe:0",
         "-copyts",
@@ -395,15 +406,11 @@ async fn run_ffmpeg(
     // The input: the source so far (its configuration and the first keyframe), then every
     // frame as it comes. ffmpeg only connects its outputs once it has read some input.
     let mut buf = Vec::with_capacity(64 << 10);
-    write::header(
-        true,
-        init.tracks
-            .iter()
-            .any(|t| matches!(t.params, TrackParams::Audio { .. })),
-        &mut buf,
-    );
-    flv_init(init, &mut buf);
-    flv_frame(&first, &mut buf);
+    let mut mp4 = match Mp4Feed::start(init, &mut buf) {
+        Ok(f) => f,
+        Err(e) => return RunEnd::Died(format!("ffmpeg's input: {e}")),
+    };
+    mp4.frame(&first, &mut buf);
     if let Err(e) = stdin.write_all(&buf).await {
         return died(format!("ffmpeg's input: {e}"), &errors);
     }
@@ -423,7 +430,7 @@ async fn run_ffmpeg(
                 }
                 e = reader.next() => e,
             };
-            if let Some(end) = feed(event, &mut stdin, &mut buf).await {
+            if let Some(end) = feed(event, &mut mp4, &mut stdin, &mut buf).await {
                 return end;
             }
         };
@@ -489,7 +496,7 @@ async fn run_ffmpeg(
             }
             _ = tasks.shutdown.cancelled() => break RunEnd::Shutdown,
         };
-        if let Some(end) = feed(event, &mut stdin, &mut buf).await {
+        if let Some(end) = feed(event, &mut mp4, &mut stdin, &mut buf).await {
             break end;
         }
     };
@@ -507,10 +514,15 @@ async fn run_ffmpeg(
 }
 
 /// Writes a source event to ffmpeg; `Some` when the run must end.
-async fn feed(event: Event, stdin: &mut ChildStdin, buf: &mut Vec<u8>) -> Option<RunEnd> {
+async fn feed(
+    event: Event,
+    mp4: &mut Mp4Feed,
+    stdin: &mut ChildStdin,
+    buf: &mut Vec<u8>,
+) -> Option<RunEnd> {
     buf.clear();
     match event {
-        Event::Item(Item::Media(f)) => flv_frame(&f, buf),
+        Event::Item(Item::Media(f)) => mp4.frame(&f, buf),
         Event::Item(Item::Init(i)) => return Some(RunEnd::NewInit(i)),
         Event::Item(Item::Status(StatusCode::Waiting | StatusCode::Ended, _)) | Event::Ended => {
             return Some(RunEnd::SourceEnded);
@@ -525,28 +537,94 @@ async fn feed(event: Event, stdin: &mut ChildStdin, buf: &mut Vec<u8>) -> Option
     }
 }
 
-/// The sequence headers of a configuration, as FLV tags.
-fn flv_init(init: &InitConfig, out: &mut Vec<u8>) {
-    for t in &init.tracks {
-        match t.params {
-            TrackParams::Video { .. } => {
-                write::tag(9, 0, &[&write::avc_prefix(true, true, 0), &t.config], out)
-            }
-            TrackParams::Audio { .. } => {
-                write::tag(8, 0, &[&write::aac_prefix(true), &t.config], out)
-            }
-        }
-    }
+/// The source as ffmpeg reads it: fragmented MP4 from the project's muxer, the init segment
+/// then one fragment per frame, at the hub's millisecond timescale. FLV would carry H.264 and
+/// AAC, but Debian's ffmpeg (5.1) reads no HEVC or AV1 in FLV; MP4 it reads for every codec
+/// the hub carries.
+struct Mp4Feed {
+    sequence: u32,
+    /// A video frame's duration in ms, as the frame rate says (the next fragment's tfdt is what
+    /// ffmpeg times the frame after it by, whatever this is).
+    video_ms: u32,
+    /// An AAC frame's: 1024 samples.
+    audio_ms: u32,
 }
 
-/// One frame as an FLV tag (timestamps are the hub's milliseconds).
-fn flv_frame(f: &crate::hub::Frame, out: &mut Vec<u8>) {
-    let ts = f.header.dts as u32;
-    if f.is_video() {
-        let prefix = write::avc_prefix(f.header.keyframe, false, i32::from(f.header.cts));
-        write::tag(9, ts, &[&prefix, &f.payload], out);
-    } else {
-        write::tag(8, ts, &[&write::aac_prefix(false), &f.payload], out);
+/// fMP4 track ids start at 1; the hub's at 0.
+fn mp4_track_id(wire: u8) -> u32 {
+    u32::from(wire) + 1
+}
+
+impl Mp4Feed {
+    fn start(init: &InitConfig, out: &mut Vec<u8>) -> Result<Self, String> {
+        let (mut video_ms, mut audio_ms) = (33, 23);
+        let mut tracks = Vec::new();
+        for t in &init.tracks {
+            let codec = match t.params {
+                TrackParams::Video {
+                    width,
+                    height,
+                    fps_milli,
+                } => {
+                    if let Some(ms) = 1_000_000u32.checked_div(fps_milli) {
+                        video_ms = ms.max(1);
+                    }
+                    fmp4::Codec::video(&t.codec, width, height, &t.config)
+                        .ok_or_else(|| format!("no MP4 sample entry for {}", t.codec))?
+                }
+                TrackParams::Audio {
+                    sample_rate,
+                    channels,
+                } => {
+                    if let Some(ms) = 1_024_000u32.checked_div(sample_rate) {
+                        audio_ms = ms.max(1);
+                    }
+                    fmp4::Codec::Aac {
+                        sample_rate,
+                        channels,
+                        asc: &t.config,
+                    }
+                }
+            };
+            tracks.push(fmp4::Track {
+                id: mp4_track_id(t.id),
+                timescale: t.timescale,
+                codec,
+            });
+        }
+        out.extend(fmp4::init_segment(&tracks).map_err(|e| format!("init segment: {e}"))?);
+        Ok(Self {
+            sequence: 0,
+            video_ms,
+            audio_ms,
+        })
+    }
+
+    /// Appends one frame as a fragment; a frame too big for one is left out (and said).
+    fn frame(&mut self, f: &crate::hub::Frame, out: &mut Vec<u8>) {
+        let Ok(size) = u32::try_from(f.payload.len()) else {
+            return;
+        };
+        self.sequence = self.sequence.wrapping_add(1);
+        let sample = fmp4::Sample {
+            duration: if f.is_video() {
+                self.video_ms
+            } else {
+                self.audio_ms
+            },
+            size,
+            cts: i32::from(f.header.cts),
+            keyframe: f.header.keyframe,
+        };
+        let run = fmp4::Run {
+            track_id: mp4_track_id(f.header.track),
+            base_dts: f.header.dts,
+            samples: std::slice::from_ref(&sample),
+        };
+        match fmp4::write_fragment_header(out, self.sequence, std::slice::from_ref(&run)) {
+            Ok(()) => out.extend_from_slice(&f.payload),
+            Err(e) => tracing::warn!(error = %e, "a frame left out of the ladder's input"),
+        }
     }
 }
 
