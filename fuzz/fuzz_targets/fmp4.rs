@@ -6,6 +6,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mp4_atom::Decode as _;
+use onair_protocol::codec::VideoCodec;
 use onair_protocol::fmp4::{self, Codec, Run, Sample, Track};
 
 /// A real x264 avcC (High, level 3.1, 1280x720), as in fmp4.rs's tests.
@@ -51,10 +52,11 @@ fuzz_target!(|input: Input| {
             id: t.id,
             timescale: t.timescale,
             codec: if t.video {
-                Codec::Avc {
+                Codec::Video {
+                    codec: VideoCodec::Avc,
                     width: t.width,
                     height: t.height,
-                    avcc: AVCC,
+                    config: AVCC,
                 }
             } else {
                 Codec::Aac {
