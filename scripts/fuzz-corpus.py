@@ -42,6 +42,11 @@ for kind, body in tags:
     if kind == 9 and len(body) > 5 and body[1] == 0:
         put("avc", "ffmpeg-avcc", body[5:])
 put("aac", "lc-48k-mono", bytes([0x11, 0x88]))
+# ADTS frames, as a TS PES carries them.
+adts = os.path.join(tmp, "a.adts")
+ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", "0.07", "-c:a", "aac",
+       "-b:a", "32k", "-ac", "1", "-f", "adts", adts)
+put("aac", "ffmpeg-adts-48k-mono", open(adts, "rb").read())
 
 # Raw H.264 as a camera sends it, with and without access unit delimiters.
 for name, extra in [("ffmpeg-annexb", []), ("ffmpeg-aud-annexb", ["-bsf:v", "h264_metadata=aud=insert"])]:
@@ -51,6 +56,20 @@ for name, extra in [("ffmpeg-annexb", []), ("ffmpeg-aud-annexb", ["-bsf:v", "h26
     put("annexb", name, h264)
     sps = h264.split(b"\x00\x00\x01")[1]
     put("avc", "ffmpeg-sps", sps.rstrip(b"\x00"))
+
+# MPEG-TS as an SRT publisher sends it (H.264 with B-frames, HEVC; AAC), cut at packet
+# boundaries to a few KB: the start with the PAT, PMT and a keyframe, and a piece from the
+# middle that starts inside PES.
+for name, codec in [("ffmpeg-h264", ["-c:v", "libx264", "-preset", "veryfast"]),
+                    ("ffmpeg-hevc", ["-c:v", "libx265", "-x265-params", "log-level=none"])]:
+    path = os.path.join(tmp, name + ".ts")
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x54:rate=10", "-f", "lavfi",
+           "-i", "sine=frequency=440:sample_rate=44100", "-t", "1", *codec, "-bf", "2",
+           "-g", "5", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "32k", "-f", "mpegts", path)
+    ts = open(path, "rb").read()
+    put("ts", name + "-start.ts", ts[:22 * 188])
+    if codec[1] == "libx264":
+        put("ts", name + "-middle.ts", ts[30 * 188:52 * 188])
 
 # Enhanced RTMP as a current ffmpeg (9, PyPI's imageio-ffmpeg, which scripts/setup.sh
 # installs) writes it: HEVC and AV1 tags, two video tracks and two audio tracks (the second of
@@ -106,7 +125,7 @@ for name, box, codec in [("x265-hvcc", b"hvcC", ["libx265", "-x265-params", "log
 
 # What a server sends a viewer: each message alone (wire), and the sequence behind u16
 # lengths (player_session).
-server = subprocess.Popen([onair, "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+server = subprocess.Popen([onair, "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--srt", "127.0.0.1:0"],
                           stderr=subprocess.PIPE, text=True)
 http = None
 for line in server.stderr:

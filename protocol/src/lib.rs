@@ -5,8 +5,10 @@
 //! - [`flv`]: FLV audio/video tag headers as RTMP hands them over, including Enhanced RTMP.
 //! - [`codec`]: H.264 (avcC, SPS, Annex B <-> AVCC) and AAC (AudioSpecificConfig, ADTS).
 //! - [`fmp4`]: fragmented MP4 (CMAF) init segments and fragment headers, for MSE and LL-HLS.
+//! - [`ts`]: MPEG-TS demuxing (H.264/HEVC and AAC), for SRT ingest.
 
 pub mod codec;
 pub mod flv;
 pub mod fmp4;
+pub mod ts;
 pub mod wire;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 /// The keys that hold secrets.
-const SECRETS: [&str; 3] = ["admin_token", "jwt_secret", "read_token"];
+const SECRETS: [&str; 4] = ["admin_token", "jwt_secret", "read_token", "srt_passphrase"];
 use serde::Deserialize;
 
 /// Every key, as given on the command line, in the environment or in the file. `None` means
@@ -44,6 +44,27 @@ pub struct Settings {
     /// RTMP application name publishers must use, as in rtmp://HOST/APP/STREAM. [default: live]
     #[arg(long, env = "ONAIR_RTMP_APP", value_name = "NAME")]
     pub rtmp_app: Option<String>,
+
+    /// SRT listen address (UDP; publishers in live mode, MPEG-TS). The stream name comes from
+    /// the streamid: `publish:NAME` or `#!::r=NAME,m=publish`. [default: 0.0.0.0:8890]
+    #[arg(long, env = "ONAIR_SRT", value_name = "ADDR")]
+    pub srt: Option<SocketAddr>,
+
+    /// Passphrase every SRT publisher must encrypt with (10 to 79 characters); a caller
+    /// without it, or with another, is refused in the handshake. [default: unset: none]
+    #[arg(
+        long,
+        env = "ONAIR_SRT_PASSPHRASE",
+        value_name = "PASSPHRASE",
+        hide_env_values = true
+    )]
+    pub srt_passphrase: Option<String>,
+
+    /// SRT receive latency: how long the server waits for a lost packet's retransmission
+    /// before it gives up on it. The caller's own latency counts too: the larger one holds.
+    /// [default: 120, libsrt's]
+    #[arg(long, env = "ONAIR_SRT_LATENCY_MS", value_name = "MS")]
+    pub srt_latency_ms: Option<u64>,
 
     /// Bytes of media kept per rendition: the GOP cache plus the room a slow viewer may fall
     /// behind before it skips to the next keyframe. [default: 16777216, 16 MiB: ~20 s of a
@@ -173,8 +194,9 @@ pub struct Settings {
     pub streams: Option<BTreeMap<String, StreamSettings>>,
 
     /// Sources the server connects to, in the TOML file only: `[[pull]] name = "cam1",
-    /// url = "tcp://10.0.0.5:1025"` (and optionally `fps = 30`). Raw H.264 or FLV, told apart
-    /// by their first bytes; reconnected with backoff when they drop.
+    /// url = "tcp://10.0.0.5:1025"` (raw H.264 or FLV, told apart by their first bytes;
+    /// optionally `fps = 30`), or any URL or file ffmpeg reads (`url = "rtsp://..."`, and
+    /// optionally `on_demand = true`). Reconnected with backoff when they drop.
     #[arg(skip)]
     pub pull: Option<Vec<PullSource>>,
 
@@ -189,10 +211,15 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct PullSource {
     pub name: String,
-    /// `tcp://HOST:PORT`.
+    /// `tcp://HOST:PORT` (raw H.264 or FLV), or anything ffmpeg reads: `rtsp://`, `http(s)://`
+    /// (HLS, FLV), `srt://`, `rtmp://`, or an absolute path to a file (played in a loop).
     pub url: String,
     /// Frame rate for raw H.264 timestamps; else the SPS timing, else arrival time.
     pub fps: Option<f64>,
+    /// Start the source on the stream's first viewer, stop it a while after the last left
+    /// (not for `tcp://`). [default: false]
+    #[serde(default)]
+    pub on_demand: bool,
 }
 
 /// `[[listen]]`: a port a source pushes raw H.264 or FLV to; one stream name per address.
@@ -320,6 +347,19 @@ impl LadderEntry {
     }
 }
 
+/// A ladder's entries, resolved; an entry that does not resolve, or a name twice, is an error.
+pub fn resolve_ladder(entries: &[LadderEntry]) -> Result<Vec<Rung>, String> {
+    let mut rungs: Vec<Rung> = Vec::new();
+    for entry in entries {
+        let rung = entry.resolve()?;
+        if rungs.iter().any(|r| r.name == rung.name) {
+            return Err(format!("rung {:?} twice", rung.name));
+        }
+        rungs.push(rung);
+    }
+    Ok(rungs)
+}
+
 /// The rungs to make from a source `source_height` pixels high: the configured ones below it,
 /// or (unset) the default ladder; highest first.
 pub fn plan_ladder(configured: Option<&[Rung]>, source_height: u32) -> Vec<Rung> {
@@ -363,6 +403,9 @@ pub struct Config {
     pub rtmp: SocketAddr,
     pub http: SocketAddr,
     pub rtmp_app: String,
+    pub srt: SocketAddr,
+    pub srt_passphrase: Option<String>,
+    pub srt_latency: Duration,
     pub max_backlog_bytes: u64,
     pub max_lag: Duration,
     pub stall_timeout: Duration,
@@ -440,6 +483,9 @@ impl Config {
             rtmp: pick!(rtmp, SocketAddr::from(([0, 0, 0, 0], 1935))),
             http: pick!(http, SocketAddr::from(([0, 0, 0, 0], 8080))),
             rtmp_app: pick!(rtmp_app, "live".to_string()),
+            srt: pick!(srt, SocketAddr::from(([0, 0, 0, 0], 8890))),
+            srt_passphrase: cli.srt_passphrase.or(file.srt_passphrase),
+            srt_latency: Duration::from_millis(pick!(srt_latency_ms, 120)),
             max_backlog_bytes: pick!(max_backlog_bytes, 16 << 20),
             max_lag: Duration::from_millis(pick!(max_lag_ms, 3000)),
             stall_timeout: Duration::from_millis(pick!(stall_timeout_ms, 10_000)),
@@ -523,9 +569,23 @@ impl Config {
                 );
             }
         }
+        if self
+            .srt_passphrase
+            .as_ref()
+            .is_some_and(|p| !(10..=79).contains(&p.len()))
+        {
+            return invalid(
+                "srt_passphrase",
+                "must be 10 to 79 characters (SRT's bounds)",
+            );
+        }
+        if !(20..=8000).contains(&self.srt_latency.as_millis()) {
+            return invalid("srt_latency_ms", "must be between 20 and 8000");
+        }
         for (key, secret) in
             SECRETS
                 .into_iter()
+                .take(3)
                 .zip([&self.admin_token, &self.jwt_secret, &self.read_token])
         {
             if secret.as_ref().is_some_and(|t| t.len() < 16) {
@@ -552,8 +612,10 @@ impl Config {
                     &format!("{:?} is not a valid stream name", p.name),
                 );
             }
-            if p.tcp_addr().is_none() {
-                return invalid("pull.url", &format!("{:?}: use tcp://HOST:PORT", p.url));
+            if p.tcp_addr().is_none()
+                && let Err(e) = crate::ingest::pull::check_url(&p.url)
+            {
+                return invalid("pull.url", &e.to_string());
             }
             if !fps_ok(p.fps) {
                 return invalid("pull.fps", "must be between 0 and 1000");
@@ -598,16 +660,10 @@ impl Config {
             if s.latency_ms.is_some_and(|ms| !(50..=30_000).contains(&ms)) {
                 return invalid("streams.*.latency_ms", "must be between 50 and 30000");
             }
-            let mut names = Vec::new();
-            for entry in s.ladder.iter().flatten() {
-                let rung = match entry.resolve() {
-                    Ok(r) => r,
-                    Err(e) => return invalid("streams.*.ladder", &e),
-                };
-                if names.contains(&rung.name) {
-                    return invalid("streams.*.ladder", &format!("rung {:?} twice", rung.name));
-                }
-                names.push(rung.name);
+            if let Some(ladder) = &s.ladder
+                && let Err(e) = resolve_ladder(ladder)
+            {
+                return invalid("streams.*.ladder", &e);
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log_filter()) {
@@ -621,13 +677,19 @@ impl Config {
     /// would otherwise write a log line per byte; onair reports bad input itself, once per
     /// connection.
     pub fn log_filter(&self) -> String {
-        if self.log.contains("h264_reader") {
-            self.log.clone()
-        } else if self.log.trim().is_empty() {
-            "h264_reader=off".to_string()
-        } else {
-            format!("{},h264_reader=off", self.log)
+        // Parsers that log every malformed input they meet, which the ingest counts and
+        // reports itself: a broken publisher would flood the log. Named in `log`, they speak.
+        let mut filter = self.log.trim().to_string();
+        for quiet in ["h264_reader", "mpeg2ts_reader"] {
+            if !filter.contains(quiet) {
+                if !filter.is_empty() {
+                    filter.push(',');
+                }
+                filter.push_str(quiet);
+                filter.push_str("=off");
+            }
         }
+        filter
     }
 }
 
@@ -768,15 +830,19 @@ mod tests {
     }
 
     #[test]
-    fn h264_readers_log_is_off_unless_asked_for() {
+    fn the_parsers_logs_are_off_unless_asked_for() {
         let with = |log: &str| {
             let file: Settings = toml::from_str(&format!("log = {log:?}")).unwrap();
             Config::resolve(Settings::default(), file)
                 .unwrap()
                 .log_filter()
         };
-        assert_eq!(with("info"), "info,h264_reader=off");
-        assert_eq!(with("debug,h264_reader=warn"), "debug,h264_reader=warn");
+        assert_eq!(with("info"), "info,h264_reader=off,mpeg2ts_reader=off");
+        assert_eq!(
+            with("debug,h264_reader=warn"),
+            "debug,h264_reader=warn,mpeg2ts_reader=off"
+        );
+        assert_eq!(with(""), "h264_reader=off,mpeg2ts_reader=off");
     }
 
     #[test]

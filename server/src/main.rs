@@ -67,6 +67,7 @@ async fn run(cfg: Config) -> Result<(), String> {
     }
     let rtmp_listener = bind("RTMP", cfg.rtmp).await?;
     let http_listener = bind("HTTP", cfg.http).await?;
+    let srt_socket = onair_server::ingest::srt::bind(cfg.srt).await?;
     // Before the ready line, which tests and scripts wait for.
     for key in &cfg.secrets_on_command_line {
         tracing::warn!(
@@ -89,8 +90,12 @@ async fn run(cfg: Config) -> Result<(), String> {
 
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     // Tests and scripts read the bound addresses from this line (ports may be 0 in config).
+    let srt = srt_socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(
-        "onair ready rtmp={} http={}",
+        "onair ready rtmp={} http={} srt={srt}",
         local(&rtmp_listener),
         local(&http_listener)
     );
@@ -122,9 +127,11 @@ async fn run(cfg: Config) -> Result<(), String> {
         shutdown.clone(),
         tracker.clone(),
     );
+    let pulls = Arc::new(onair_server::ingest::pull::Pulls::default());
     let transcoders = onair_server::transcode::start(
         hub.clone(),
         cfg.clone(),
+        pulls.clone(),
         Tasks {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
@@ -143,6 +150,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             onair_server::delivery::http::MAX_FEED_SUBSCRIBERS,
         ),
         transcoders,
+        pulls: pulls.clone(),
         abr_memory: Default::default(),
         hub: hub.clone(),
         cfg: cfg.clone(),
@@ -161,6 +169,15 @@ async fn run(cfg: Config) -> Result<(), String> {
         tracker.clone(),
     ));
     tracker.spawn(http::serve(http_listener, app));
+    onair_server::ingest::srt::start(
+        srt_socket,
+        hub.clone(),
+        cfg.clone(),
+        limits.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    )?;
+    onair_server::ingest::pull::start(&pulls, &hub, &cfg, &shutdown, &tracker)?;
     onair_server::ingest::tcp::start(
         hub.clone(),
         cfg.clone(),

@@ -85,6 +85,8 @@ pub struct Server {
     child: Child,
     pub rtmp: String,
     pub http: String,
+    /// The SRT listener's address (UDP).
+    pub srt: String,
     log: Arc<Mutex<Vec<String>>>,
     log_changed: Arc<Notify>,
 }
@@ -109,7 +111,11 @@ impl Server {
             }
         }
         // Ephemeral loopback ports unless the test picks its own (a restart on the same port).
-        for (flag, default) in [("--rtmp", "127.0.0.1:0"), ("--http", "127.0.0.1:0")] {
+        for (flag, default) in [
+            ("--rtmp", "127.0.0.1:0"),
+            ("--http", "127.0.0.1:0"),
+            ("--srt", "127.0.0.1:0"),
+        ] {
             if !extra.contains(&flag) {
                 cmd.args([flag, default]);
             }
@@ -139,13 +145,17 @@ impl Server {
                     if std::env::var_os("E2E_LOG").is_some() {
                         eprintln!("[onair] {line}");
                     }
-                    if let Some(i) = line.find("onair ready rtmp=") {
-                        let rest = &line[i + "onair ready rtmp=".len()..];
-                        let mut parts = rest.split(" http=");
-                        let rtmp = parts.next().unwrap_or_default().trim().to_string();
-                        let http = parts.next().unwrap_or_default().trim().to_string();
+                    if let Some(i) = line.find("onair ready ") {
+                        // `onair ready rtmp=ADDR http=ADDR srt=ADDR`
+                        let addr = |key: &str| {
+                            line[i..]
+                                .split_whitespace()
+                                .find_map(|kv| kv.strip_prefix(key))
+                                .unwrap_or_default()
+                                .to_string()
+                        };
                         if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send((rtmp, http));
+                            let _ = tx.send((addr("rtmp="), addr("http="), addr("srt=")));
                         }
                     }
                     log.lock().expect("log lock").push(line);
@@ -154,7 +164,7 @@ impl Server {
             });
         }
         let ready = tokio::time::timeout(Duration::from_secs(20), ready_rx).await;
-        let Ok(Ok((rtmp, http))) = ready else {
+        let Ok(Ok((rtmp, http, srt))) = ready else {
             panic!(
                 "onair did not become ready: {ready:?}; its output:\n{}",
                 log.lock().expect("log lock").join("\n")
@@ -164,6 +174,7 @@ impl Server {
             child,
             rtmp,
             http,
+            srt,
             log,
             log_changed,
         }
@@ -313,14 +324,29 @@ pub async fn http_fetch(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<HttpResponse, BoxError> {
+    http_send(addr, method, path, headers, &[]).await
+}
+
+/// Like [`http_fetch`], with a request body (its `Content-Length` is added).
+pub async fn http_send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse, BoxError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await?;
+    s.write_all(body).await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let end = buf
@@ -960,6 +986,39 @@ pub async fn hls_decodes(url: &str, codec_name: &str, size: (u64, u64), secs: u3
         decode.status.success() && errors.trim().is_empty(),
         "{url}: ffmpeg reports errors:\n{errors}"
     );
+}
+
+/// A temporary directory (`onair-PREFIX-NAME-PID` under the system's), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str, name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("onair-{prefix}-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command to completion; panics with its error output unless it succeeded.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Decodes a file with ffmpeg; returns ffmpeg's error output (empty when clean).

@@ -4,7 +4,7 @@
 //! frame without a word of complaint.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use onair_protocol::codec::VideoCodec;
 use onair_protocol::codec::aac::AudioSpecificConfig;
@@ -13,6 +13,7 @@ use onair_protocol::flv::{AudioTag, VideoTag, parse_audio, parse_video};
 use onair_protocol::fmp4::{self, Codec, Run, Sample, Track};
 use onair_tests::load::flv::{TAG_AUDIO, TAG_VIDEO, read_all};
 use onair_tests::require_tool;
+use onair_tests::{TempDir, run_ok};
 use serde_json::Value;
 
 const VIDEO_ID: u32 = 1;
@@ -96,38 +97,6 @@ impl Clip {
     }
 }
 
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("onair-fmp4-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// Encodes a test clip to FLV with real ffmpeg, as OBS or ffmpeg would publish it.
 fn encode_flv(dir: &Path, zerolatency: bool) -> PathBuf {
     let path = dir.join("clip.flv");
@@ -140,7 +109,7 @@ fn encode_flv(dir: &Path, zerolatency: bool) -> PathBuf {
         cmd.args(["-tune", "zerolatency"]);
     }
     cmd.args(["-c:a", "aac", "-f", "flv"]).arg(&path);
-    run(&mut cmd);
+    run_ok(&mut cmd);
     path
 }
 
@@ -280,10 +249,12 @@ fn box_parts(clip: &Clip, frames_per_part: usize) -> Vec<u8> {
 }
 
 fn ffprobe_json(file: &Path, args: &[&str]) -> Value {
-    let out = run(Command::new("ffprobe")
-        .args(["-v", "error", "-of", "json"])
-        .args(args)
-        .arg(file));
+    let out = run_ok(
+        Command::new("ffprobe")
+            .args(["-v", "error", "-of", "json"])
+            .args(args)
+            .arg(file),
+    );
     serde_json::from_slice(&out.stdout).expect("ffprobe JSON")
 }
 
@@ -363,7 +334,7 @@ fn check_clip(zerolatency: bool) {
     } else {
         "bframes"
     };
-    let dir = TempDir::new(name);
+    let dir = TempDir::new("fmp4", name);
     let clip = read_clip(&encode_flv(&dir.0, zerolatency));
     let b_frames = clip.video.iter().any(|f| f.cts_ms > 0);
     assert_eq!(

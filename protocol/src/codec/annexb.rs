@@ -64,6 +64,25 @@ impl AccessUnit {
     }
 }
 
+/// The NAL units of a complete Annex B buffer (a PES, say), without their start codes. The
+/// zero bytes in front of a start code (`trailing_zero_8bits`, or a four-byte start code's
+/// first byte) are not part of the NAL unit before it; bytes before the first start code are
+/// not a NAL unit.
+pub fn split_nals(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut starts = memchr::memmem::find_iter(data, &[0u8, 0, 1])
+        .map(|i| i + 3)
+        .peekable();
+    std::iter::from_fn(move || {
+        let start = starts.next()?;
+        let end = starts.peek().map_or(data.len(), |&next| next - 3);
+        let mut nal = data.get(start..end).unwrap_or_default();
+        while let [rest @ .., 0] = nal {
+            nal = rest;
+        }
+        Some(nal)
+    })
+}
+
 const NAL_SLICE: u8 = 1;
 const NAL_IDR: u8 = 5;
 const NAL_SEI: u8 = 6;
@@ -545,5 +564,24 @@ mod tests {
                 assert!(out.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_complete_buffer_splits_at_its_start_codes() {
+        let data = [
+            0xff, 0, 0, 0, 1, 0x09, 0xf0, 0, 0, 1, 0x67, 0x42, 0, 0, 0, 0, 1, 0x65, 0x88, 0, 0, 1,
+        ];
+        let nals: Vec<&[u8]> = split_nals(&data).collect();
+        assert_eq!(
+            nals,
+            [
+                &[0x09, 0xf0][..],
+                &[0x67, 0x42][..],
+                &[0x65, 0x88][..],
+                &[][..]
+            ]
+        );
+        assert_eq!(split_nals(&[1, 2, 3]).count(), 0);
+        assert_eq!(split_nals(&[]).count(), 0);
     }
 }

@@ -154,6 +154,21 @@ fn codec_string(
 
 /// The cropped picture size an SPS declares (ITU-T H.265 7.3.2.2).
 pub fn sps_dimensions(nal: &[u8]) -> Result<(u32, u32), HevcError> {
+    sps_fields(nal).map(|f| (f.width, f.height))
+}
+
+/// What an hvcC repeats of its SPS.
+struct SpsFields {
+    width: u32,
+    height: u32,
+    max_sub_layers_minus1: u8,
+    temporal_id_nesting: bool,
+    chroma_format_idc: u32,
+    bit_depth_luma_minus8: u32,
+    bit_depth_chroma_minus8: u32,
+}
+
+fn sps_fields(nal: &[u8]) -> Result<SpsFields, HevcError> {
     let e = |e: h264_reader::rbsp::BitReaderError| HevcError::Sps(format!("{e:?}"));
     if nal.len() < 3 {
         return Err(HevcError::Sps("shorter than its header".into()));
@@ -168,7 +183,7 @@ pub fn sps_dimensions(nal: &[u8]) -> Result<(u32, u32), HevcError> {
     let mut r = BitReader::new(ByteReader::skipping_bytes(nal, two));
     r.skip(4, "sps_video_parameter_set_id").map_err(e)?;
     let max_sub_layers_minus1: u8 = r.read::<3, u8>("sps_max_sub_layers_minus1").map_err(e)?;
-    r.skip(1, "sps_temporal_id_nesting_flag").map_err(e)?;
+    let temporal_id_nesting = r.read_bit("sps_temporal_id_nesting_flag").map_err(e)?;
     // profile_tier_level(1, sps_max_sub_layers_minus1): the general part is 88 bits of
     // profile and 8 of level.
     r.skip(88, "general profile").map_err(e)?;
@@ -223,7 +238,85 @@ pub fn sps_dimensions(nal: &[u8]) -> Result<(u32, u32), HevcError> {
             height: h,
         });
     }
-    Ok((w, h))
+    let bit_depth_luma_minus8 = r.read_ue("bit_depth_luma_minus8").map_err(e)?;
+    let bit_depth_chroma_minus8 = r.read_ue("bit_depth_chroma_minus8").map_err(e)?;
+    if chroma_format_idc > 3 || bit_depth_luma_minus8 > 8 || bit_depth_chroma_minus8 > 8 {
+        return Err(HevcError::Sps(format!(
+            "chroma format {chroma_format_idc}, bit depths {} and {} (8 to 16 exist)",
+            bit_depth_luma_minus8 + 8,
+            bit_depth_chroma_minus8 + 8
+        )));
+    }
+    Ok(SpsFields {
+        width: w,
+        height: h,
+        max_sub_layers_minus1,
+        temporal_id_nesting,
+        chroma_format_idc,
+        bit_depth_luma_minus8,
+        bit_depth_chroma_minus8,
+    })
+}
+
+/// The first `n` bytes of a NAL unit's payload after its 2-byte header, with emulation
+/// prevention bytes (the 0x03 of 0x000003) removed.
+fn rbsp_prefix(nal: &[u8], n: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(n);
+    let mut zeros = 0;
+    for &b in nal.get(2..)? {
+        if out.len() == n {
+            break;
+        }
+        if zeros >= 2 && b == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        out.push(b);
+    }
+    (out.len() == n).then_some(out)
+}
+
+/// An hvcC (ISO/IEC 14496-15 8.3.3.1) from one VPS, SPS and PPS, each a whole NAL unit with its
+/// header: what an Annex B source (MPEG-TS) carries in band. Profile, tier, level and
+/// constraints are the SPS's general profile_tier_level, copied; NAL lengths are 4 bytes.
+pub fn hvcc_from_parameter_sets(vps: &[u8], sps: &[u8], pps: &[u8]) -> Result<Vec<u8>, HevcError> {
+    let nal_type = |n: &[u8]| n.first().map(|b| (b >> 1) & 0x3f);
+    if nal_type(vps) != Some(VPS) {
+        return Err(HevcError::Missing("VPS"));
+    }
+    if nal_type(pps) != Some(PPS) {
+        return Err(HevcError::Missing("PPS"));
+    }
+    let fields = sps_fields(sps)?;
+    // The byte of vps id, sub-layers and nesting, then the 12 bytes of general
+    // profile_tier_level: byte-aligned in every SPS.
+    let ptl = rbsp_prefix(sps, 13).ok_or_else(|| HevcError::Sps("truncated".into()))?;
+    let mut out = Vec::with_capacity(23 + 3 * 5 + vps.len() + sps.len() + pps.len());
+    out.push(1); // configurationVersion
+    out.extend_from_slice(&ptl[1..13]);
+    out.extend_from_slice(&[0xf0, 0x00]); // min_spatial_segmentation_idc 0
+    out.push(0xfc); // parallelismType 0: unknown
+    out.push(0xfc | (fields.chroma_format_idc as u8 & 3));
+    out.push(0xf8 | (fields.bit_depth_luma_minus8 as u8 & 7));
+    out.push(0xf8 | (fields.bit_depth_chroma_minus8 as u8 & 7));
+    out.extend_from_slice(&[0, 0]); // avgFrameRate: unknown
+    // constantFrameRate 0, numTemporalLayers, temporalIdNested, lengthSizeMinusOne 3.
+    out.push(
+        (((fields.max_sub_layers_minus1 + 1) & 7) << 3)
+            | (u8::from(fields.temporal_id_nesting) << 2)
+            | 3,
+    );
+    out.push(3); // numOfArrays
+    for (kind, nal) in [(VPS, vps), (SPS, sps), (PPS, pps)] {
+        let len = u16::try_from(nal.len())
+            .map_err(|_| HevcError::Config(format!("a {}-byte parameter set", nal.len())))?;
+        out.push(0x80 | kind); // array_completeness 1
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(nal);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -293,5 +386,37 @@ pub(crate) mod tests {
             sps_dimensions(&[0x40, 0x01, 0x0c]),
             Err(HevcError::Sps(_))
         ));
+    }
+
+    #[test]
+    fn an_hvcc_rebuilt_from_its_parameter_sets_says_the_same() {
+        let info = HevcInfo::parse(HVCC_640X360).unwrap();
+        let hvcc = hvcc_from_parameter_sets(&info.vps[0], &info.sps[0], &info.pps[0]).unwrap();
+        let again = HevcInfo::parse(&hvcc).unwrap();
+        assert_eq!(again.codec, info.codec);
+        assert_eq!((again.width, again.height), (640, 360));
+        assert_eq!(again.length_size, 4);
+        assert_eq!(
+            (&again.vps, &again.sps, &again.pps),
+            (&info.vps, &info.sps, &info.pps)
+        );
+        // The fixed part matches ffmpeg's (x265's) record but for what it leaves unknown.
+        assert_eq!(
+            hvcc[..13],
+            HVCC_640X360[..13],
+            "profile, tier, level, constraints"
+        );
+        assert_eq!(
+            hvcc[16..19],
+            HVCC_640X360[16..19],
+            "chroma format and bit depths"
+        );
+        assert!(hvcc_from_parameter_sets(&info.sps[0], &info.sps[0], &info.pps[0]).is_err());
+        // Cut anywhere: no panic; cut before the fields the record repeats: an error.
+        for n in 0..info.sps[0].len() {
+            let cut = &info.sps[0][..n];
+            let built = hvcc_from_parameter_sets(&info.vps[0], cut, &info.pps[0]);
+            assert!(n >= 16 || built.is_err(), "cut at {n}");
+        }
     }
 }

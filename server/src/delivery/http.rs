@@ -34,6 +34,8 @@ pub struct App {
     pub stats: Arc<Stats>,
     pub hls: Arc<crate::hls::Hls>,
     pub transcoders: Arc<crate::transcode::Transcoders>,
+    /// Sources the server fetches (`[[pull]]`, `POST /api/streams`).
+    pub pulls: Arc<crate::ingest::pull::Pulls>,
     /// Where automatic viewers left off, per address.
     pub abr_memory: Arc<super::abr::Memory>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
@@ -77,7 +79,7 @@ pub fn router(app: App) -> Router {
         .layer(no_cache());
     // What `read_token` protects: the API, its feed, the dashboard and the metrics.
     let read = Router::new()
-        .route("/api/streams", get(list_streams))
+        .route("/api/streams", get(list_streams).post(create_stream))
         .route(
             "/api/streams/{stream}",
             get(get_stream).delete(delete_stream),
@@ -185,20 +187,98 @@ async fn get_stream(
     Path(name): Path<String>,
     Query(mut page): Query<Page>,
 ) -> Response {
+    let pull = app.pulls.get(&name);
     let Some(s) = app.hub.stream(&name) else {
+        // A source not publishing yet (on demand and unwatched, or failing) is still a stream.
+        if let Some(p) = pull {
+            return axum::Json(serde_json::json!({
+                "name": name, "live": false, "publisher": p.view(), "renditions": [],
+            }))
+            .into_response();
+        }
         return (StatusCode::NOT_FOUND, format!("no stream named {name:?}\n")).into_response();
     };
     let snap = app.stats.latest();
     page.stream = Some(name.clone());
     let stats = snap.streams.iter().find(|x| x.name == name);
-    axum::Json(StreamDetail {
+    let detail = StreamDetail {
         summary: StreamSummary::of(&s),
         stats,
         renditions: crate::stats::renditions_now(&s, stats),
         transcoder: app.transcoders.state(&name),
         viewers: snap.page(&page),
-    })
-    .into_response()
+    };
+    let Some(p) = pull else {
+        return axum::Json(detail).into_response();
+    };
+    // A pulled stream's publisher is its source: the URL and what ffmpeg is doing.
+    let mut json = serde_json::to_value(&detail).unwrap_or_default();
+    let mut publisher = serde_json::to_value(p.view()).unwrap_or_default();
+    if let (Some(live), Some(shown)) = (json.get("publisher"), publisher.as_object_mut()) {
+        for key in ["since_ms", "clock"] {
+            if let Some(v) = live.get(key) {
+                shown.insert(key.into(), v.clone());
+            }
+        }
+    }
+    json["publisher"] = publisher;
+    axum::Json(json).into_response()
+}
+
+/// `POST /api/streams`: a source to pull, as `[[pull]]` would.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewStream {
+    name: String,
+    source_url: String,
+    ladder: Option<Vec<crate::config::LadderEntry>>,
+    #[serde(default)]
+    on_demand: bool,
+}
+
+/// Starts pulling a source at run time (admin token); 201 with the stream.
+async fn create_stream(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(denied) = refusal(&app, &headers) {
+        return denied;
+    }
+    let bad = |why: String| (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
+    let new: NewStream = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return bad(format!("bad stream: {e}")),
+    };
+    let ladder = match new
+        .ladder
+        .map(|l| crate::config::resolve_ladder(&l))
+        .transpose()
+    {
+        Ok(l) => l,
+        Err(e) => return bad(format!("bad ladder: {e}")),
+    };
+    let spec = crate::ingest::pull::PullSpec {
+        name: new.name.clone(),
+        source_url: new.source_url,
+        on_demand: new.on_demand,
+        ladder,
+    };
+    use crate::ingest::pull::PullError;
+    match app
+        .pulls
+        .start(spec, &app.hub, &app.cfg, &app.shutdown, &app.tracker)
+    {
+        Ok(p) => {
+            tracing::info!(stream = %new.name, source = %p.source_url, "source added through the API");
+            let body = serde_json::json!({ "name": p.name, "live": false, "publisher": p.view() });
+            (StatusCode::CREATED, axum::Json(body)).into_response()
+        }
+        Err(e @ (PullError::Duplicate(_) | PullError::Published(_))) => {
+            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
+        }
+        Err(e) => bad(e.to_string()),
+    }
 }
 
 /// Dashboard feed subscribers at once: each is a connection and a task.
@@ -314,7 +394,8 @@ fn refusal(app: &App, headers: &HeaderMap) -> Option<Response> {
     Some((status, [(header::WWW_AUTHENTICATE, "Bearer")], text).into_response())
 }
 
-/// Disconnects the stream's publisher. Viewers stay, waiting, as when a publisher leaves.
+/// Stops the stream's source if it is pulled, or else disconnects its publisher. Viewers stay,
+/// waiting, as when a publisher leaves.
 async fn delete_stream(
     State(app): State<App>,
     Path(name): Path<String>,
@@ -322,6 +403,10 @@ async fn delete_stream(
 ) -> Response {
     if let Some(denied) = refusal(&app, &headers) {
         return denied;
+    }
+    if app.pulls.stop(&name) {
+        tracing::info!(stream = %name, "source stopped through the API");
+        return StatusCode::NO_CONTENT.into_response();
     }
     if app.hub.disconnect_publisher(&name) {
         tracing::info!(stream = %name, "publisher removed through the API");

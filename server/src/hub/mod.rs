@@ -142,6 +142,11 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// Viewers connected to it now.
+    pub fn viewer_count(&self) -> u64 {
+        self.viewers.load(Ordering::Acquire)
+    }
+
     pub fn publisher(&self) -> Option<PublisherInfo> {
         self.publisher.lock().clone()
     }

@@ -3,9 +3,12 @@
 //! [`MediaIngest`] is the part every input shares: it keeps the codec configuration, decides when
 //! an init is due, normalises timestamps and hands frames to the hub with their ingest time.
 
+pub mod pull;
 pub mod raw;
 pub mod rtmp;
+pub mod srt;
 pub mod tcp;
+pub mod ts;
 pub mod ws;
 
 use bytes::Bytes;

@@ -71,7 +71,12 @@ impl Transcoders {
 }
 
 /// Starts the task that gives every published stream its ladder.
-pub fn start(hub: Arc<Hub>, cfg: Arc<Config>, tasks: Tasks) -> Arc<Transcoders> {
+pub fn start(
+    hub: Arc<Hub>,
+    cfg: Arc<Config>,
+    pulls: Arc<crate::ingest::pull::Pulls>,
+    tasks: Tasks,
+) -> Arc<Transcoders> {
     let transcoders = Arc::new(Transcoders::default());
     let mut published = hub.published();
     let t = transcoders.clone();
@@ -89,7 +94,11 @@ pub fn start(hub: Arc<Hub>, cfg: Arc<Config>, tasks: Tasks) -> Arc<Transcoders> 
                 },
                 _ = inner.shutdown.cancelled() => return,
             };
-            let policy = cfg.stream_settings(&stream.name);
+            let mut policy = cfg.stream_settings(&stream.name);
+            // A source added through the API may bring its own ladder.
+            if let Some(ladder) = pulls.ladder(&stream.name) {
+                policy.ladder = Some(ladder);
+            }
             if policy.ladder.as_ref().is_some_and(|l| l.is_empty()) {
                 continue; // `ladder = []`
             }
