@@ -232,6 +232,16 @@ async fn a_player_that_cannot_decode_hevc_gets_an_h264_rung() {
         "{codecs:?}"
     );
 
+    // LL-HLS lists every rendition with its real codec.
+    let (status, playlist) = onair_tests::http_get(&server.http, "/hls/hevc-ladder/index.m3u8")
+        .await
+        .expect("GET the multivariant playlist");
+    assert_eq!(status, 200, "{playlist}");
+    assert!(
+        playlist.contains("CODECS=\"hvc1.") && playlist.contains("CODECS=\"avc1."),
+        "{playlist}"
+    );
+
     let b = Browser::start().await.expect("start Chromium");
     let s = chromium_plays(&b, &server, "hevc-ladder").await;
     let rendition = s["rendition"].as_u64().expect("the player's rendition");

@@ -222,3 +222,135 @@ async fn a_two_audio_track_publish_plays_its_default_audio() {
         "ffmpeg still publishing"
     );
 }
+
+/// AMF0 string value.
+fn amf_string(out: &mut Vec<u8>, s: &str) {
+    out.push(0x02);
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// One RTMP message in one type-0 chunk on chunk stream 3 (bodies here fit the default 128-byte
+/// chunk size).
+fn rtmp_message(kind: u8, stream_id: u32, body: &[u8]) -> Vec<u8> {
+    assert!(body.len() < 128, "one chunk at the default chunk size");
+    let mut chunk = vec![0x03, 0, 0, 0];
+    chunk.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    chunk.push(kind);
+    chunk.extend_from_slice(&stream_id.to_le_bytes());
+    chunk.extend_from_slice(body);
+    chunk
+}
+
+/// An AMF0 command (`name`, transaction id, then `object` or null).
+fn amf_command(name: &str, transaction: f64, object: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    amf_string(&mut body, name);
+    body.push(0x00);
+    body.extend_from_slice(&transaction.to_be_bytes());
+    if object.is_empty() {
+        body.push(0x05);
+    } else {
+        body.push(0x03);
+        for (k, v) in object {
+            body.extend_from_slice(&(k.len() as u16).to_be_bytes());
+            body.extend_from_slice(k.as_bytes());
+            amf_string(&mut body, v);
+        }
+        body.extend_from_slice(&[0, 0, 9]);
+    }
+    body
+}
+
+/// A raw RTMP client after the plain handshake (C0, C1; S0, S1, S2; C2 echoes S1) and a
+/// `connect("live")`.
+async fn rtmp_connected(addr: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut c0c1 = vec![3u8];
+    c0c1.extend(std::iter::repeat_n(0u8, 8));
+    c0c1.extend((0..1528).map(|i| (i % 251) as u8));
+    tcp.write_all(&c0c1).await.expect("C0 C1");
+    let mut s = vec![0u8; 1 + 1536 + 1536];
+    tcp.read_exact(&mut s).await.expect("S0 S1 S2");
+    tcp.write_all(&s[1..1537]).await.expect("C2");
+    let connect = amf_command(
+        "connect",
+        1.0,
+        &[("app", "live"), ("tcUrl", "rtmp://127.0.0.1/live")],
+    );
+    tcp.write_all(&rtmp_message(20, 0, &connect))
+        .await
+        .expect("connect");
+    tcp
+}
+
+/// Reads into `got` until it holds `needle`; fails on close or after `T`.
+async fn read_until(tcp: &mut tokio::net::TcpStream, got: &mut Vec<u8>, needle: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + T;
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no {:?} in {:?}",
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(got)
+                )
+            })
+            .expect("read");
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The reply to `connect` advertises Enhanced RTMP Multitrack: `capsEx` = 2 among its
+/// properties (what a multitrack encoder may look for before it sends several tracks).
+#[tokio::test]
+async fn the_connect_result_advertises_multitrack() {
+    let server = Server::start(&[]).await;
+    let mut tcp = rtmp_connected(&server.rtmp).await;
+    let mut caps = b"\x00\x06capsEx\x00".to_vec();
+    caps.extend_from_slice(&2.0f64.to_be_bytes());
+    let mut got = Vec::new();
+    read_until(&mut tcp, &mut got, &caps).await;
+    assert!(
+        got.windows(7).any(|w| w == b"_result"),
+        "in the connect reply"
+    );
+}
+
+/// A `@setDataFrame` without its metadata (which panicked rml_rtmp 0.8.0's session, see
+/// third_party/rml_rtmp/ONAIR.md) is ignored: the same connection still gets its answer to
+/// the next command.
+#[tokio::test]
+async fn a_short_set_data_frame_is_ignored() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(&[]).await;
+    let mut tcp = rtmp_connected(&server.rtmp).await;
+    let mut got = Vec::new();
+    read_until(&mut tcp, &mut got, b"NetConnection.Connect.Success").await;
+    for values in [&["@setDataFrame"][..], &["@setDataFrame", "onMetaData"]] {
+        let mut body = Vec::new();
+        for v in values {
+            amf_string(&mut body, v);
+        }
+        tcp.write_all(&rtmp_message(18, 1, &body))
+            .await
+            .expect("data");
+    }
+    let create = amf_command("createStream", 2.0, &[]);
+    tcp.write_all(&rtmp_message(20, 0, &create))
+        .await
+        .expect("createStream");
+    // createStream's `_result` carries transaction id 2.
+    let mut answer = Vec::new();
+    amf_string(&mut answer, "_result");
+    answer.push(0x00);
+    answer.extend_from_slice(&2.0f64.to_be_bytes());
+    got.clear();
+    read_until(&mut tcp, &mut got, &answer).await;
+}
