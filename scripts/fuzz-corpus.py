@@ -71,6 +71,19 @@ for name, codec in [("ffmpeg-h264", ["-c:v", "libx264", "-preset", "veryfast"]),
     if codec[1] == "libx264":
         put("ts", name + "-middle.ts", ts[30 * 188:52 * 188])
 
+# CMAF as ffmpeg's dash muxer pushes it (-streaming 1 -ldash 1: one moof+mdat a frame): each
+# representation's init segment, then the start of its first media segment, behind the
+# target's two-byte init length and its read size.
+dash = os.path.join(tmp, "dash")
+os.makedirs(dash, exist_ok=True)
+ffmpeg(*src, *x264, "-bf", "2", "-c:a", "aac", "-b:a", "32k", "-f", "dash", "-streaming", "1",
+       "-ldash", "1", "-seg_duration", "1", os.path.join(dash, "manifest.mpd"))
+for rep, step in [("0", 7), ("1", 200)]:
+    init = open(os.path.join(dash, "init-stream%s.m4s" % rep), "rb").read()
+    chunk = open(os.path.join(dash, "chunk-stream%s-00001.m4s" % rep), "rb").read()
+    put("cmaf", "ffmpeg-dash-stream" + rep,
+        struct.pack(">HB", len(init), step) + init + chunk[:6000])
+
 # Enhanced RTMP as a current ffmpeg (9, PyPI's imageio-ffmpeg, which scripts/setup.sh
 # installs) writes it: HEVC and AV1 tags, two video tracks and two audio tracks (the second of
 # each as multitrack).

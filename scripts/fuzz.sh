@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-60}"
 # FUZZ_RUNS stops each target after that many executions, if it comes before SECS.
 runs="${FUZZ_RUNS:+-runs=$FUZZ_RUNS}"
-targets="${FUZZ_TARGETS:-wire flv avc aac annexb fmp4 player_session rtmp http_query codecs ts}"
+targets="${FUZZ_TARGETS:-wire flv avc aac annexb fmp4 player_session rtmp http_query codecs ts cmaf}"
 # cargo-fuzz 0.13.1 builds with nightly flags; RUSTC_BOOTSTRAP lets this stable toolchain take
 # them (design.md).
 if [ "$(cargo fuzz --version 2>/dev/null || true)" != "cargo-fuzz 0.13.1" ]; then

@@ -6,7 +6,9 @@
 //! - [`codec`]: H.264 (avcC, SPS, Annex B <-> AVCC) and AAC (AudioSpecificConfig, ADTS).
 //! - [`fmp4`]: fragmented MP4 (CMAF) init segments and fragment headers, for MSE and LL-HLS.
 //! - [`ts`]: MPEG-TS demuxing (H.264/HEVC and AAC), for SRT ingest.
+//! - [`cmaf`]: pushed CMAF read back (init segments, moof/mdat to samples), for HTTP push.
 
+pub mod cmaf;
 pub mod codec;
 pub mod flv;
 pub mod fmp4;

@@ -151,6 +151,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         ),
         transcoders,
         pulls: pulls.clone(),
+        pushes: Default::default(),
         abr_memory: Default::default(),
         hub: hub.clone(),
         cfg: cfg.clone(),

@@ -260,3 +260,121 @@ async fn a_viewer_behind_a_shaped_link_moves_down_and_back_up() {
     );
     b.close().await.expect("close chromium");
 }
+
+/// The same over a multitrack publish (ffmpeg 9's Enhanced RTMP, as OBS's Enhanced
+/// Broadcasting sends): no transcoding, the encoder's two video tracks (720p at 2.5 Mbit/s and
+/// 240p at 300 kbit/s, keyframes on the same frames) are the renditions, and the page behind
+/// the shaped link is moved from the first to the second and back.
+#[tokio::test]
+async fn a_viewer_moves_between_the_tracks_of_a_multitrack_publish() {
+    const MT: &str = "multitrack";
+    let ns = Netns::create().expect("a network namespace (needs root and iproute2)");
+    ns.shape(HIGH_KBIT).expect("shape the link");
+    let http = format!("{}:0", ns.outer_addr());
+    let server = Server::start(&["--http", &http]).await;
+    let gop = ["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"];
+    let _ffmpeg = tokio::process::Command::new(onair_tests::ffmpeg9())
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-filter_complex", "[0:v]split=2[a][b];[b]scale=426:240[c]"])
+        .args(["-map", "[a]", "-map", "[c]", "-map", "1:a"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args(gop)
+        .args([
+            "-b:v:0",
+            "2500k",
+            "-maxrate:v:0",
+            "2500k",
+            "-bufsize:v:0",
+            "2500k",
+        ])
+        .args([
+            "-b:v:1",
+            "300k",
+            "-maxrate:v:1",
+            "300k",
+            "-bufsize:v:1",
+            "300k",
+        ])
+        .args([
+            "-c:a",
+            "aac",
+            "-b:a",
+            "96k",
+            "-f",
+            "flv",
+            &server.rtmp_url(MT),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ffmpeg 9");
+    wait_for_heights(&server, MT, &[720, 240])
+        .await
+        .expect("the two tracks as renditions");
+
+    let b = Browser::start_in_netns(&ns)
+        .await
+        .expect("Chromium in the namespace");
+    b.goto(&format!("http://{}/watch/{MT}", server.http))
+        .await
+        .expect("open the watch page");
+    wait(
+        &b,
+        "s.state === 'playing' && s.height === 720 && s.decodedFrames > 60",
+        Duration::from_secs(30),
+        "the 720p track playing",
+    )
+    .await;
+
+    let from_line = server.log_lines();
+    ns.shape(LOW_KBIT).expect("shape the link down");
+    let dropped_at = Instant::now();
+    server
+        .wait_log_since(
+            from_line,
+            "viewer switched rendition",
+            Duration::from_secs(15),
+        )
+        .await;
+    let server_moved = dropped_at.elapsed();
+    wait(
+        &b,
+        "s.state === 'playing' && s.height === 240",
+        Duration::from_secs(15),
+        "the 240p track playing after the rate dropped",
+    )
+    .await;
+    let page_moved = dropped_at.elapsed();
+
+    ns.shape(HIGH_KBIT).expect("shape the link up");
+    let restored_at = Instant::now();
+    wait(
+        &b,
+        "s.state === 'playing' && s.height === 720",
+        Duration::from_secs(30),
+        "back on the 720p track after the rate came back",
+    )
+    .await;
+    eprintln!(
+        "abr (multitrack): the server moved the page {:.1} s after the drop, the page showed \
+         240p {:.1} s after it, and 720p {:.1} s after the rate came back",
+        server_moved.as_secs_f64(),
+        page_moved.as_secs_f64(),
+        restored_at.elapsed().as_secs_f64()
+    );
+    // The same bounds as the ladder's test above.
+    assert!(server_moved < Duration::from_millis(3500));
+    assert!(page_moved < Duration::from_millis(4500));
+    b.close().await.expect("close chromium");
+}

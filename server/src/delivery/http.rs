@@ -36,6 +36,8 @@ pub struct App {
     pub transcoders: Arc<crate::transcode::Transcoders>,
     /// Sources the server fetches (`[[pull]]`, `POST /api/streams`).
     pub pulls: Arc<crate::ingest::pull::Pulls>,
+    /// HTTP CMAF pushes under way (`/push/...`).
+    pub pushes: Arc<crate::ingest::cmaf::Pushes>,
     /// Where automatic viewers left off, per address.
     pub abr_memory: Arc<super::abr::Memory>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
@@ -55,6 +57,7 @@ impl axum::extract::FromRef<App> for crate::ingest::ws::PushContext {
             cfg: app.cfg.clone(),
             shutdown: app.shutdown.clone(),
             tracker: app.tracker.clone(),
+            pushes: app.pushes.clone(),
         }
     }
 }
@@ -96,6 +99,12 @@ pub fn router(app: App) -> Router {
         .merge(read)
         .route("/ws/{stream}", get(super::ws::play))
         .route("/ingest/{stream}", get(crate::ingest::ws::push))
+        .route(
+            "/push/{stream}/{*file}",
+            axum::routing::put(crate::ingest::cmaf::push)
+                .post(crate::ingest::cmaf::push)
+                .delete(crate::ingest::cmaf::push),
+        )
         .route(
             "/hls/{stream}/index.m3u8",
             get(super::hls::index).options(super::hls::preflight),

@@ -621,6 +621,11 @@ impl Publisher {
         self.kick.cancelled().await
     }
 
+    /// What [`Publisher::removed`] waits on, for a task that does not hold the publisher.
+    pub fn removal(&self) -> CancellationToken {
+        self.kick.clone()
+    }
+
     /// Announces a (new) codec configuration for the source rendition.
     pub fn set_init(&self, init: InitConfig, media: MediaInfo) -> Result<(), WireError> {
         *self.stream.media.lock() = media;

@@ -3,6 +3,7 @@
 //! [`MediaIngest`] is the part every input shares: it keeps the codec configuration, decides when
 //! an init is due, normalises timestamps and hands frames to the hub with their ingest time.
 
+pub mod cmaf;
 pub mod pull;
 pub mod raw;
 pub mod rtmp;

@@ -33,6 +33,8 @@ pub struct PushContext {
     pub cfg: Arc<Config>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// HTTP CMAF pushes under way (`super::cmaf`).
+    pub pushes: Arc<super::cmaf::Pushes>,
 }
 
 /// Largest WebSocket frame taken (a message may be any number of them): far more than any
