@@ -425,22 +425,8 @@ mod tests {
     use super::*;
     use crate::fmp4::{self, Codec, Run, Track};
 
-    /// A real x264 avcC (High, level 3.1, 1280x720), as in fmp4's tests.
-    fn avcc() -> Vec<u8> {
-        const SPS: &[u8] = &[
-            103, 100, 0, 31, 172, 217, 128, 80, 5, 187, 1, 106, 2, 2, 2, 128, 0, 0, 3, 0, 128, 0,
-            0, 30, 7, 140, 24, 205,
-        ];
-        const PPS: &[u8] = &[104, 233, 123, 44, 139];
-        let mut a = vec![1, 100, 0, 31, 0xff, 0xe1];
-        a.extend_from_slice(&(SPS.len() as u16).to_be_bytes());
-        a.extend_from_slice(SPS);
-        a.push(1);
-        a.extend_from_slice(&(PPS.len() as u16).to_be_bytes());
-        a.extend_from_slice(PPS);
-        a
-    }
-    const ASC: &[u8] = &[0x12, 0x10];
+    // A real x264 avcC and an AAC-LC AudioSpecificConfig, fmp4's test fixtures.
+    use crate::fmp4::tests::{ASC, avcc};
 
     fn init_bytes(avcc: &[u8]) -> Vec<u8> {
         fmp4::init_segment(&[

@@ -567,7 +567,7 @@ fn put_descriptor_header(out: &mut Vec<u8>, tag: u8, len: u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use mp4_atom as m;
     use mp4_atom::Decode as _;
@@ -579,7 +579,7 @@ mod tests {
     ];
     const PPS: &[u8] = &[104, 233, 123, 44, 139];
 
-    fn avcc() -> Vec<u8> {
+    pub(crate) fn avcc() -> Vec<u8> {
         let mut a = vec![1, 100, 0, 31, 0xff, 0xe1];
         a.extend_from_slice(&(SPS.len() as u16).to_be_bytes());
         a.extend_from_slice(SPS);
@@ -590,7 +590,7 @@ mod tests {
     }
 
     /// AAC-LC, 44.1 kHz, stereo.
-    const ASC: &[u8] = &[0x12, 0x10];
+    pub(crate) const ASC: &[u8] = &[0x12, 0x10];
 
     fn tracks(avcc: &[u8]) -> [Track<'_>; 2] {
         [

@@ -900,6 +900,49 @@ pub struct Start {
     pub keyframe_first: bool,
 }
 
+/// What a viewer connected before a publish must get: `frames` video frames in a row,
+/// keyframe first, at 640x360 with a codec string starting `codec`, none missing or out of
+/// order (dts steps of at most `frame_ms`), more than a third with a composition offset (the
+/// encoder's B-frames), and more than 100 AAC frames beside them.
+pub async fn every_frame_with_cts(viewer: &mut Viewer, codec: &str, frames: usize, frame_ms: u64) {
+    let t = Duration::from_secs(20);
+    let got = viewer
+        .recv_until(
+            t,
+            |m| matches!(m, Message::Media { header, .. } if header.track == 0),
+        )
+        .await;
+    let start = start_of(&got);
+    assert!(start.codec.starts_with(codec), "{}", start.codec);
+    assert_eq!(start.size, (640, 360));
+    assert!(start.keyframe_first, "keyframe first");
+    assert!(start.audio, "AAC carried");
+    let (mut video, mut with_cts, mut audio) = (1, 0, 0);
+    let mut last = None;
+    while video < frames {
+        let next = tokio::time::timeout(Duration::from_secs(8), viewer.recv(t)).await;
+        let Ok(r) = next else {
+            panic!("{video} of {frames} video frames, {audio} audio");
+        };
+        match r.msg() {
+            Message::Media { header, .. } if header.track == 0 => {
+                assert!(
+                    last.is_none_or(|l| header.dts > l && header.dts - l <= frame_ms),
+                    "a frame missing or out of order: dts {} after {last:?}",
+                    header.dts
+                );
+                last = Some(header.dts);
+                video += 1;
+                with_cts += usize::from(header.cts != 0);
+            }
+            Message::Media { .. } => audio += 1,
+            _ => {}
+        }
+    }
+    assert!(with_cts > frames / 3, "B-frames keep their cts: {with_cts}");
+    assert!(audio > 100, "{audio} AAC frames");
+}
+
 /// [`Start`] of what a viewer received, up to its first media frame (the last init before it
 /// counts). Panics without an init with video before media, or without media.
 pub fn start_of(got: &[Received]) -> Start {

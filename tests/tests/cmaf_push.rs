@@ -95,46 +95,6 @@ fn push_url(server: &Server, name: &str) -> String {
     format!("http://{}/push/{name}/manifest.mpd", server.http)
 }
 
-/// A viewer connected before the push: FRAMES video frames in a row, keyframe first, none
-/// missing, some with a composition offset (the B-frames), and AAC beside them.
-async fn every_frame(viewer: &mut Viewer) {
-    let got = viewer
-        .recv_until(
-            T,
-            |m| matches!(m, Message::Media { header, .. } if header.track == 0),
-        )
-        .await;
-    let start = start_of(&got);
-    assert!(start.codec.starts_with("avc1."), "{}", start.codec);
-    assert_eq!(start.size, (640, 360));
-    assert!(start.keyframe_first, "keyframe first");
-    assert!(start.audio, "AAC carried");
-    let (mut frames, mut with_cts, mut audio) = (1, 0, 0);
-    let mut last = None;
-    while frames < FRAMES {
-        let next = tokio::time::timeout(Duration::from_secs(8), viewer.recv(T)).await;
-        let Ok(r) = next else {
-            panic!("{frames} of {FRAMES} video frames, {audio} audio");
-        };
-        match r.msg() {
-            Message::Media { header, .. } if header.track == 0 => {
-                assert!(
-                    last.is_none_or(|l| header.dts > l && header.dts - l <= FRAME_MS),
-                    "a frame missing or out of order: dts {} after {last:?}",
-                    header.dts
-                );
-                last = Some(header.dts);
-                frames += 1;
-                with_cts += usize::from(header.cts != 0);
-            }
-            Message::Media { .. } => audio += 1,
-            _ => {}
-        }
-    }
-    assert!(with_cts > FRAMES / 3, "B-frames keep their cts: {with_cts}");
-    assert!(audio > 100, "{audio} AAC frames in 4 s");
-}
-
 async fn api_stream(server: &Server, name: &str) -> Value {
     server.api(&format!("/api/streams/{name}")).await
 }
@@ -147,7 +107,7 @@ async fn an_ffmpeg_dash_push_plays_every_frame_and_in_chromium() {
     let server = server("").await;
     let mut viewer = Viewer::connect(&server.ws_url("pushed")).await;
     let ffmpeg = push(&push_url(&server, "pushed"), &[]);
-    every_frame(&mut viewer).await;
+    onair_tests::every_frame_with_cts(&mut viewer, "avc1.", FRAMES, FRAME_MS).await;
     drop(viewer);
     let api = api_stream(&server, "pushed").await;
     assert_eq!(api["publisher"]["protocol"], "cmaf", "{api}");

@@ -354,3 +354,214 @@ async fn a_short_set_data_frame_is_ignored() {
     got.clear();
     read_until(&mut tcp, &mut got, &answer).await;
 }
+
+/// An RTMP publisher driven by rml_rtmp's client session: it connects, publishes `stream`,
+/// sends `metadata` (with what ffmpeg cannot send, a `videoTrackIdInfoMap`), then the audio
+/// and video tags of `flv` (a file a real encoder wrote) as they are. Returns the connection,
+/// which must stay open for the stream to stay live.
+async fn publish_flv(
+    addr: &str,
+    stream: &str,
+    metadata: &rml_rtmp::sessions::StreamMetadata,
+    flv: &[u8],
+) -> tokio::net::TcpStream {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use rml_rtmp::sessions::{
+        ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult,
+        PublishRequestType,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut handshake = Handshake::new(PeerType::Client);
+    let p0p1 = handshake.generate_outbound_p0_and_p1().expect("C0 C1");
+    tcp.write_all(&p0p1).await.expect("C0 C1");
+    let mut buf = vec![0u8; 64 << 10];
+    let left = loop {
+        let n = tcp.read(&mut buf).await.expect("handshake");
+        assert!(n > 0, "closed in the handshake");
+        match handshake.process_bytes(&buf[..n]).expect("handshake") {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                tcp.write_all(&response_bytes).await.expect("handshake");
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                tcp.write_all(&response_bytes).await.expect("handshake");
+                break remaining_bytes;
+            }
+        }
+    };
+    let (mut session, initial) = ClientSession::new(ClientSessionConfig::new()).expect("session");
+    let mut out: Vec<u8> = Vec::new();
+    let send = |r: ClientSessionResult, out: &mut Vec<u8>| {
+        if let ClientSessionResult::OutboundResponse(p) = r {
+            out.extend_from_slice(&p.bytes);
+        }
+    };
+    for r in initial {
+        send(r, &mut out);
+    }
+    send(
+        session.request_connection("live".into()).expect("connect"),
+        &mut out,
+    );
+    tcp.write_all(&std::mem::take(&mut out))
+        .await
+        .expect("connect");
+    // Reads until the session raises `want`, answering what it asks to send meanwhile.
+    async fn until(
+        tcp: &mut tokio::net::TcpStream,
+        session: &mut ClientSession,
+        first: &[u8],
+        want: fn(&ClientSessionEvent) -> bool,
+    ) {
+        let mut input = first.to_vec();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let mut out = Vec::new();
+            let mut done = false;
+            for r in session.handle_input(&input).expect("session input") {
+                match r {
+                    ClientSessionResult::OutboundResponse(p) => out.extend_from_slice(&p.bytes),
+                    ClientSessionResult::RaisedEvent(e) => done |= want(&e),
+                    _ => {}
+                }
+            }
+            tcp.write_all(&out).await.expect("answer");
+            if done {
+                return;
+            }
+            let n = tokio::time::timeout(T, tcp.read(&mut buf))
+                .await
+                .expect("the server answers")
+                .expect("read");
+            assert!(n > 0, "the server closed the connection");
+            input = buf[..n].to_vec();
+        }
+    }
+    until(&mut tcp, &mut session, &left, |e| {
+        matches!(e, ClientSessionEvent::ConnectionRequestAccepted)
+    })
+    .await;
+    send(
+        session
+            .request_publishing(stream.into(), PublishRequestType::Live)
+            .expect("publish"),
+        &mut out,
+    );
+    tcp.write_all(&std::mem::take(&mut out))
+        .await
+        .expect("publish");
+    until(&mut tcp, &mut session, &[], |e| {
+        matches!(e, ClientSessionEvent::PublishRequestAccepted)
+    })
+    .await;
+    send(
+        session.publish_metadata(metadata).expect("metadata"),
+        &mut out,
+    );
+    // FLV: a 9-byte header and a 4-byte size, then tags (type, 24-bit size, 24+8-bit time,
+    // stream id, body, 4-byte size).
+    let mut at = 13;
+    while at + 11 <= flv.len() {
+        let kind = flv[at];
+        let size = u32::from_be_bytes([0, flv[at + 1], flv[at + 2], flv[at + 3]]) as usize;
+        let time = u32::from_be_bytes([flv[at + 7], flv[at + 4], flv[at + 5], flv[at + 6]]);
+        let Some(body) = flv.get(at + 11..at + 11 + size) else {
+            break;
+        };
+        let body = bytes::Bytes::copy_from_slice(body);
+        let ts = rml_rtmp::time::RtmpTimestamp::new(time);
+        match kind {
+            8 => send(
+                session.publish_audio_data(body, ts, false).expect("audio"),
+                &mut out,
+            ),
+            9 => send(
+                session.publish_video_data(body, ts, false).expect("video"),
+                &mut out,
+            ),
+            _ => {} // ffmpeg's own onMetaData: this publisher sent its own
+        }
+        at += 11 + size + 4;
+    }
+    tcp.write_all(&out).await.expect("media");
+    tcp
+}
+
+/// A multitrack publish whose metadata carries a `videoTrackIdInfoMap` (Enhanced RTMP v2):
+/// the second track's rendition takes the name and the nominal bitrate the map gives it.
+/// ffmpeg 9 writes the two tracks (to a file: it sends no such map itself).
+#[tokio::test]
+async fn a_track_is_named_and_rated_from_the_video_track_info_map() {
+    let dir = onair_tests::TempDir::new("enhanced", "trackmap");
+    let flv = dir.0.join("two-tracks.flv");
+    let status = std::process::Command::new(ffmpeg9())
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args([
+            "-t",
+            "4",
+            "-filter_complex",
+            "[0:v]split=2[a][b];[b]scale=320:180[c]",
+        ])
+        .args(["-map", "[a]", "-map", "[c]", "-map", "1:a"])
+        .args([
+            "-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-c:a", "aac",
+        ])
+        .args(["-f", "flv"])
+        .arg(&flv)
+        .status()
+        .expect("run ffmpeg 9");
+    assert!(status.success(), "ffmpeg 9 wrote the FLV");
+    let flv = std::fs::read(&flv).expect("read the FLV");
+
+    let server = Server::start(&[]).await;
+    let mut metadata = rml_rtmp::sessions::StreamMetadata::new();
+    metadata.video_width = Some(640);
+    metadata.video_height = Some(360);
+    metadata.video_codec_id = Some(7);
+    metadata.audio_codec_id = Some(10);
+    let mut low = std::collections::HashMap::new();
+    low.insert(
+        "name".to_string(),
+        rml_amf0::Amf0Value::Utf8String("low".into()),
+    );
+    low.insert(
+        "videodatarate".to_string(),
+        rml_amf0::Amf0Value::Number(300.0),
+    );
+    low.insert("height".to_string(), rml_amf0::Amf0Value::Number(180.0));
+    metadata.video_track_id_info_map.insert("1".into(), low);
+    let _publisher = publish_flv(&server.rtmp, "mapped", &metadata, &flv).await;
+
+    // The API's renditions are the stats snapshot's (one a second): wait for both there.
+    onair_tests::load::abr::wait_for_heights(&server, "mapped", &[360, 180])
+        .await
+        .expect("both tracks as renditions");
+    let api = server.api("/api/streams/mapped").await;
+    let renditions = api["renditions"].as_array().cloned().unwrap_or_default();
+    let low = renditions
+        .iter()
+        .find(|r| r["name"] == "low")
+        .unwrap_or_else(|| panic!("a rendition named from the map: {api}"));
+    assert_eq!(low["height"], 180, "{low}");
+    assert_eq!(low["nominal_kbps"], 300, "{low}");
+    assert!(
+        !renditions.iter().any(|r| r["name"] == "180p"),
+        "named from the map, not by its height: {api}"
+    );
+    // Its viewers start on a keyframe of it.
+    let mut viewer = Viewer::connect(&format!("{}?rendition=low", server.ws_url("mapped"))).await;
+    let got = viewer
+        .recv_until(
+            T,
+            |m| matches!(m, Message::Media { header, .. } if header.track == 0),
+        )
+        .await;
+    let start = start_of(&got);
+    assert_eq!(start.size, (320, 180));
+    assert!(start.keyframe_first, "keyframe first");
+}

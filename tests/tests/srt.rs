@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use onair_protocol::wire::Message;
-use onair_tests::{Server, Viewer, require_tool, start_of};
+use onair_tests::{Server, Viewer, require_tool};
 
 const T: Duration = Duration::from_secs(20);
 /// Frames a viewer must get in a row, none missing: four seconds at 30 fps. ffmpeg sends
@@ -96,41 +95,7 @@ async fn every_frame(server: &Server, name: &str, query: &str) {
 async fn every_frame_of(server: &Server, name: &str, query: &str, video: &[&str], codec: &str) {
     let mut viewer = Viewer::connect(&server.ws_url(name)).await;
     let ffmpeg = ffmpeg_srt_with(server, query, video);
-    let got = viewer
-        .recv_until(
-            T,
-            |m| matches!(m, Message::Media { header, .. } if header.track == 0),
-        )
-        .await;
-    let start = start_of(&got);
-    assert!(start.codec.starts_with(codec), "{}", start.codec);
-    assert_eq!(start.size, (640, 360));
-    assert!(start.keyframe_first, "keyframe first");
-    assert!(start.audio, "AAC carried");
-    let (mut frames, mut with_cts, mut audio) = (1, 0, 0);
-    let mut last = None;
-    while frames < FRAMES {
-        let next = tokio::time::timeout(Duration::from_secs(8), viewer.recv(T)).await;
-        let Ok(r) = next else {
-            panic!("{frames} of {FRAMES} video frames, {audio} audio");
-        };
-        match r.msg() {
-            Message::Media { header, .. } if header.track == 0 => {
-                assert!(
-                    last.is_none_or(|l| header.dts > l && header.dts - l <= FRAME_MS),
-                    "a frame missing or out of order: dts {} after {last:?}",
-                    header.dts
-                );
-                last = Some(header.dts);
-                frames += 1;
-                with_cts += usize::from(header.cts != 0);
-            }
-            Message::Media { .. } => audio += 1,
-            _ => {}
-        }
-    }
-    assert!(with_cts > FRAMES / 3, "B-frames keep their cts: {with_cts}");
-    assert!(audio > 100, "{audio} AAC frames in 4 s");
+    onair_tests::every_frame_with_cts(&mut viewer, codec, FRAMES, FRAME_MS).await;
     // Ended as an operator would (SIGTERM): ffmpeg closes its SRT connection, and the next
     // publish of the test may take the name.
     let pid = ffmpeg.id().expect("ffmpeg running").to_string();

@@ -160,9 +160,37 @@ impl Target for RenditionWriter {
 /// rest are left out and counted.
 pub const MAX_EXTRA_TRACKS: usize = 7;
 
+/// What a multitrack publisher's `onMetaData.videoTrackIdInfoMap` says of one video track.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrackMeta {
+    /// A name the encoder gave the track (`name`), if it is one a rendition can have.
+    pub name: Option<String>,
+    /// `videodatarate`, kbit/s.
+    pub kbps: Option<u32>,
+}
+
+impl TrackMeta {
+    /// Reads one track's properties: `name` (a rendition name: letters, digits, `_`, `-`, at
+    /// most 32, not `source`) and `videodatarate`.
+    pub fn new(name: Option<String>, videodatarate: Option<f64>) -> Self {
+        let name = name.filter(|n| {
+            !n.is_empty()
+                && n.len() <= 32
+                && n != "source"
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        });
+        let kbps = videodatarate
+            .filter(|r| r.is_finite() && *r >= 1.0 && *r <= 1_000_000.0)
+            .map(|r| r.round() as u32);
+        Self { name, kbps }
+    }
+}
+
 /// A video track of a multitrack publish beside the default one (OBS's Enhanced Broadcasting,
-/// ffmpeg with several video maps): a rendition of the stream of its own, named by its
-/// picture height, fed with its video and the stream's audio.
+/// ffmpeg with several video maps): a rendition of the stream of its own, named as the
+/// publisher's `videoTrackIdInfoMap` names it, else by its picture height, and fed with its
+/// video and the stream's audio.
 struct ExtraTrack {
     id: u8,
     ingest: MediaIngest<RenditionWriter>,
@@ -185,6 +213,8 @@ pub struct MediaIngest<T: Target = Publisher> {
     audio_left_out: bool,
     /// The other video tracks, each its own rendition.
     tracks: Vec<ExtraTrack>,
+    /// From metadata: what the publisher says of its video tracks, by track id.
+    track_meta: Vec<(u8, TrackMeta)>,
 }
 
 impl<T: Target> MediaIngest<T> {
@@ -200,6 +230,7 @@ impl<T: Target> MediaIngest<T> {
             video_left_out: false,
             audio_left_out: false,
             tracks: Vec::new(),
+            track_meta: Vec::new(),
         }
     }
 
@@ -229,6 +260,12 @@ impl<T: Target> MediaIngest<T> {
     /// Metadata said a video track is coming: hold the init (and audio) until its config.
     pub fn expect_video(&mut self) {
         self.expect_video = true;
+    }
+
+    /// Metadata's `videoTrackIdInfoMap`: names and nominal bitrates of the video tracks beside
+    /// the default one, for the renditions they become.
+    pub fn set_track_meta(&mut self, meta: Vec<(u8, TrackMeta)>) {
+        self.track_meta = meta;
     }
 
     /// A video sequence header: `config` is the codec's record (avcC, hvcC, av1C, vpcC).
@@ -407,12 +444,21 @@ impl<T: Target> MediaIngest<T> {
         let info = VideoConfig::parse(codec, config)
             .map_err(|source| IngestError::VideoConfig { codec, source })?;
         let height = info.height;
-        let Some(writer) = [format!("{height}p"), format!("{height}p-{id}")]
+        let meta = self
+            .track_meta
+            .iter()
+            .find(|(t, _)| *t == id)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default();
+        let Some(writer) = meta
+            .name
             .into_iter()
+            .chain([format!("{height}p"), format!("{height}p-{id}")])
             .find_map(|name| {
                 self.publisher.add_track(RenditionInfo {
                     name,
                     height,
+                    nominal_kbps: meta.kbps.unwrap_or(0),
                     ..Default::default()
                 })
             })
@@ -538,7 +584,25 @@ impl<T: Target> MediaIngest<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::Unwrap;
+    use super::{TrackMeta, Unwrap};
+
+    #[test]
+    fn track_names_from_metadata_are_rendition_names_or_nothing() {
+        let m = |name: &str, rate| TrackMeta::new(Some(name.to_string()), rate);
+        assert_eq!(
+            m("low-1", Some(299.6)),
+            TrackMeta {
+                name: Some("low-1".into()),
+                kbps: Some(300)
+            }
+        );
+        for bad in ["", "source", "a/b", "../x", "ünïcode", &"x".repeat(33)] {
+            assert_eq!(m(bad, None).name, None, "{bad:?}");
+        }
+        for bad in [f64::NAN, -1.0, 0.0, 2e6] {
+            assert_eq!(m("ok", Some(bad)).kbps, None, "{bad}");
+        }
+    }
 
     #[test]
     fn timestamps_unwrap_past_32_bits() {

@@ -395,6 +395,20 @@ impl Conn<'_> {
                     if metadata.video_codec_id.is_some() {
                         ingest.expect_video();
                     }
+                    let tracks: Vec<(u8, super::TrackMeta)> = metadata
+                        .video_track_id_info_map
+                        .iter()
+                        .filter_map(|(id, p)| {
+                            let name = p.get("name").cloned().and_then(|v| v.get_string());
+                            let rate = p.get("videodatarate").cloned().and_then(|v| v.get_number());
+                            Some((id.parse().ok()?, super::TrackMeta::new(name, rate)))
+                        })
+                        .take(super::MAX_EXTRA_TRACKS + 1)
+                        .collect();
+                    if !tracks.is_empty() {
+                        tracing::info!(?tracks, "metadata: videoTrackIdInfoMap");
+                        ingest.set_track_meta(tracks);
+                    }
                 }
                 Ok(())
             }

@@ -47,6 +47,9 @@ pub struct StreamMetadata {
     pub audio_channels: Option<u32>,
     pub audio_is_stereo: Option<bool>,
     pub encoder: Option<String>,
+    /// Enhanced RTMP v2's `videoTrackIdInfoMap`: per video track id (as a string key), the
+    /// properties of that track (width, height, videodatarate, ...). (onair, see ONAIR.md.)
+    pub video_track_id_info_map: HashMap<String, HashMap<String, Amf0Value>>,
 }
 
 impl StreamMetadata {
@@ -64,6 +67,7 @@ impl StreamMetadata {
             audio_channels: None,
             audio_is_stereo: None,
             encoder: None,
+            video_track_id_info_map: HashMap::new(),
         }
     }
 
@@ -127,6 +131,16 @@ impl StreamMetadata {
                     Some(x) => self.encoder = Some(x),
                     None => (),
                 },
+
+                "videoTrackIdInfoMap" => {
+                    if let Some(tracks) = value.get_object_properties() {
+                        for (id, track) in tracks {
+                            if let Some(properties) = track.get_object_properties() {
+                                self.video_track_id_info_map.insert(id, properties);
+                            }
+                        }
+                    }
+                }
 
                 _ => (),
             }

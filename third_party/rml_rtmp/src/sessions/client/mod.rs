@@ -401,6 +401,14 @@ impl ClientSession {
         };
 
         let mut properties = HashMap::new();
+        if !metadata.video_track_id_info_map.is_empty() {
+            let tracks = metadata
+                .video_track_id_info_map
+                .iter()
+                .map(|(id, p)| (id.clone(), Amf0Value::Object(p.clone())))
+                .collect();
+            properties.insert("videoTrackIdInfoMap".to_string(), Amf0Value::Object(tracks));
+        }
         if let Some(x) = metadata.video_width {
             properties.insert("width".to_string(), Amf0Value::Number(x as f64));
         }

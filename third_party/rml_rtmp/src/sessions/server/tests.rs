@@ -1104,6 +1104,7 @@ fn can_send_metadata_to_playing_stream() {
         video_frame_rate: Some(107.0),
         video_height: Some(108),
         video_width: Some(109),
+        video_track_id_info_map: HashMap::new(),
     };
 
     let packet = session.send_metadata(stream_id, &metadata).unwrap();
