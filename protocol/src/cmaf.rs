@@ -423,34 +423,17 @@ impl Fragments {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fmp4::{self, Codec, Run, Track};
+    use crate::fmp4::{self, Run};
 
     // A real x264 avcC and an AAC-LC AudioSpecificConfig, fmp4's test fixtures.
-    use crate::fmp4::tests::{ASC, avcc};
+    use crate::fmp4::tests::{ASC, avcc, tracks};
 
+    /// fmp4's test tracks (H.264 1280x720, AAC-LC 44.1 kHz), the video in ffmpeg's dash
+    /// timescale for 30 fps rather than milliseconds.
     fn init_bytes(avcc: &[u8]) -> Vec<u8> {
-        fmp4::init_segment(&[
-            Track {
-                id: 1,
-                timescale: 15360,
-                codec: Codec::Video {
-                    codec: VideoCodec::Avc,
-                    width: 1280,
-                    height: 720,
-                    config: avcc,
-                },
-            },
-            Track {
-                id: 2,
-                timescale: 44100,
-                codec: Codec::Aac {
-                    sample_rate: 44100,
-                    channels: 2,
-                    asc: ASC,
-                },
-            },
-        ])
-        .unwrap()
+        let mut tracks = tracks(avcc);
+        tracks[0].timescale = 15360;
+        fmp4::init_segment(&tracks).unwrap()
     }
 
     /// A fragment with two video samples (a keyframe with a composition offset, then a

@@ -592,7 +592,7 @@ pub(crate) mod tests {
     /// AAC-LC, 44.1 kHz, stereo.
     pub(crate) const ASC: &[u8] = &[0x12, 0x10];
 
-    fn tracks(avcc: &[u8]) -> [Track<'_>; 2] {
+    pub(crate) fn tracks(avcc: &[u8]) -> [Track<'_>; 2] {
         [
             Track {
                 id: 1,

@@ -102,6 +102,24 @@ impl Server {
         Self::start_bin(&onair_bin(), extra, env).await
     }
 
+    /// Starts the server with `toml` as its config file (written to the artifacts dir under a
+    /// name of its own), then `extra` arguments and `env` variables.
+    pub async fn start_with_config(toml: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = browser::artifacts_dir();
+        std::fs::create_dir_all(&dir).expect("artifacts dir");
+        let config = dir.join(format!(
+            "config-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&config, toml).expect("write config");
+        let config = config.to_string_lossy().to_string();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        Self::start_with_env(&args, env).await
+    }
+
     /// Like [`Server::start_with_env`], with the given binary (the benchmark runs a release build).
     pub async fn start_bin(bin: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(bin);

@@ -21,20 +21,8 @@ const KEY: &str = "0123456789abcdef";
 
 /// A server with no ladder, so that the viewer sees the source alone; `extra` TOML on top.
 async fn server(extra_toml: &str) -> Server {
-    let dir = onair_tests::browser::artifacts_dir();
-    std::fs::create_dir_all(&dir).expect("artifacts dir");
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let config = dir.join(format!(
-        "cmaf-{}-{}.toml",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::write(
-        &config,
-        format!("{extra_toml}\n[streams.\"*\"]\nladder = []\n"),
-    )
-    .expect("write config");
-    Server::start(&["--config", &config.to_string_lossy()]).await
+    let toml = format!("{extra_toml}\n[streams.\"*\"]\nladder = []\n");
+    Server::start_with_config(&toml, &[], &[]).await
 }
 
 /// ffmpeg's dash muxer in low-latency streaming mode, PUTting to `url`.

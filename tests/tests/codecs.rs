@@ -56,11 +56,7 @@ const VP9: &[&str] = &[
 
 /// A server whose streams have no ladder (unless the test says otherwise).
 async fn server_without_ladder() -> Server {
-    let dir = onair_tests::browser::artifacts_dir();
-    std::fs::create_dir_all(&dir).expect("artifacts dir");
-    let config = dir.join(format!("codecs-no-ladder-{}.toml", std::process::id()));
-    std::fs::write(&config, "[streams.\"*\"]\nladder = []\n").expect("write config");
-    Server::start(&["--config", &config.to_string_lossy()]).await
+    Server::start_with_config("[streams.\"*\"]\nladder = []\n", &[], &[]).await
 }
 
 /// Connects to `url` and reads up to the first media frame.

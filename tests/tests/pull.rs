@@ -14,15 +14,8 @@ const T: Duration = Duration::from_secs(30);
 const ADMIN: &str = "pull-test-admin-token-0123";
 
 async fn server() -> Server {
-    let dir = onair_tests::browser::artifacts_dir();
-    std::fs::create_dir_all(&dir).expect("artifacts dir");
-    let config = dir.join(format!("pull-{}.toml", std::process::id()));
-    std::fs::write(&config, "[streams.\"*\"]\nladder = []\n").expect("write config");
-    Server::start_with_env(
-        &["--config", &config.to_string_lossy()],
-        &[("ONAIR_ADMIN_TOKEN", ADMIN)],
-    )
-    .await
+    let toml = "[streams.\"*\"]\nladder = []\n";
+    Server::start_with_config(toml, &[], &[("ONAIR_ADMIN_TOKEN", ADMIN)]).await
 }
 
 async fn post(server: &Server, body: &Value, token: Option<&str>) -> (u16, String) {

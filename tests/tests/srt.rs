@@ -16,23 +16,8 @@ const FRAME_MS: u64 = 34;
 
 /// A server with no ladder, so the viewer sees the source alone; `extra` TOML on top.
 async fn server(extra_toml: &str, args: &[&str]) -> Server {
-    let dir = onair_tests::browser::artifacts_dir();
-    std::fs::create_dir_all(&dir).expect("artifacts dir");
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let config = dir.join(format!(
-        "srt-{}-{}.toml",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::write(
-        &config,
-        format!("{extra_toml}\n[streams.\"*\"]\nladder = []\n"),
-    )
-    .expect("write config");
-    let config = config.to_string_lossy().to_string();
-    let mut all = vec!["--config", config.as_str()];
-    all.extend_from_slice(args);
-    Server::start(&all).await
+    let toml = format!("{extra_toml}\n[streams.\"*\"]\nladder = []\n");
+    Server::start_with_config(&toml, args, &[]).await
 }
 
 /// x264 with two B-frames, a keyframe a second.

@@ -116,15 +116,32 @@ struct SessionState {
     got_keyframe: bool,
     /// One box's samples, reused.
     samples: Vec<Sample>,
-    /// Video held at the start until the audio's init segment (see [`SessionState::hold`]).
-    held: Vec<Held>,
-    hold_over: bool,
+    /// Video held at the start until the audio's init segment (see [`SessionState::holds`]).
+    hold: Hold,
     /// Whether the MPD lists audio (`None` before one arrived).
     mpd_has_audio: Option<bool>,
 }
 
 /// A video frame held: dts and cts in ms, keyframe, bytes.
 struct Held(u32, i32, bool, bytes::Bytes);
+
+/// The video held at the start, and whether holding is over.
+#[derive(Default)]
+struct Hold {
+    frames: Vec<Held>,
+    over: bool,
+}
+
+impl Hold {
+    /// Sends the video held, in order, and holds no more.
+    fn release(&mut self, ingest: &mut MediaIngest) -> Result<(), IngestError> {
+        self.over = true;
+        for Held(dts, cts, keyframe, data) in self.frames.drain(..) {
+            ingest.video_frame(dts, cts, keyframe, &data)?;
+        }
+        Ok(())
+    }
+}
 
 /// How long video waits at the start for the audio's init segment, ms of video, and in frames
 /// at most: ffmpeg PUTs each representation's init on its own connection when its first
@@ -134,19 +151,15 @@ const MAX_HELD: usize = 120;
 
 impl SessionState {
     /// Whether a video frame must wait for the audio's init segment.
-    fn hold(&self) -> bool {
-        !self.hold_over
+    fn holds(&self) -> bool {
+        !self.hold.over
             && self.mpd_has_audio != Some(false)
             && !self.reps.values().any(|r| r.role == Role::Audio)
     }
 
     /// Sends the video held, in order, and holds no more.
     fn release(&mut self) -> Result<(), IngestError> {
-        self.hold_over = true;
-        for Held(dts, cts, keyframe, data) in std::mem::take(&mut self.held) {
-            self.ingest.video_frame(dts, cts, keyframe, &data)?;
-        }
-        Ok(())
+        self.hold.release(&mut self.ingest)
     }
 }
 
@@ -244,8 +257,7 @@ impl Pushes {
                 reps: HashMap::new(),
                 got_keyframe: false,
                 samples: Vec::new(),
-                held: Vec::new(),
-                hold_over: false,
+                hold: Hold::default(),
                 mpd_has_audio: None,
             })),
             active: AtomicUsize::new(0),
@@ -445,7 +457,7 @@ pub async fn push(
                             || memchr::memmem::find(&seen, b"mimeType=\"audio/").is_some(),
                     );
                     if state.mpd_has_audio == Some(false)
-                        && !state.hold_over
+                        && !state.hold.over
                         && let Err(e) = state.release()
                     {
                         return refuse(&stream, Some(&s), e.into());
@@ -574,16 +586,6 @@ fn add_representation(state: &mut SessionState, rep: String, init: Init) -> Resu
         }
         Some(TrackMedia::Aac { config }) if role == Role::Audio => {
             state.ingest.audio_config(config.into())?;
-            state.reps.insert(
-                rep,
-                Representation {
-                    init,
-                    role,
-                    fragments: Fragments::default(),
-                    had_media: false,
-                },
-            );
-            return Ok(state.release()?);
         }
         _ => tracing::info!(
             stream = state.ingest.name(),
@@ -601,6 +603,10 @@ fn add_representation(state: &mut SessionState, rep: String, init: Init) -> Resu
             had_media: false,
         },
     );
+    if role == Role::Audio {
+        // The audio's init is here: the video held for it goes now.
+        state.release()?;
+    }
     Ok(())
 }
 
@@ -657,14 +663,13 @@ async fn media(session: &Session, rep: &str, body: Body, idle: Duration) -> Resu
 
 /// Every whole box `splitter` holds, into the stream.
 fn feed(state: &mut SessionState, rep: &str, splitter: &mut BoxSplitter) -> Result<(), PushError> {
-    let mut hold = state.hold();
+    let holds = state.holds();
     let SessionState {
         ingest,
         reps,
         got_keyframe,
         samples,
-        held,
-        hold_over,
+        hold,
         ..
     } = state;
     let Some(r) = reps.get_mut(rep) else {
@@ -685,19 +690,17 @@ fn feed(state: &mut SessionState, rep: &str, splitter: &mut BoxSplitter) -> Resu
                 (Role::Video, TrackMedia::Video { .. }) => {
                     let cts = i32::try_from(to_ms(s.cts)).unwrap_or(i32::MAX);
                     *got_keyframe |= s.keyframe;
-                    if hold {
-                        held.push(Held(dts, cts, s.keyframe, s.data));
-                        let span = held.last().map_or(0, |l| l.0.wrapping_sub(held[0].0));
-                        if span >= AUDIO_WAIT_MS || held.len() >= MAX_HELD {
+                    if holds && !hold.over {
+                        let frames = &mut hold.frames;
+                        frames.push(Held(dts, cts, s.keyframe, s.data));
+                        let span = frames.last().map_or(0, |l| l.0.wrapping_sub(frames[0].0));
+                        if span >= AUDIO_WAIT_MS || frames.len() >= MAX_HELD {
                             tracing::info!(
                                 stream = ingest.name(),
                                 "no audio init segment within {AUDIO_WAIT_MS} ms of video: \
                                  video alone"
                             );
-                            (hold, *hold_over) = (false, true);
-                            for Held(dts, cts, keyframe, data) in held.drain(..) {
-                                ingest.video_frame(dts, cts, keyframe, &data)?;
-                            }
+                            hold.release(ingest)?;
                         }
                         continue;
                     }
